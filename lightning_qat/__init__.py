@@ -1,0 +1,9 @@
+"""lightning-qat: quantization-aware training as a drop-in PyTorch Lightning callback."""
+
+from lightning_qat.callbacks.qat import QATCallback
+from lightning_qat.convert import load_quantized
+from lightning_qat.evaluate import QATReport
+
+__version__ = "0.1.0"
+
+__all__ = ["QATCallback", "QATReport", "__version__", "load_quantized"]

@@ -1,0 +1,201 @@
+"""The one seam to ``torch.ao.quantization``.
+
+Every call into torch's (deprecated, still working) quantization stack goes through this file, inside
+:func:`quiet`, so torch's deprecation warnings become a single notice from us and never reach users' logs or
+fail their ``-W error`` test runs. When torch moves these APIs, this is the file to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+_NOTICE = (
+    "lightning-qat uses torch.ao.quantization (deprecated by torch in favour of torchao, still supported in "
+    "torch {version}); torch's deprecation warnings for it are silenced."
+)
+_notice_shown = False
+_lock = threading.Lock()
+
+# Messages torch emits from its quantization stack; matched as regular expressions at the start of the message.
+_SILENCED = (
+    r"torch\.ao\.quantization is deprecated",
+    r"Please use quant_min and quant_max",
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+    r"must run observer before calling calculate_qparams",
+    r"`torch\.jit\.",
+    r"torch\.jit\.",
+    r"Converting a tensor to a Python",
+)
+
+
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in _SILENCED:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence torch's quantization deprecation warnings, after saying once that we do."""
+    global _notice_shown
+    with _lock:
+        if not _notice_shown:
+            _notice_shown = True
+            rank_zero_info(_NOTICE.format(version=torch.__version__))
+    with _silenced():
+        yield
+
+
+with _silenced():
+    from torch.ao.nn.intrinsic.qat import freeze_bn_stats as _freeze_bn_stats
+    from torch.ao.nn.intrinsic.qat import update_bn_stats as _update_bn_stats
+    from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+    from torch.ao.quantization import (
+        DeQuantStub,
+        QConfig,
+        QConfigMapping,
+        QuantStub,
+        get_default_qat_qconfig,
+        get_default_qat_qconfig_mapping,
+        get_default_qconfig,
+        get_default_qconfig_mapping,
+    )
+    from torch.ao.quantization import fuse_modules as _fuse_modules
+    from torch.ao.quantization import prepare as _eager_prepare
+    from torch.ao.quantization import convert as _eager_convert
+    from torch.ao.quantization import fuse_modules_qat as _fuse_modules_qat
+    from torch.ao.quantization import prepare_qat as _eager_prepare_qat
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+    from torch.ao.quantization.quantize_fx import convert_fx as _convert_fx
+    from torch.ao.quantization.quantize_fx import prepare_fx as _prepare_ptq_fx
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx as _prepare_qat_fx
+
+__all__ = [
+    "DeQuantStub",
+    "FakeQuantizeBase",
+    "ObserverBase",
+    "QConfig",
+    "QConfigMapping",
+    "QuantStub",
+    "convert_eager",
+    "convert_fx",
+    "engine",
+    "fake_quant_modules",
+    "freeze_bn_stats",
+    "fuse_modules",
+    "is_conv_bn_qat",
+    "is_quantized_module",
+    "prepare_eager",
+    "prepare_fx",
+    "qconfig",
+    "qconfig_mapping",
+    "quiet",
+    "set_observers",
+    "update_bn_stats",
+]
+
+
+@contextlib.contextmanager
+def engine(backend: str) -> Iterator[None]:
+    """Run the block with ``torch.backends.quantized.engine`` set to ``backend``, then restore it."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def qconfig(backend: str, qat: bool = True) -> QConfig:
+    """The backend's default QAT (or post-training) qconfig: per-channel weights where the backend has them."""
+    with quiet():
+        return get_default_qat_qconfig(backend) if qat else get_default_qconfig(backend)
+
+
+def qconfig_mapping(backend: str, skip: Sequence[str] = (), qat: bool = True) -> QConfigMapping:
+    """The backend's default FX mapping (QAT or post-training), with ``skip`` module names kept in float."""
+    with quiet():
+        mapping = get_default_qat_qconfig_mapping(backend) if qat else get_default_qconfig_mapping(backend)
+    for name in skip:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def prepare_fx(
+    module: nn.Module, mapping: QConfigMapping, example_inputs: tuple[Any, ...], qat: bool = True
+) -> nn.Module:
+    """Symbolically trace, fuse and insert fake-quant (QAT) or observers (post-training), FX graph mode."""
+    with quiet():
+        if qat:
+            return _prepare_qat_fx(module, mapping, example_inputs=example_inputs)
+        return _prepare_ptq_fx(module, mapping, example_inputs=example_inputs)
+
+
+def prepare_eager(module: nn.Module, qat: bool = True) -> nn.Module:
+    """Swap eager modules with a ``qconfig`` for their QAT versions (or add observers), in place."""
+    with quiet():
+        return _eager_prepare_qat(module, inplace=True) if qat else _eager_prepare(module, inplace=True)
+
+
+def fuse_modules(module: nn.Module, groups: list[list[str]], qat: bool = True) -> nn.Module:
+    """Fuse each group of module names (Conv+BN(+ReLU), Linear(+ReLU)) in place."""
+    with quiet():
+        if qat:
+            return _fuse_modules_qat(module, groups, inplace=True)
+        return _fuse_modules(module, groups, inplace=True)
+
+
+def convert_fx(module: nn.Module) -> nn.Module:
+    """FX-prepared QAT model -> int8 model."""
+    with quiet():
+        return _convert_fx(module)
+
+
+def convert_eager(module: nn.Module) -> nn.Module:
+    """Eager-prepared QAT model -> int8 model, in place."""
+    with quiet():
+        return _eager_convert(module, inplace=True)
+
+
+def fake_quant_modules(module: nn.Module) -> list[tuple[str, FakeQuantizeBase]]:
+    """All fake-quantize modules with their qualified names."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, FakeQuantizeBase)]
+
+
+def set_observers(module: nn.Module, enabled: bool) -> None:
+    """Enable or disable every observer of ``module`` (fake quantization itself stays on)."""
+    for _, fq in fake_quant_modules(module):
+        fq.enable_observer(enabled)
+
+
+def freeze_bn_stats(module: nn.Module) -> None:
+    """Freeze the BatchNorm statistics of every fused Conv-BN QAT module."""
+    with quiet():
+        module.apply(_freeze_bn_stats)
+
+
+def update_bn_stats(module: nn.Module) -> None:
+    """Let every fused Conv-BN QAT module update its BatchNorm statistics again."""
+    with quiet():
+        module.apply(_update_bn_stats)
+
+
+def is_conv_bn_qat(module: nn.Module) -> bool:
+    """Whether ``module`` is a fused Conv-BN(-ReLU) QAT module (the ones whose BN can be frozen)."""
+    return isinstance(module, _ConvBnNd)
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a converted (int8) module of torch's quantized namespaces."""
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))

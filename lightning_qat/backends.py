@@ -1,0 +1,51 @@
+"""Quantization backends: names, availability on this machine, and the default choice."""
+
+from __future__ import annotations
+
+import platform
+from typing import Literal, get_args
+
+import torch
+
+Backend = Literal["x86", "fbgemm", "qnnpack"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+_ARM_MACHINES = ("arm64", "aarch64", "armv7l", "armv8l")
+
+
+def default_backend() -> str:
+    """``x86`` on x86-64 machines, ``qnnpack`` on ARM; the first supported one otherwise."""
+    preferred = "qnnpack" if platform.machine().lower() in _ARM_MACHINES else "x86"
+    supported = supported_backends()
+    if preferred in supported:
+        return preferred
+    if not supported:
+        raise RuntimeError(
+            f"This torch build ({torch.__version__}) supports none of the quantized engines {list(BACKENDS)}; "
+            f"torch.backends.quantized.supported_engines is {torch.backends.quantized.supported_engines}."
+        )
+    return supported[0]
+
+
+def supported_backends() -> list[str]:
+    """The backends of :data:`BACKENDS` that this torch build can run."""
+    engines = set(torch.backends.quantized.supported_engines)
+    return [name for name in BACKENDS if name in engines]
+
+
+def resolve_backend(backend: str | None) -> str:
+    """Validate ``backend`` (``None`` picks :func:`default_backend`) and return its name.
+
+    Raises:
+        ValueError: if ``backend`` is not one of :data:`BACKENDS` or this machine's torch cannot run it.
+    """
+    if backend is None:
+        return default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown quantization backend {backend!r}; valid backends are {list(BACKENDS)}.")
+    if backend not in torch.backends.quantized.supported_engines:
+        raise ValueError(
+            f"Quantization backend {backend!r} is not supported by this torch build on this machine; "
+            f"supported here: {supported_backends()}."
+        )
+    return backend

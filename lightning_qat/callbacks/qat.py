@@ -1,0 +1,419 @@
+"""QATCallback: quantization-aware training as a Lightning callback. Hooks only; the work lives in the modules."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_qat import ao
+from lightning_qat.backends import resolve_backend
+from lightning_qat.convert import cpu_eval_copy, freeze_for_inference, save_artifact, to_int8
+from lightning_qat.evaluate import (
+    QATReport,
+    count_quantized_layers,
+    evaluate,
+    measure_latency,
+    metric_drop,
+    module_with,
+    serialized_size,
+)
+from lightning_qat.prepare import MODES, Prepared, batch_input, find_target, prepare_model
+from lightning_qat.schedule import INTERVALS, FreezeSchedule, check_after, resolve_after
+from lightning_qat.sync import sync_observers
+
+_EVALUATE = ("val", "test", None)
+_ON_DROP = ("warn", "raise")
+_MONITOR_MODES = ("max", "min")
+
+
+class QATCallback(Callback):
+    r"""Quantization-aware training for any LightningModule, ending in a real int8 CPU model.
+
+    In ``setup("fit")`` (before optimizers exist and before DDP wraps the model) the network is fused
+    (Conv+BN(+ReLU), Linear(+ReLU)) and fake-quantized: FX graph mode when it is traceable, eager mode otherwise.
+    During training BatchNorm statistics and then observers are frozen on a schedule; observers never move during
+    validation. When the fit ends normally, a CPU copy is converted to int8, evaluated with your own
+    ``validation_step`` metrics next to the float and QAT networks, reported, and saved as a TorchScript artifact
+    that :func:`lightning_qat.load_quantized` reloads without your code.
+
+    Args:
+        module: attribute of the LightningModule holding the network to quantize (dotted paths allowed);
+            ``None`` picks the single top-level child that is not a metric or loss.
+        backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``None`` picks ``x86`` on x86-64, ``qnnpack`` on ARM.
+        mode: ``"auto"`` (FX, falling back to eager when the network cannot be traced), ``"fx"`` or ``"eager"``.
+        skip: qualified submodule names (inside ``module``) kept in float, also in the int8 model.
+        freeze_bn_after: freeze BatchNorm statistics from this epoch/step on; an int (absolute) or a float in
+            (0, 1) (fraction of ``max_epochs``/``max_steps``); ``None`` never.
+        freeze_observers_after: the same for observers (quantization parameters stop moving).
+        interval: ``"epoch"`` or ``"step"`` (optimizer steps), the unit of the two schedules.
+        evaluate: evaluate float / QAT / int8 at the end with ``validation_step`` (``"val"``), ``test_step``
+            (``"test"``) or not at all (``None``).
+        monitor: metric the accuracy guard compares between float and int8 (e.g. ``"val_acc"``).
+        monitor_mode: ``"max"`` if higher is better for ``monitor``, ``"min"`` otherwise.
+        max_metric_drop: the largest tolerated drop of ``monitor`` from float to int8.
+        on_drop: ``"warn"`` or ``"raise"`` when the drop is larger.
+        save_dir: where ``model_int8.pt`` and the report go; default ``trainer.log_dir``.
+        save_artifact: write the TorchScript int8 artifact.
+        ptq_baseline: also calibrate, convert and evaluate a post-training-quantized copy of the float network.
+        ptq_batches: training batches used to calibrate the PTQ baseline.
+        sync_observers: under DDP, all-reduce observer min/max each step so every rank has the same qparams.
+        latency_repeats: timed forward passes per network for the latency columns of the report.
+
+    Raises:
+        ValueError: for any argument outside the values listed above.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_qat import QATCallback
+        from lightning_qat.data import DigitsDataModule
+        from lightning_qat.models import ImageClassifier
+
+        qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, monitor="val_acc")
+        trainer = pl.Trainer(max_epochs=3, callbacks=[qat])
+        trainer.fit(ImageClassifier("resnet18"), datamodule=DigitsDataModule(image_size=32, channels=3))
+        print(qat.report.metrics["int8"]["val_acc"], qat.quantized_model)
+    """
+
+    def __init__(
+        self,
+        module: str | None = None,
+        backend: Literal["x86", "fbgemm", "qnnpack"] | None = None,
+        mode: Literal["auto", "fx", "eager"] = "auto",
+        skip: Sequence[str] = (),
+        freeze_bn_after: int | float | None = 0.5,
+        freeze_observers_after: int | float | None = 0.75,
+        interval: Literal["epoch", "step"] = "epoch",
+        evaluate: Literal["val", "test"] | None = "val",
+        monitor: str | None = None,
+        monitor_mode: Literal["max", "min"] = "max",
+        max_metric_drop: float | None = None,
+        on_drop: Literal["warn", "raise"] = "warn",
+        save_dir: str | None = None,
+        save_artifact: bool = True,
+        ptq_baseline: bool = False,
+        ptq_batches: int = 8,
+        sync_observers: bool = True,
+        latency_repeats: int = 20,
+    ) -> None:
+        super().__init__()
+        self.backend = resolve_backend(backend)
+        _check_choice("mode", mode, MODES)
+        _check_choice("interval", interval, INTERVALS)
+        _check_choice("evaluate", evaluate, _EVALUATE)
+        _check_choice("monitor_mode", monitor_mode, _MONITOR_MODES)
+        _check_choice("on_drop", on_drop, _ON_DROP)
+        if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+            raise ValueError(f"skip={skip!r} must be a list of submodule names, e.g. ['classifier', 'features.0'].")
+        check_after("freeze_bn_after", freeze_bn_after)
+        check_after("freeze_observers_after", freeze_observers_after)
+        if max_metric_drop is not None and (monitor is None or max_metric_drop < 0):
+            raise ValueError(
+                f"max_metric_drop={max_metric_drop!r} needs a `monitor` metric name and a value >= 0 "
+                f"(monitor={monitor!r})."
+            )
+        if monitor is not None and evaluate is None:
+            raise ValueError(f"monitor={monitor!r} needs evaluate='val' or 'test', not None.")
+        for name, value in (("ptq_batches", ptq_batches), ("latency_repeats", latency_repeats)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1.")
+        self.module = module
+        self.mode = mode
+        self.skip = list(skip)
+        self.freeze_bn_after = freeze_bn_after
+        self.freeze_observers_after = freeze_observers_after
+        self.interval = interval
+        self.evaluate = evaluate
+        self.monitor = monitor
+        self.monitor_mode = monitor_mode
+        self.max_metric_drop = max_metric_drop
+        self.on_drop = on_drop
+        self.save_dir = save_dir
+        self.save_artifact = save_artifact
+        self.ptq_baseline = ptq_baseline
+        self.ptq_batches = ptq_batches
+        self.sync_observers = sync_observers
+        self.latency_repeats = latency_repeats
+
+        self.target: str | None = None
+        self.prepared: Prepared | None = None
+        self.quantized_model: nn.Module | None = None
+        self.report: QATReport | None = None
+        self.artifact_path: Path | None = None
+        self.bn_frozen = False
+        self.observers_frozen = False
+        self._schedule: FreezeSchedule | None = None
+        self._float_network: nn.Module | None = None
+        self._example_inputs: tuple[Any, ...] = ()
+        self._paused_observers: list[torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or (self.prepared is not None and self.network(pl_module) is self.prepared.module):
+            return
+        self.target = find_target(pl_module, self.module)
+        network = pl_module.get_submodule(self.target)
+        self._example_inputs = self._get_example_inputs(trainer, pl_module)
+        self._float_network = cpu_eval_copy(network)
+        self.prepared = prepare_model(network, self.backend, self.mode, self.skip, self._example_inputs)
+        self._set_network(pl_module, self.prepared.module)
+        rank_zero_info(
+            f"QAT: prepared `{self.target}` in {self.prepared.mode} mode ({self.prepared.reason}); "
+            f"{self.prepared.num_fused} fused modules, backend {self.backend!r}, skipped {self.skip or 'nothing'}."
+        )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.interval == "epoch":
+            total = trainer.max_epochs
+        else:
+            total = trainer.max_steps if trainer.max_steps != -1 else int(trainer.estimated_stepping_batches)
+        self._schedule = FreezeSchedule(
+            self.interval,
+            resolve_after("freeze_bn_after", self.freeze_bn_after, total, self.interval),
+            resolve_after("freeze_observers_after", self.freeze_observers_after, total, self.interval),
+        )
+
+    # ------------------------------------------------------------------ training
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_schedule(pl_module, trainer.current_epoch if self.interval == "epoch" else trainer.global_step)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.interval == "step":
+            self._apply_schedule(pl_module, trainer.global_step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.sync_observers and not self.observers_frozen and trainer.world_size > 1:
+            sync_observers(self.network(pl_module))
+        pl_module.log("qat/bn_frozen", float(self.bn_frozen), on_step=True, on_epoch=False)
+        pl_module.log("qat/observers_frozen", float(self.observers_frozen), on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ evaluation loops during QAT
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause_observers(pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume_observers(pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause_observers(pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume_observers(pl_module)
+
+    # ------------------------------------------------------------------ end of fit
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.prepared is None or trainer.interrupted:
+            return
+        failure: Exception | None = None
+        report: QATReport | None = None
+        if trainer.is_global_zero:
+            try:
+                report = self.finish(trainer, pl_module)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks were told
+                failure = err
+        if trainer.world_size > 1:
+            message, data = trainer.strategy.broadcast(
+                (str(failure) if failure else None, report.to_dict() if report else None), src=0
+            )
+            if message is not None and failure is None:
+                raise RuntimeError(f"QAT finish failed on global rank 0: {message}")
+            report = QATReport.from_dict(data) if data else None
+        if failure is not None:
+            raise failure
+        self.report = report
+
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QATReport:
+        """Convert, evaluate, measure, save and report (global rank 0). Override to add steps."""
+        assert self.prepared is not None and self._float_network is not None and self.target is not None
+        start = time.perf_counter()
+        qat_network = self.network(pl_module)
+        self.quantized_model = to_int8(qat_network, self.prepared.mode, self.backend, self._example_inputs)
+        report = QATReport(
+            backend=self.backend,
+            mode=self.prepared.mode,
+            num_fused=self.prepared.num_fused,
+            quantized_layers=count_quantized_layers(self.quantized_model),
+            skipped=list(self.skip),
+            stage=self.evaluate,
+        )
+        if self.evaluate is not None:
+            networks = {"float": self._float_network}
+            if self.ptq_baseline:
+                networks["ptq"] = self._ptq_network(trainer)
+            qat_copy = cpu_eval_copy(qat_network)
+            freeze_for_inference(qat_copy)
+            networks |= {"qat": qat_copy, "int8": self.quantized_model}
+            progress = trainer.progress_bar_callback is not None
+            for row, network in networks.items():
+                clone = module_with(pl_module, self.target, network)
+                report.metrics[row] = evaluate(trainer, clone, self.evaluate, self.backend, progress)
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {f"{row}/{k}": v for row, m in report.metrics.items() for k, v in m.items()},
+                    step=trainer.global_step,
+                )
+        report.size_bytes = {"float": serialized_size(self._float_network), "int8": serialized_size(self.quantized_model)}
+        report.latency_ms = measure_latency(
+            {"float": self._float_network, "int8": self.quantized_model},
+            self._example_inputs,
+            self.backend,
+            repeats=self.latency_repeats,
+        )
+        report.latency_batch_size = _batch_size(self._example_inputs)
+        report.latency_threads = torch.get_num_threads()
+        out_dir = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
+        if self.save_artifact:
+            self.artifact_path = save_artifact(
+                self.quantized_model,
+                out_dir / "model_int8.pt",
+                self.backend,
+                self._example_inputs,
+                mode=self.prepared.mode,
+                skipped=self.skip,
+            )
+            report.artifact = str(self.artifact_path)
+        report.seconds = time.perf_counter() - start
+        report.save(out_dir)
+        report.print()
+        self._guard(report)
+        return report
+
+    # ------------------------------------------------------------------ resume
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "backend": self.backend,
+            "mode": self.prepared.mode if self.prepared else None,
+            "module": self.target,
+            "skip": list(self.skip),
+            "bn_frozen": self.bn_frozen,
+            "observers_frozen": self.observers_frozen,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        current = {"backend": self.backend, "module": self.target, "skip": list(self.skip)}
+        if self.prepared is not None:
+            current["mode"] = self.prepared.mode
+        for key, value in current.items():
+            saved = state_dict.get(key, value)
+            if saved != value:
+                raise ValueError(
+                    f"This checkpoint was QAT-prepared with {key}={saved!r}, but the QATCallback now has "
+                    f"{key}={value!r}. Resume with the same {key}, or start a new fit from the float weights."
+                )
+
+    # ------------------------------------------------------------------ helpers
+    def network(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The (prepared) network inside ``pl_module``."""
+        assert self.target is not None
+        return pl_module.get_submodule(self.target)
+
+    def _set_network(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
+        assert self.target is not None
+        parent_name, _, attr = self.target.rpartition(".")
+        setattr(pl_module.get_submodule(parent_name), attr, network)
+
+    def _get_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, ...]:
+        example = pl_module.example_input_array
+        if example is None:
+            loader = trainer.fit_loop._data_source.dataloader()
+            example = batch_input(next(iter(loader)))
+        inputs = example if isinstance(example, tuple) else (example,)
+        return tuple(x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+    def _apply_schedule(self, pl_module: pl.LightningModule, counter: int) -> None:
+        if self._schedule is None:
+            return
+        freeze_bn, freeze_observers = self._schedule.due(counter)
+        network = self.network(pl_module)
+        if freeze_bn and not self.bn_frozen:
+            ao.freeze_bn_stats(network)
+            self.bn_frozen = True
+            rank_zero_info(f"QAT: BatchNorm statistics frozen at {self.interval} {counter}.")
+        if freeze_observers and not self.observers_frozen:
+            ao.set_observers(network, False)
+            self.observers_frozen = True
+            rank_zero_info(f"QAT: observers frozen at {self.interval} {counter}; quantization parameters fixed.")
+
+    def _pause_observers(self, pl_module: pl.LightningModule) -> None:
+        if self.prepared is None or self._paused_observers is not None:
+            return
+        fake_quants = ao.fake_quant_modules(self.network(pl_module))
+        self._paused_observers = [fq.observer_enabled.clone() for _, fq in fake_quants]
+        for _, fq in fake_quants:
+            fq.disable_observer()
+
+    def _resume_observers(self, pl_module: pl.LightningModule) -> None:
+        if self._paused_observers is None:
+            return
+        for (_, fq), enabled in zip(ao.fake_quant_modules(self.network(pl_module)), self._paused_observers, strict=True):
+            fq.observer_enabled.copy_(enabled)
+        self._paused_observers = None
+
+    def _ptq_network(self, trainer: pl.Trainer) -> nn.Module:
+        assert self._float_network is not None
+        ptq = prepare_model(
+            cpu_eval_copy(self._float_network), self.backend, self.mode, self.skip, self._example_inputs, qat=False
+        )
+        with ao.engine(self.backend), ao.quiet(), torch.no_grad():
+            for i, batch in enumerate(trainer.train_dataloader):
+                if i >= self.ptq_batches:
+                    break
+                ptq.module(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in batch_input(batch)))
+        return to_int8(ptq.module, ptq.mode, self.backend, self._example_inputs)
+
+    def _guard(self, report: QATReport) -> None:
+        if self.monitor is None:
+            return
+        float_value = report.metrics.get("float", {}).get(self.monitor)
+        int8_value = report.metrics.get("int8", {}).get(self.monitor)
+        if float_value is None or int8_value is None:
+            rank_zero_warn(
+                f"QAT accuracy guard: monitor={self.monitor!r} was not logged by the evaluation; logged metrics: "
+                f"{report.metric_names()}."
+            )
+            return
+        drop = metric_drop(float_value, int8_value, self.monitor_mode)
+        if self.max_metric_drop is not None and drop > self.max_metric_drop:
+            message = (
+                f"QAT accuracy guard: {self.monitor} dropped by {drop:.4g} from float ({float_value:.4g}) to int8 "
+                f"({int8_value:.4g}), more than max_metric_drop={self.max_metric_drop}."
+            )
+            if self.on_drop == "raise":
+                raise RuntimeError(message + " The trained QAT model, checkpoints and artifact are kept.")
+            rank_zero_warn(message)
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is invalid; valid values are {list(choices)}.")
+
+
+def _batch_size(inputs: tuple[Any, ...]) -> int:
+    first = inputs[0] if inputs else None
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1

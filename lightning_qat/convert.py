@@ -1,0 +1,115 @@
+"""From the trained QAT model to a real int8 CPU model, and the reloadable TorchScript artifact."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qat import ao
+from lightning_qat.backends import resolve_backend
+
+ARTIFACT_META = "lightning_qat.json"
+ARTIFACT_VERSION = 1
+
+
+class ConversionError(RuntimeError):
+    """The int8 conversion failed; the trained QAT model is untouched."""
+
+
+def cpu_eval_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` on the CPU in eval mode; ``module`` itself is not touched."""
+    return copy.deepcopy(module).cpu().eval()
+
+
+def freeze_for_inference(module: nn.Module) -> None:
+    """Stop observers from updating so a QAT model can be evaluated without moving its quantization parameters."""
+    ao.set_observers(module, False)
+
+
+def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...]) -> nn.Module:
+    """Convert a CPU copy of the QAT model ``prepared`` to int8 and check that it runs on ``example_inputs``.
+
+    Raises:
+        ConversionError: if conversion or the first int8 forward pass fails. ``prepared`` is left as it was.
+    """
+    model = cpu_eval_copy(prepared)
+    inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    with ao.engine(backend), ao.quiet():
+        try:
+            quantized = ao.convert_fx(model) if mode == "fx" else ao.convert_eager(model)
+        except Exception as err:
+            raise ConversionError(f"int8 conversion ({mode} mode, backend {backend!r}) failed: {err}. The trained QAT model is unchanged.") from err
+        try:
+            with torch.no_grad():
+                quantized(*inputs)
+        except Exception as err:
+            hint = (
+                " In eager mode every op between QuantStub and DeQuantStub must accept quantized tensors: "
+                "replace `x + y` with torch.ao.nn.quantized.FloatFunctional, make the network symbolically "
+                "traceable (FX mode places quant/dequant for you), or `skip=` the offending submodule."
+                if mode == "eager"
+                else ""
+            )
+            raise ConversionError(f"the int8 model ({mode} mode) fails on an example batch: {err}.{hint} The trained QAT model is unchanged.") from err
+    return quantized
+
+
+def save_artifact(
+    quantized: nn.Module, path: str | os.PathLike, backend: str, example_inputs: tuple[Any, ...], **meta: Any
+) -> Path:
+    """Trace and freeze ``quantized`` to TorchScript and write it with its metadata to ``path``.
+
+    The artifact reloads with :func:`load_quantized` (or ``torch.jit.load``) without any training code.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = tuple(x.cpu() for x in example_inputs)
+    info = {"format_version": ARTIFACT_VERSION, "backend": backend, "torch": torch.__version__, **meta}
+    with ao.engine(backend), ao.quiet(), torch.no_grad():
+        scripted = torch.jit.freeze(torch.jit.trace(quantized.eval(), inputs, check_trace=False).eval())
+        tmp = path.with_name(path.name + ".tmp")
+        torch.jit.save(scripted, str(tmp), _extra_files={ARTIFACT_META: json.dumps(info)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_artifact_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata stored in an artifact (backend, torch version, report fields)."""
+    extra = {ARTIFACT_META: ""}
+    with ao.quiet():
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[ARTIFACT_META] or "{}")
+
+
+def load_quantized(path: str | os.PathLike) -> torch.jit.ScriptModule:
+    """Load an int8 artifact written by :class:`~lightning_qat.QATCallback`, ready to run on the CPU.
+
+    Sets ``torch.backends.quantized.engine`` to the backend the model was converted for.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is not a lightning-qat artifact, or its backend cannot run on this CPU.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No int8 artifact at {str(path)!r}.")
+    extra = {ARTIFACT_META: ""}
+    try:
+        with ao.quiet():
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as err:
+        raise ValueError(f"{str(path)!r} is not a readable TorchScript int8 artifact: {err}") from err
+    if not extra[ARTIFACT_META]:
+        raise ValueError(f"{str(path)!r} is a TorchScript file but not a lightning-qat artifact (no metadata).")
+    info = json.loads(extra[ARTIFACT_META])
+    try:
+        torch.backends.quantized.engine = resolve_backend(info["backend"])
+    except ValueError as err:
+        raise ValueError(f"Cannot run the artifact {str(path)!r} here: {err}") from err
+    return module.eval()

@@ -1,0 +1,106 @@
+"""The embedded default model: any torchvision classification architecture as a LightningModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def load_float_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a float state dict from a Lightning ``.ckpt`` or a plain ``torch.save(state_dict)`` file.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} holds no state dict (a Lightning .ckpt or torch.save(model.state_dict())).")
+    return state
+
+
+class ImageClassifier(pl.LightningModule):
+    """A torchvision classification architecture (``weights=None``) with cross-entropy and accuracy metrics.
+
+    Args:
+        arch: a name of ``torchvision.models.list_models(torchvision.models)``, e.g. ``"resnet18"``.
+        num_classes: output classes.
+        lr: learning rate of SGD with momentum 0.9 and a cosine schedule over the fit.
+        weight_decay: SGD weight decay.
+        arch_kwargs: extra keyword arguments of the architecture (``{"width_mult": 0.5}`` for mobilenet_v2).
+        init_checkpoint: float weights to start from: a Lightning ``.ckpt`` of this class or a ``state_dict`` file
+            of the network (``model.`` prefixes are handled), the fine-tuning starting point.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 10,
+        lr: float = 0.05,
+        weight_decay: float = 5e-4,
+        arch_kwargs: dict[str, Any] | None = None,
+        init_checkpoint: str | None = None,
+    ) -> None:
+        super().__init__()
+        available = torchvision.models.list_models(torchvision.models)
+        if arch not in available:
+            raise ValueError(f"arch={arch!r} is not a torchvision classification model; choose one of {available}.")
+        self.save_hyperparameters()
+        self.model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **(arch_kwargs or {}))
+        self.criterion = torch.nn.CrossEntropyLoss()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        if init_checkpoint is not None:
+            state = load_float_weights(init_checkpoint)
+            prefixed = {k.removeprefix("model."): v for k, v in state.items() if not k.endswith("_acc")}
+            self.model.load_state_dict(prefixed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy step; logs ``train_loss`` and ``train_acc``."""
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Logs ``val_loss`` and ``val_acc``."""
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Logs ``test_loss`` and ``test_acc``."""
+        x, y = batch
+        logits = self(x)
+        self.test_acc(logits, y)
+        self.log("test_loss", F.cross_entropy(logits, y))
+        self.log("test_acc", self.test_acc)
+
+    def configure_optimizers(self) -> Any:
+        """SGD with momentum, cosine-annealed over the trainer's estimated steps."""
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay
+        )
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,262 @@
+"""Preparing a float network for QAT: which module, FX graph mode or eager fallback, fusion, skip lists."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+
+from lightning_qat import ao
+
+Mode = Literal["auto", "fx", "eager"]
+MODES: tuple[str, ...] = get_args(Mode)
+
+# Module type sequences eager fusion understands, longest first so Conv+BN+ReLU wins over Conv+BN.
+_FUSION_PATTERNS: tuple[tuple[type[nn.Module], ...], ...] = (
+    (nn.Conv1d, nn.BatchNorm1d, nn.ReLU),
+    (nn.Conv2d, nn.BatchNorm2d, nn.ReLU),
+    (nn.Conv3d, nn.BatchNorm3d, nn.ReLU),
+    (nn.Conv1d, nn.BatchNorm1d),
+    (nn.Conv2d, nn.BatchNorm2d),
+    (nn.Conv3d, nn.BatchNorm3d),
+    (nn.Conv1d, nn.ReLU),
+    (nn.Conv2d, nn.ReLU),
+    (nn.Conv3d, nn.ReLU),
+    (nn.Linear, nn.BatchNorm1d),
+    (nn.Linear, nn.ReLU),
+)
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare_qat` did."""
+
+    module: nn.Module
+    mode: Literal["fx", "eager"]
+    reason: str
+    num_fused: int
+
+
+class FloatIsland(nn.Module):
+    """Keeps a skipped submodule in float inside an eager-mode quantized network (dequant -> module -> quant)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.dequant = ao.DeQuantStub()
+        self.module = module
+        self.quant = ao.QuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.module(self.dequant(x)))
+
+
+class EagerQATWrapper(nn.Module):
+    """Quantizes the input and dequantizes the output of a network prepared in eager mode."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.quant = ao.QuantStub()
+        self.module = module
+        self.dequant = ao.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.module(self.quant(x)))
+
+
+def batch_input(batch: Any) -> tuple[Any, ...]:
+    """The network input of a training batch: the batch itself if a tensor, else its first element or the value of
+    its first key. Set ``example_input_array`` on the LightningModule when that guess is wrong.
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (list, tuple)) and batch:
+        return (batch[0],)
+    if isinstance(batch, dict) and batch:
+        return (next(iter(batch.values())),)
+    raise ValueError(
+        f"Cannot tell the network input in a batch of type {type(batch).__name__}; set `example_input_array` on "
+        "your LightningModule."
+    )
+
+
+def _is_excluded(module: nn.Module) -> bool:
+    return isinstance(module, (Metric, MetricCollection, nn.modules.loss._Loss))
+
+
+def find_target(root: nn.Module, name: str | None) -> str:
+    """The qualified name of the network to quantize inside ``root`` (a LightningModule).
+
+    ``name`` may be a dotted path (``"backbone.encoder"``); ``None`` picks the single top-level child that is not
+    a metric or a loss.
+
+    Raises:
+        ValueError: if ``name`` names no submodule, names a metric/loss, or ``None`` finds zero or several candidates.
+    """
+    children = {n: m for n, m in root.named_children() if not _is_excluded(m)}
+    if name is None:
+        if len(children) == 1:
+            return next(iter(children))
+        if not children:
+            raise ValueError(
+                f"QATCallback found no network to quantize on {type(root).__name__}: it has no submodule other "
+                "than metrics and losses. Create the network in `__init__` (not in `setup`/`configure_model`), "
+                "or pass `module=` naming it."
+            )
+        raise ValueError(
+            f"QATCallback found several networks on {type(root).__name__}: {sorted(children)}. "
+            "Pass `module=` with the one to quantize (a dotted path such as 'backbone.encoder' is allowed)."
+        )
+    try:
+        target = root.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in root.named_modules() if n]
+        close = difflib.get_close_matches(name, names, n=5) or sorted(children)
+        raise ValueError(
+            f"module={name!r} is not a submodule of {type(root).__name__}; did you mean one of {close}?"
+        ) from None
+    if _is_excluded(target):
+        raise ValueError(
+            f"module={name!r} is a {type(target).__name__}; metrics and losses are never quantized. "
+            f"Candidates: {sorted(children)}."
+        )
+    return name
+
+
+def check_skip(module: nn.Module, skip: Sequence[str]) -> None:
+    """Raise ``ValueError`` for a ``skip`` entry that is not a submodule name, with the closest names."""
+    names = [n for n, _ in module.named_modules() if n]
+    for entry in skip:
+        if entry not in names:
+            close = difflib.get_close_matches(entry, names, n=5)
+            hint = f"did you mean one of {close}?" if close else f"valid names include {names[:10]}"
+            raise ValueError(f"skip entry {entry!r} is not a submodule of the quantized network; {hint}")
+
+
+def _record_leaf_calls(module: nn.Module, example_inputs: tuple[Any, ...]) -> list[tuple[str, int, int]]:
+    """Run ``module`` once and record (name, input id, output id) for every leaf module call, in order."""
+    calls: list[tuple[str, int, int]] = []
+    handles = []
+    for name, sub in module.named_modules():
+        if name and not list(sub.children()):
+
+            def hook(_m: nn.Module, args: tuple[Any, ...], out: Any, name: str = name) -> None:
+                first = args[0] if args else None
+                calls.append((name, id(first), id(out)))
+
+            handles.append(sub.register_forward_hook(hook))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(*example_inputs)
+    finally:
+        module.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def find_fusion_groups(module: nn.Module, example_inputs: tuple[Any, ...]) -> list[list[str]]:
+    """Fusable Conv+BN(+ReLU) / Linear(+ReLU) groups of ``module``, checked against a real forward pass.
+
+    A group is fused only when its modules ran once each, back to back, each fed the previous one's output, so a
+    ReLU module shared between two places (torchvision's BasicBlock) is never fused away.
+    """
+    modules = dict(module.named_modules())
+    calls = _record_leaf_calls(module, example_inputs)
+    counts: dict[str, int] = {}
+    for name, _, _ in calls:
+        counts[name] = counts.get(name, 0) + 1
+    groups: list[list[str]] = []
+    i = 0
+    while i < len(calls):
+        for pattern in _FUSION_PATTERNS:
+            window = calls[i : i + len(pattern)]
+            if len(window) < len(pattern):
+                continue
+            types_match = all(type(modules[n]) is t for (n, _, _), t in zip(window, pattern, strict=True))
+            chained = all(window[k + 1][1] == window[k][2] for k in range(len(window) - 1))
+            once = all(counts[n] == 1 for n, _, _ in window)
+            if types_match and chained and once:
+                groups.append([n for n, _, _ in window])
+                i += len(pattern) - 1
+                break
+        i += 1
+    return groups
+
+
+def _count_fused(module: nn.Module) -> int:
+    return sum(type(m).__module__.startswith("torch.ao.nn.intrinsic") for m in module.modules())
+
+
+def _prepare_eager(
+    module: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
+) -> nn.Module:
+    # A network with its own QuantStub (torchvision's quantizable models) places its own quant/dequant.
+    has_stubs = any(isinstance(m, ao.QuantStub) for m in module.modules())
+    fuse_model = getattr(module, "fuse_model", None)
+    if callable(fuse_model):
+        try:
+            fuse_model(is_qat=qat)
+        except TypeError:
+            fuse_model()
+    else:
+        groups = [g for g in find_fusion_groups(module, example_inputs) if not any(n in skip for n in g)]
+        if groups:
+            ao.fuse_modules(module, groups, qat=qat)
+    module.qconfig = ao.qconfig(backend, qat=qat)
+    for name in skip:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        island = FloatIsland(getattr(parent, attr))
+        island.module.qconfig = None
+        setattr(parent, attr, island)
+    wrapped = module if has_stubs else EagerQATWrapper(module)
+    wrapped.train(qat)
+    return ao.prepare_eager(wrapped, qat=qat)
+
+
+def prepare_model(
+    module: nn.Module,
+    backend: str,
+    mode: str,
+    skip: Sequence[str],
+    example_inputs: tuple[Any, ...],
+    qat: bool = True,
+) -> Prepared:
+    """Fuse and insert fake-quant into ``module`` for ``backend``; FX graph mode first unless ``mode="eager"``.
+
+    With ``qat=False`` the module is prepared for post-training quantization instead (observers, eval mode):
+    the PTQ baseline of the report.
+
+    Raises:
+        ValueError: for an unknown ``mode``.
+        RuntimeError: when ``mode="fx"`` and the module cannot be symbolically traced.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; valid modes are {list(MODES)}.")
+    check_skip(module, skip)
+    module.train(qat)
+    with ao.engine(backend):
+        if mode in ("auto", "fx"):
+            try:
+                prepared = ao.prepare_fx(module, ao.qconfig_mapping(backend, skip, qat), example_inputs, qat)
+            except Exception as err:  # noqa: BLE001 - any tracing failure means "not traceable"
+                if mode == "fx":
+                    raise RuntimeError(
+                        f"mode='fx' but {type(module).__name__} cannot be symbolically traced: {err}. "
+                        "Use mode='auto' or mode='eager'."
+                    ) from err
+                reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            else:
+                reason = "requested" if mode == "fx" else "the module is symbolically traceable"
+                return Prepared(prepared, "fx", reason, _count_fused(prepared))
+        else:
+            reason = "requested"
+        prepared = _prepare_eager(module, backend, skip, example_inputs, qat)
+    return Prepared(prepared, "eager", reason, _count_fused(prepared))

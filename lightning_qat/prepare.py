@@ -209,7 +209,6 @@ def _prepare_eager(
         groups = [g for g in find_fusion_groups(module, example_inputs) if not any(n in skip for n in g)]
         if groups:
             ao.fuse_modules(module, groups, qat=qat)
-    module.qconfig = ao.qconfig(backend, qat=qat)
     for name in skip:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name)
@@ -217,6 +216,7 @@ def _prepare_eager(
         island.module.qconfig = None
         setattr(parent, attr, island)
     wrapped = module if has_stubs else EagerQATWrapper(module)
+    wrapped.qconfig = ao.qconfig(backend, qat=qat)
     wrapped.train(qat)
     return ao.prepare_eager(wrapped, qat=qat)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -154,7 +155,7 @@ class QATCallback(Callback):
         self._schedule: FreezeSchedule | None = None
         self._float_network: nn.Module | None = None
         self._example_inputs: tuple[Any, ...] = ()
-        self._paused_observers: list[torch.Tensor] | None = None
+        self._paused_observers: list[dict[str, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -361,18 +362,20 @@ class QATCallback(Callback):
             rank_zero_info(f"QAT: observers frozen at {self.interval} {counter}; quantization parameters fixed.")
 
     def _pause_observers(self, pl_module: pl.LightningModule) -> None:
+        """Observers off for an evaluation loop, which then leaves no trace in the quantization state."""
         if self.prepared is None or self._paused_observers is not None:
             return
         fake_quants = ao.fake_quant_modules(self.network(pl_module))
-        self._paused_observers = [fq.observer_enabled.clone() for _, fq in fake_quants]
+        self._paused_observers = [copy.deepcopy(fq.state_dict()) for _, fq in fake_quants]
         for _, fq in fake_quants:
             fq.disable_observer()
 
     def _resume_observers(self, pl_module: pl.LightningModule) -> None:
         if self._paused_observers is None:
             return
-        for (_, fq), enabled in zip(ao.fake_quant_modules(self.network(pl_module)), self._paused_observers, strict=True):
-            fq.observer_enabled.copy_(enabled)
+        fake_quants = ao.fake_quant_modules(self.network(pl_module))
+        for (_, fq), saved in zip(fake_quants, self._paused_observers, strict=True):
+            fq.load_state_dict(saved)
         self._paused_observers = None
 
     def _ptq_network(self, trainer: pl.Trainer) -> nn.Module:

@@ -1,0 +1,130 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_qat.data import DigitsDataModule
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU x2 + Linear-ReLU + Linear: every fusion pattern, symbolically traceable."""
+
+    def __init__(self, channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.relu2 = nn.ReLU()
+        self.fc1 = nn.Linear(32, 64)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc2(self.relu3(self.fc1(x)))
+
+
+class UntraceableNet(TinyNet):
+    """Data-dependent control flow: FX cannot trace it, eager mode must take over."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.bn1(self.conv1(x)))
+        if x.shape[-1] > 4:  # a Proxy in FX -> TraceError
+            x = self.relu2(self.bn2(self.conv2(x)))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc2(self.relu3(self.fc1(x)))
+
+
+class SelfFusingNet(UntraceableNet):
+    """Brings its own fuse_model(is_qat), like torchvision's quantizable models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fuse_calls: list = []
+
+    def fuse_model(self, is_qat: bool | None = None) -> None:
+        from torch.ao.quantization import fuse_modules_qat
+
+        self.fuse_calls.append(is_qat)
+        fuse_modules_qat(self, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"]], inplace=True)
+
+
+class BoringClassifier(pl.LightningModule):
+    """The tiny LightningModule of the tests (like Lightning's BoringModel)."""
+
+    def __init__(self, net: nn.Module | None = None, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = net if net is not None else TinyNet()
+        self.loss = nn.CrossEntropyLoss()
+        self.val_acc = MulticlassAccuracy(10, average="micro")
+        self.test_acc = MulticlassAccuracy(10, average="micro")
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_acc(self(x), y)
+        self.log("val_acc", self.val_acc)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test_acc", self.test_acc)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr * 0.1)
+
+
+def trainer_kwargs(tmp_path, **overrides):
+    kwargs = dict(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    return kwargs | overrides
+
+
+@pytest.fixture(scope="session")
+def digits8() -> DigitsDataModule:
+    dm = DigitsDataModule(image_size=8, channels=1, batch_size=64)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="session")
+def digits32() -> DigitsDataModule:
+    dm = DigitsDataModule(image_size=32, channels=3, batch_size=64)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="session")
+def float_tiny(digits8, tmp_path_factory) -> dict:
+    """TinyNet trained in float on digits for 4 epochs: the fine-tuning starting point of QAT tests."""
+    pl.seed_everything(0)
+    model = BoringClassifier()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path_factory.mktemp("float"), max_epochs=4))
+    trainer.fit(model, datamodule=digits8)
+    acc = trainer.validate(model, datamodule=digits8, verbose=False)[0]["val_acc"]
+    return {"state_dict": {k: v.clone() for k, v in model.net.state_dict().items()}, "val_acc": acc}
+
+
+def pretrained_tiny(float_tiny, net_cls=TinyNet) -> BoringClassifier:
+    net = net_cls()
+    net.load_state_dict(float_tiny["state_dict"])
+    return BoringClassifier(net)

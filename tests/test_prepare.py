@@ -1,0 +1,100 @@
+import pytest
+import torch
+import torchvision
+from conftest import SelfFusingNet, TinyNet, UntraceableNet
+from torch.ao.nn.intrinsic import qat as nniqat
+
+from lightning_qat import ao
+from lightning_qat.prepare import EagerQATWrapper, check_skip, find_fusion_groups, find_target, prepare_model
+
+EXAMPLE8 = (torch.randn(4, 1, 8, 8),)
+
+
+def _types(module):
+    return {type(m) for m in module.modules()}
+
+
+def test_fx_resnet18_fuses_and_fake_quantizes_residual_model():
+    prepared = prepare_model(torchvision.models.resnet18(num_classes=10), "x86", "auto", [], (torch.randn(2, 3, 32, 32),))
+    assert prepared.mode == "fx"
+    assert nniqat.ConvBnReLU2d in _types(prepared.module)
+    assert nniqat.ConvBn2d in _types(prepared.module)  # conv2+bn2 of every block, before the residual add
+    assert prepared.num_fused == 20
+    assert len(ao.fake_quant_modules(prepared.module)) > 40
+    assert prepared.module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_untraceable_model_falls_back_to_eager_with_discovered_fusion():
+    prepared = prepare_model(UntraceableNet(), "x86", "auto", [], EXAMPLE8)
+    assert prepared.mode == "eager"
+    assert "FX tracing failed" in prepared.reason
+    assert isinstance(prepared.module, EagerQATWrapper)
+    inner = prepared.module.module
+    assert isinstance(inner.conv1, nniqat.ConvBnReLU2d)
+    assert isinstance(inner.conv2, nniqat.ConvBnReLU2d)
+    assert isinstance(inner.fc1, nniqat.LinearReLU)
+    assert ao.fake_quant_modules(prepared.module)
+
+
+def test_fx_mode_refuses_untraceable_model():
+    with pytest.raises(RuntimeError, match="cannot be symbolically traced"):
+        prepare_model(UntraceableNet(), "x86", "fx", [], EXAMPLE8)
+
+
+def test_eager_uses_the_models_own_fuse_model():
+    net = SelfFusingNet()
+    prepared = prepare_model(net, "x86", "eager", [], EXAMPLE8)
+    assert net.fuse_calls == [True]
+    assert isinstance(prepared.module.module.conv1, nniqat.ConvBnReLU2d)
+    assert isinstance(prepared.module.module.fc1, torch.ao.nn.qat.Linear)  # not fused: fuse_model did not ask
+
+
+def test_fusion_discovery_never_fuses_a_shared_relu():
+    groups = find_fusion_groups(torchvision.models.resnet18(num_classes=10), (torch.randn(1, 3, 32, 32),))
+    flat = [name for group in groups for name in group]
+    assert ["conv1", "bn1", "relu"] in groups
+    assert "layer1.0.relu" not in flat  # BasicBlock calls self.relu twice
+    assert ["layer1.0.conv2", "layer1.0.bn2"] in groups
+
+
+def test_skip_keeps_modules_float_in_both_modes():
+    fx = prepare_model(TinyNet(), "x86", "fx", ["fc2"], EXAMPLE8)
+    assert type(fx.module.fc2) is torch.nn.Linear
+    eager = prepare_model(UntraceableNet(), "x86", "eager", ["fc2"], EXAMPLE8)
+    assert type(eager.module.module.fc2.module) is torch.nn.Linear
+
+
+def test_unknown_skip_name_lists_close_matches():
+    with pytest.raises(ValueError, match=r"'fc3'.*fc1"):
+        check_skip(TinyNet(), ["fc3"])
+
+
+def test_bad_mode_names_valid_modes():
+    with pytest.raises(ValueError, match=r"'graph'.*\['auto', 'fx', 'eager'\]"):
+        prepare_model(TinyNet(), "x86", "graph", [], EXAMPLE8)
+
+
+def test_find_target_default_ignores_metrics_and_losses():
+    from conftest import BoringClassifier
+
+    assert find_target(BoringClassifier(), None) == "net"
+
+
+def test_find_target_lists_candidates_when_ambiguous():
+    from conftest import BoringClassifier
+
+    model = BoringClassifier()
+    model.head = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"several networks.*\['head', 'net'\]"):
+        find_target(model, None)
+
+
+def test_find_target_dotted_path_and_bad_name():
+    from conftest import BoringClassifier
+
+    model = BoringClassifier()
+    assert find_target(model, "net.fc1") == "net.fc1"
+    with pytest.raises(ValueError, match=r"'net.fc9'.*did you mean"):
+        find_target(model, "net.fc9")
+    with pytest.raises(ValueError, match="metrics and losses are never quantized"):
+        find_target(model, "val_acc")

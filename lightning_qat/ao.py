@@ -70,10 +70,10 @@ with _silenced():
         get_default_qconfig,
         get_default_qconfig_mapping,
     )
-    from torch.ao.quantization import fuse_modules as _fuse_modules
-    from torch.ao.quantization import prepare as _eager_prepare
     from torch.ao.quantization import convert as _eager_convert
+    from torch.ao.quantization import fuse_modules as _fuse_modules
     from torch.ao.quantization import fuse_modules_qat as _fuse_modules_qat
+    from torch.ao.quantization import prepare as _eager_prepare
     from torch.ao.quantization import prepare_qat as _eager_prepare_qat
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase
     from torch.ao.quantization.observer import ObserverBase

@@ -44,7 +44,9 @@ def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[
         try:
             quantized = ao.convert_fx(model) if mode == "fx" else ao.convert_eager(model)
         except Exception as err:
-            raise ConversionError(f"int8 conversion ({mode} mode, backend {backend!r}) failed: {err}. The trained QAT model is unchanged.") from err
+            raise ConversionError(
+                f"int8 conversion ({mode} mode, backend {backend!r}) failed: {err}. The trained QAT model is unchanged."
+            ) from err
         try:
             with torch.no_grad():
                 quantized(*inputs)
@@ -56,7 +58,10 @@ def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[
                 if mode == "eager"
                 else ""
             )
-            raise ConversionError(f"the int8 model ({mode} mode) fails on an example batch: {err}.{hint} The trained QAT model is unchanged.") from err
+            raise ConversionError(
+                f"the int8 model ({mode} mode) fails on an example batch: {err}.{hint} "
+                "The trained QAT model is unchanged."
+            ) from err
     return quantized
 
 

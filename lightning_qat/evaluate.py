@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import nn
 
 from lightning_qat import ao
@@ -45,14 +46,14 @@ class QATReport:
 
     @property
     def size_ratio(self) -> float | None:
-        """float size / int8 size."""
+        """Float size / int8 size."""
         if self.size_bytes.get("int8"):
             return self.size_bytes["float"] / self.size_bytes["int8"]
         return None
 
     @property
     def speedup(self) -> float | None:
-        """float latency / int8 latency (same batch, same threads)."""
+        """Float latency / int8 latency (same batch, same threads)."""
         if self.latency_ms.get("int8"):
             return self.latency_ms["float"] / self.latency_ms["int8"]
         return None
@@ -84,9 +85,7 @@ class QATReport:
         ]
         if names:
             lines += ["| metric | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
-            lines += [
-                f"| {n} | " + " | ".join(_fmt(self.metrics[r].get(n)) for r in rows) + " |" for n in names
-            ]
+            lines += [f"| {n} | " + " | ".join(_fmt(self.metrics[r].get(n)) for r in rows) + " |" for n in names]
             lines.append("")
         lines += ["| | float | int8 | ratio |", "|---|---|---|---|"]
         if self.size_bytes:
@@ -119,9 +118,7 @@ class QATReport:
         if self.size_bytes:
             table.add_row("size (MB)", *(_mb(self.size_bytes.get(r)) for r in rows))
         if self.latency_ms:
-            table.add_row(
-                f"ms / batch of {self.latency_batch_size}", *(_fmt(self.latency_ms.get(r)) for r in rows)
-            )
+            table.add_row(f"ms / batch of {self.latency_batch_size}", *(_fmt(self.latency_ms.get(r)) for r in rows))
         console.print(table)
         extras = []
         if self.size_ratio:
@@ -249,6 +246,8 @@ def evaluate(
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=progress,
+            # tqdm, not rich: a second rich live display inside the training one breaks rich's live stack.
+            callbacks=[TQDMProgressBar(leave=False)] if progress else None,
             limit_val_batches=limit,
             limit_test_batches=limit,
             default_root_dir=trainer.default_root_dir,

@@ -52,6 +52,7 @@ class FloatIsland(nn.Module):
         self.quant = ao.QuantStub()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the float module on dequantized input and quantize its output again."""
         return self.quant(self.module(self.dequant(x)))
 
 
@@ -65,12 +66,15 @@ class EagerQATWrapper(nn.Module):
         self.dequant = ao.DeQuantStub()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize the input, run the network, dequantize the output."""
         return self.dequant(self.module(self.quant(x)))
 
 
 def batch_input(batch: Any) -> tuple[Any, ...]:
-    """The network input of a training batch: the batch itself if a tensor, else its first element or the value of
-    its first key. Set ``example_input_array`` on the LightningModule when that guess is wrong.
+    """The network input of a training batch.
+
+    The batch itself if a tensor, else its first element or the value of its first key. Set
+    ``example_input_array`` on the LightningModule when that guess is wrong.
     """
     if isinstance(batch, torch.Tensor):
         return (batch,)

@@ -12,15 +12,15 @@ class TinyNet(nn.Module):
 
     def __init__(self, channels: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, 16, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(channels, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, stride=2)
-        self.bn2 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm2d(64)
         self.relu2 = nn.ReLU()
-        self.fc1 = nn.Linear(32, 64)
+        self.fc1 = nn.Linear(64, 256)
         self.relu3 = nn.ReLU()
-        self.fc2 = nn.Linear(64, 10)
+        self.fc2 = nn.Linear(256, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
@@ -73,8 +73,10 @@ class BoringClassifier(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.val_acc(self(x), y)
+        logits = self(x)
+        self.val_acc(logits, y)
         self.log("val_acc", self.val_acc)
+        self.log("val_loss", self.loss(logits, y))
 
     def test_step(self, batch, batch_idx):
         x, y = batch

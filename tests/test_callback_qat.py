@@ -14,7 +14,8 @@ from lightning_qat.convert import ConversionError
 
 def _bn_frozen(net) -> bool:
     flags = [m.freeze_bn for m in net.modules() if ao.is_conv_bn_qat(m)]
-    assert flags and len(set(flags)) == 1
+    assert flags
+    assert len(set(flags)) == 1
     return flags[0]
 
 
@@ -55,7 +56,8 @@ class ObserverWatcher(Callback):
 
     def on_validation_end(self, trainer, pl_module):
         after = self._buffers(pl_module)
-        assert self.before.keys() == after.keys() and self.before
+        assert self.before.keys() == after.keys()
+        assert self.before
         for key, value in self.before.items():
             assert torch.equal(value, after[key]), (key, self.checked, value, after[key])
         self.checked += 1
@@ -74,7 +76,8 @@ def test_initial_state_and_defaults():
     assert qat.backend == "x86"
     assert (qat.mode, qat.interval, qat.evaluate) == ("auto", "epoch", "val")
     assert qat.freeze_bn_after < qat.freeze_observers_after  # BN frozen before observers, as torchvision does
-    assert qat.quantized_model is None and qat.report is None
+    assert qat.quantized_model is None
+    assert qat.report is None
 
 
 @pytest.mark.parametrize(
@@ -140,7 +143,11 @@ def test_observers_do_not_move_during_validation_and_are_restored(tmp_path, digi
     recorder = FlagRecorder()
     qat = QATCallback(freeze_bn_after=None, freeze_observers_after=None, evaluate=None, save_artifact=False)
     _fit(
-        tmp_path, digits8, callbacks=[qat, watcher, recorder], max_epochs=2, limit_train_batches=2,
+        tmp_path,
+        digits8,
+        callbacks=[qat, watcher, recorder],
+        max_epochs=2,
+        limit_train_batches=2,
         num_sanity_val_steps=1,
     )
     assert watcher.checked == 3  # sanity check + 2 epochs
@@ -155,7 +162,8 @@ def test_int8_model_agrees_with_qat_model_on_digits(tmp_path, digits8, float_tin
     assert type(int8.fc2) is torch.nn.Linear  # skipped: float
     assert isinstance(int8.conv1, torch.ao.nn.intrinsic.quantized.ConvReLU2d)
     assert isinstance(int8.fc1, torch.ao.nn.intrinsic.quantized.LinearReLU)
-    assert isinstance(model.net, torch.fx.GraphModule) and ao.fake_quant_modules(model.net)  # QAT model kept
+    assert isinstance(model.net, torch.fx.GraphModule)
+    assert ao.fake_quant_modules(model.net)
     x, _ = digits8.splits["val"].tensors
     model.eval()
     with torch.no_grad(), ao.quiet():
@@ -165,9 +173,7 @@ def test_int8_model_agrees_with_qat_model_on_digits(tmp_path, digits8, float_tin
 
 def test_eager_fallback_end_to_end(tmp_path, digits8, float_tiny):
     qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, evaluate=None, save_artifact=False)
-    _, model = _fit(
-        tmp_path, digits8, model=pretrained_tiny(float_tiny, UntraceableNet), callbacks=[qat], max_epochs=2
-    )
+    _, model = _fit(tmp_path, digits8, model=pretrained_tiny(float_tiny, UntraceableNet), callbacks=[qat], max_epochs=2)
     assert qat.prepared.mode == "eager"
     x, _ = digits8.splits["val"].tensors
     with torch.no_grad(), ao.quiet():
@@ -180,7 +186,8 @@ def test_fx_resnet18_end_to_end_on_32px_digits(tmp_path, digits32):
     model = BoringClassifier(torchvision.models.resnet18(num_classes=10))
     qat = QATCallback(freeze_bn_after=1, freeze_observers_after=1, evaluate=None, save_artifact=False)
     _fit(tmp_path, digits32, model=model, callbacks=[qat], max_epochs=2, limit_train_batches=3)
-    assert qat.prepared.mode == "fx" and qat.prepared.num_fused == 20
+    assert qat.prepared.mode == "fx"
+    assert qat.prepared.num_fused == 20
     assert sum(ao.is_quantized_module(m) for m in qat.quantized_model.modules()) >= 20
 
 
@@ -193,17 +200,31 @@ def test_failed_conversion_keeps_qat_model_and_checkpoints(tmp_path, digits8, mo
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
     model = BoringClassifier()
     with pytest.raises(ConversionError, match="simulated converter bug.*unchanged"):
-        _fit(tmp_path, digits8, model=model, callbacks=[qat, ckpt], max_epochs=1, limit_train_batches=2,
-             enable_checkpointing=True)
+        _fit(
+            tmp_path,
+            digits8,
+            model=model,
+            callbacks=[qat, ckpt],
+            max_epochs=1,
+            limit_train_batches=2,
+            enable_checkpointing=True,
+        )
     assert list((tmp_path / "ckpt").glob("*.ckpt"))
-    assert isinstance(model.net, torch.fx.GraphModule) and ao.fake_quant_modules(model.net)
+    assert isinstance(model.net, torch.fx.GraphModule)
+    assert ao.fake_quant_modules(model.net)
     assert qat.quantized_model is None
 
 
 def test_no_torch_quantization_deprecation_reaches_the_user(tmp_path, digits8):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit(tmp_path, digits8, model=BoringClassifier(TinyNet()), callbacks=[QATCallback()], max_epochs=1,
-             limit_train_batches=2)
+        _fit(
+            tmp_path,
+            digits8,
+            model=BoringClassifier(TinyNet()),
+            callbacks=[QATCallback()],
+            max_epochs=1,
+            limit_train_batches=2,
+        )
     leaked = [str(w.message)[:80] for w in caught if "quantiz" in str(w.message).lower()]
     assert leaked == []

@@ -15,7 +15,9 @@ def _types(module):
 
 
 def test_fx_resnet18_fuses_and_fake_quantizes_residual_model():
-    prepared = prepare_model(torchvision.models.resnet18(num_classes=10), "x86", "auto", [], (torch.randn(2, 3, 32, 32),))
+    prepared = prepare_model(
+        torchvision.models.resnet18(num_classes=10), "x86", "auto", [], (torch.randn(2, 3, 32, 32),)
+    )
     assert prepared.mode == "fx"
     assert nniqat.ConvBnReLU2d in _types(prepared.module)
     assert nniqat.ConvBn2d in _types(prepared.module)  # conv2+bn2 of every block, before the residual add

@@ -248,7 +248,9 @@ class QATCallback(Callback):
 
     def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QATReport:
         """Convert, evaluate, measure, save and report (global rank 0). Override to add steps."""
-        assert self.prepared is not None and self._float_network is not None and self.target is not None
+        assert self.prepared is not None
+        assert self._float_network is not None
+        assert self.target is not None
         start = time.perf_counter()
         qat_network = self.network(pl_module)
         self.quantized_model = to_int8(qat_network, self.prepared.mode, self.backend, self._example_inputs)
@@ -276,7 +278,10 @@ class QATCallback(Callback):
                     {f"{row}/{k}": v for row, m in report.metrics.items() for k, v in m.items()},
                     step=trainer.global_step,
                 )
-        report.size_bytes = {"float": serialized_size(self._float_network), "int8": serialized_size(self.quantized_model)}
+        report.size_bytes = {
+            "float": serialized_size(self._float_network),
+            "int8": serialized_size(self.quantized_model),
+        }
         report.latency_ms = measure_latency(
             {"float": self._float_network, "int8": self.quantized_model},
             self._example_inputs,

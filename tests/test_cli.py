@@ -1,0 +1,86 @@
+import json
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from conftest import trainer_kwargs
+
+from lightning_qat.data import DigitsDataModule
+from lightning_qat.models import ImageClassifier
+
+TINY = [
+    "--model.arch=mobilenet_v3_small",
+    "--data.image_size=16",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--pretrain.epochs=0",
+    "--qat.ptq_baseline=false",
+    "--qat.max_metric_drop=null",
+    "--qat.latency_repeats=2",
+]
+
+
+def _cli(tmp_path, *args):
+    cmd = [sys.executable, "-m", "lightning_qat", "fit", *TINY, *args]  # writes to ./outputs (default.yaml)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+
+def test_cli_runs_end_to_end_and_applies_dotted_overrides(tmp_path):
+    result = _cli(tmp_path, "--qat.backend=fbgemm", "--qat.freeze_bn_after=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "qat" / "version_0"
+    report = json.loads((run_dir / "qat_report.json").read_text())
+    assert report["backend"] == "fbgemm"
+    assert (run_dir / "model_int8.pt").is_file()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["qat"]["backend"] == "fbgemm"
+    assert config["model"]["arch"] == "mobilenet_v3_small"
+    assert "int8/val_acc" in (run_dir / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("arg", "named"),
+    [
+        ("--qat.backnd=x86", "qat.backnd"),
+        ("--qat.backend=tensorrt", "qat.backend"),
+        ("--data.batch_size=big", "batch_size"),
+    ],
+)
+def test_cli_bad_config_exits_nonzero_naming_the_key(tmp_path, arg, named):
+    result = _cli(tmp_path, arg)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_missing_checkpoint_is_a_clear_error(tmp_path):
+    result = _cli(tmp_path, f"--model.init_checkpoint={tmp_path / 'nope.ckpt'}")
+    assert result.returncode != 0
+    assert "nope.ckpt" in result.stderr
+    assert "does not exist" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_finetuning_starts_from_the_float_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    dm = DigitsDataModule(image_size=16, channels=3)
+    model = ImageClassifier("mobilenet_v3_small", lr=0.05)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True))
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path / "float.ckpt"
+    trainer.save_checkpoint(ckpt)
+    float_acc = trainer.validate(model, datamodule=dm, verbose=False)[0]["val_acc"]
+    plain = tmp_path / "float_state.pt"
+    torch.save(model.model.state_dict(), plain)
+    for source in (ckpt, plain):
+        out = tmp_path / source.stem
+        out.mkdir()
+        result = _cli(out, f"--model.init_checkpoint={source}", "--trainer.limit_val_batches=1.0")
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((out / "outputs" / "qat" / "version_0" / "qat_report.json").read_text())
+        assert report["metrics"]["float"]["val_acc"] == pytest.approx(float_acc, abs=1e-6)

@@ -1,0 +1,137 @@
+import csv
+import json
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import pretrained_tiny, trainer_kwargs
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_qat import QATCallback, QATReport, ao, load_quantized
+
+
+def _fit(tmp_path, dm, float_tiny, qat, **kwargs):
+    pl.seed_everything(0)
+    model = pretrained_tiny(float_tiny)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[qat], **kwargs))
+    trainer.fit(model, datamodule=dm)
+    return trainer, model
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, digits8, float_tiny):
+    tmp_path = tmp_path_factory.mktemp("eval")
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, monitor="val_acc", ptq_baseline=True)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer, model = _fit(tmp_path, digits8, float_tiny, qat, max_epochs=3, logger=logger)
+    return {"qat": qat, "trainer": trainer, "model": model, "float_acc": float_tiny["val_acc"]}
+
+
+def test_float_qat_int8_metrics_reach_the_csv_logger(finished):
+    path = f"{finished['trainer'].logger.log_dir}/metrics.csv"
+    with open(path) as f:
+        columns = set(next(csv.reader(f)))
+    assert {"float/val_acc", "ptq/val_acc", "qat/val_acc", "int8/val_acc", "qat/bn_frozen"} <= columns
+
+
+def test_report_fields_are_filled_and_consistent(finished):
+    report = finished["qat"].report
+    assert isinstance(report, QATReport)
+    assert report.backend == "x86"
+    assert report.mode == "fx"
+    assert report.num_fused == 3
+    assert report.quantized_layers == 4
+    assert report.size_bytes["int8"] < report.size_bytes["float"] / 3
+    assert report.latency_ms["float"] > 0
+    assert report.latency_ms["int8"] > 0
+    assert report.latency_batch_size == 64
+    # the float row is the pretrained network before QAT, evaluated by the same loop as the QAT/int8 rows
+    assert report.metrics["float"]["val_acc"] == pytest.approx(finished["float_acc"], abs=1e-6)
+    assert report.metrics["int8"]["val_acc"] > 0.85
+    log_dir = finished["trainer"].logger.log_dir
+    with open(f"{log_dir}/qat_report.json") as f:
+        assert QATReport.from_dict(json.load(f)) == report
+    with open(f"{log_dir}/qat_report.md") as f:
+        assert "| val_acc |" in f.read()
+
+
+def test_artifact_reloads_in_a_fresh_process_bitwise(finished, digits8, tmp_path):
+    qat = finished["qat"]
+    x, _ = digits8.splits["val"].tensors
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch; from lightning_qat import load_quantized; "
+        "m = load_quantized(sys.argv[1]); torch.save(m(torch.load(sys.argv[2])), sys.argv[3])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(qat.artifact_path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        cwd=tmp_path,
+    )
+    with torch.no_grad(), ao.quiet():
+        expected = qat.quantized_model(x)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_load_quantized_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No int8 artifact"):
+        load_quantized(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a readable TorchScript"):
+        load_quantized(bad)
+
+
+def test_guard_raises_and_warns_when_drop_exceeds_threshold(tmp_path, digits8, float_tiny):
+    # A negative drop threshold is refused, so use the smallest honest one: int8 must not lose anything at all
+    # against a float model evaluated on 1 batch (observed drop on that batch decides).
+    qat = QATCallback(
+        freeze_bn_after=1,
+        freeze_observers_after=1,
+        monitor="val_loss",
+        monitor_mode="min",
+        max_metric_drop=0.0,
+        on_drop="raise",
+        save_artifact=False,
+    )
+    with pytest.raises(RuntimeError, match=r"val_loss dropped by .* more than max_metric_drop=0\.0"):
+        _fit(tmp_path, digits8, float_tiny, qat, max_epochs=2, limit_train_batches=2)
+    qat_warn = QATCallback(
+        freeze_bn_after=1,
+        freeze_observers_after=1,
+        monitor="val_loss",
+        monitor_mode="min",
+        max_metric_drop=0.0,
+        on_drop="warn",
+        save_artifact=False,
+    )
+    with pytest.warns(UserWarning, match="val_loss dropped by"):
+        _fit(tmp_path, digits8, float_tiny, qat_warn, max_epochs=2, limit_train_batches=2)
+
+
+def test_guard_quiet_within_threshold(tmp_path, digits8, float_tiny, recwarn):
+    qat = QATCallback(
+        freeze_bn_after=1,
+        freeze_observers_after=1,
+        monitor="val_acc",
+        max_metric_drop=0.5,
+        on_drop="raise",
+        save_artifact=False,
+    )
+    _fit(tmp_path, digits8, float_tiny, qat, max_epochs=2, limit_train_batches=2)
+    assert not [w for w in recwarn if "dropped by" in str(w.message)]
+
+
+def test_evaluate_none_skips_evaluation(tmp_path, digits8, float_tiny):
+    qat = QATCallback(evaluate=None, save_artifact=False)
+    _fit(tmp_path, digits8, float_tiny, qat, max_epochs=1, limit_train_batches=2)
+    assert qat.report.metrics == {}
+    assert qat.quantized_model is not None
+
+
+def test_evaluate_test_uses_the_test_loop(tmp_path, digits8, float_tiny):
+    qat = QATCallback(evaluate="test", save_artifact=False)
+    _fit(tmp_path, digits8, float_tiny, qat, max_epochs=1, limit_train_batches=2)
+    assert set(qat.report.metrics["int8"]) == {"test_acc"}

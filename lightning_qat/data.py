@@ -5,7 +5,29 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch).
+
+    A fit resumed at epoch k sees exactly the batches an uninterrupted fit sees; Lightning calls ``set_epoch``
+    before every epoch.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self):  # noqa: D105
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:  # noqa: D105
+        return self.size
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -76,13 +98,13 @@ class DigitsDataModule(pl.LightningDataModule):
             self.splits[name] = TensorDataset(images[idx], labels[idx])
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        dataset = self.splits[split]
+        sampler = EpochShuffleSampler(len(dataset), self.hparams.seed) if shuffle else None
         return DataLoader(
-            self.splits[split],
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
-            generator=generator,
             persistent_workers=self.hparams.num_workers > 0,
         )
 

@@ -1,0 +1,73 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import pretrained_tiny, trainer_kwargs
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_qat import QATCallback, ao
+
+
+def _qat(**kwargs):
+    return QATCallback(freeze_bn_after=1, freeze_observers_after=2, evaluate=None, save_artifact=False, **kwargs)
+
+
+def _run(tmp_path, digits8, float_tiny, max_epochs, qat, ckpt_path=None, checkpoint=None):
+    pl.seed_everything(0)
+    model = pretrained_tiny(float_tiny)
+    callbacks = [qat] + ([checkpoint] if checkpoint else [])
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=bool(checkpoint))
+    )
+    trainer.fit(model, datamodule=digits8, ckpt_path=ckpt_path)
+    return model
+
+
+def _qparams(net):
+    return {name: (fq.scale.clone(), fq.zero_point.clone()) for name, fq in ao.fake_quant_modules(net)}
+
+
+def test_resume_after_epoch_1_equals_an_uninterrupted_run(tmp_path, digits8, float_tiny):
+    full_qat = _qat()
+    full = _run(tmp_path / "full", digits8, float_tiny, 3, full_qat)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _run(tmp_path / "part", digits8, float_tiny, 1, _qat(), checkpoint=checkpoint)
+    resumed_qat = _qat()
+    resumed = _run(tmp_path / "resume", digits8, float_tiny, 3, resumed_qat, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+    assert (resumed_qat.bn_frozen, resumed_qat.observers_frozen) == (True, True)
+    assert [m.freeze_bn for m in resumed.net.modules() if ao.is_conv_bn_qat(m)] == [True, True]
+    full_q, resumed_q = _qparams(full.net), _qparams(resumed.net)
+    assert full_q.keys() == resumed_q.keys()
+    for name, (scale, zero_point) in full_q.items():
+        torch.testing.assert_close(resumed_q[name][0], scale, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(resumed_q[name][1], zero_point), name
+    x, _ = digits8.splits["val"].tensors
+    with torch.no_grad(), ao.quiet():
+        torch.testing.assert_close(resumed_qat.quantized_model(x), full_qat.quantized_model(x), rtol=1e-3, atol=0.05)
+
+
+def test_resume_with_another_backend_fails_and_keeps_the_checkpoint(tmp_path, digits8, float_tiny):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _run(tmp_path / "part", digits8, float_tiny, 1, _qat(), checkpoint=checkpoint)
+    files = {p: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    with pytest.raises(ValueError, match=r"prepared with backend='x86'.*backend='fbgemm'"):
+        _run(
+            tmp_path / "resume",
+            digits8,
+            float_tiny,
+            3,
+            _qat(backend="fbgemm"),
+            ckpt_path=tmp_path / "ckpt" / "last.ckpt",
+            checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
+        )
+    assert {p: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == files
+
+
+def test_state_dict_round_trip():
+    qat = _qat()
+    state = qat.state_dict()
+    assert state["backend"] == "x86"
+    assert state["skip"] == []
+    qat.load_state_dict(state)
+    qat.load_state_dict({})  # old checkpoints without our keys still load

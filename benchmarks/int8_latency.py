@@ -3,8 +3,12 @@ prepare/convert path, measured side by side in one process. Run: python benchmar
 (The full benchmark suite of issue 6 is still to come.)
 """
 
-import torch, torchvision, copy
-from lightning_qat import prepare, convert
+import copy
+
+import torch
+import torchvision
+
+from lightning_qat import convert, prepare
 from lightning_qat.evaluate import measure_latency
 
 torch.manual_seed(0)

@@ -23,5 +23,6 @@ for t in (1, 2):
     torch.set_num_threads(t)
     r = measure_latency({"float": f, "int8": q}, ex, "x86", repeats=15)
     print(
-        f"resnet18 224px batch1 threads={t}: float {r['float']:.2f} ms int8 {r['int8']:.2f} ms speedup {r['float'] / r['int8']:.2f}x"
+        f"resnet18 224px batch1 threads={t}: float {r['float']:.2f} ms, int8 {r['int8']:.2f} ms, "
+        f"speedup {r['float'] / r['int8']:.2f}x"
     )

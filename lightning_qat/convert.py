@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import nn
 
 from lightning_qat import ao
@@ -23,8 +24,11 @@ class ConversionError(RuntimeError):
 
 
 def cpu_eval_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` on the CPU in eval mode; ``module`` itself is not touched."""
-    return copy.deepcopy(module).cpu().eval()
+    """A deep copy of ``module`` on the CPU in eval mode; ``module`` itself is not touched.
+
+    ``SyncBatchNorm`` layers (``Trainer(sync_batchnorm=True)``) become plain batch norms again: they only run on GPUs.
+    """
+    return TorchSyncBatchNorm().revert(copy.deepcopy(module)).cpu().eval()
 
 
 def freeze_for_inference(module: nn.Module) -> None:

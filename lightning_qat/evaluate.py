@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import nn
+from torchmetrics import Metric
 
 from lightning_qat import ao
 
@@ -95,7 +96,7 @@ class QATReport:
             )
         if self.latency_ms:
             lines.append(
-                f"| latency (ms/batch of {self.latency_batch_size}, {self.latency_threads} threads) "
+                f"| latency (ms/batch of {self.latency_batch_size}, {_threads(self.latency_threads)}) "
                 f"| {self.latency_ms['float']:.2f} | {self.latency_ms['int8']:.2f} | {_fmt(self.speedup)}x faster |"
             )
         if self.artifact:
@@ -124,7 +125,7 @@ class QATReport:
         if self.size_ratio:
             extras.append(f"int8 is {self.size_ratio:.2f}x smaller")
         if self.speedup:
-            extras.append(f"{self.speedup:.2f}x faster ({self.latency_threads} threads)")
+            extras.append(f"{self.speedup:.2f}x faster ({_threads(self.latency_threads)})")
         if self.artifact:
             extras.append(f"artifact: {self.artifact}")
         if extras:
@@ -146,6 +147,10 @@ def _fmt(value: float | None) -> str:
 
 def _mb(value: int | None) -> str:
     return "-" if value is None else f"{value / 1e6:.3f}"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
 
 
 def serialized_size(module: nn.Module) -> int:
@@ -210,7 +215,15 @@ def module_with(pl_module: pl.LightningModule, target: str, network: nn.Module) 
     setattr(clone.get_submodule(parent_name), attr, network)
     # Lightning caches id(metric) -> attribute name for `self.log(metric)`; the copies have new ids.
     clone._metric_attributes = None
+    # Only global rank 0 evaluates: a torchmetrics sync would wait forever for the other ranks.
+    for metric in clone.modules():
+        if isinstance(metric, Metric):
+            metric.distributed_available_fn = _single_process
     return clone.cpu()
+
+
+def _single_process() -> bool:
+    return False
 
 
 def evaluate(

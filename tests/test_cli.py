@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -84,3 +85,17 @@ def test_finetuning_starts_from_the_float_checkpoint(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads((out / "outputs" / "qat" / "version_0" / "qat_report.json").read_text())
         assert report["metrics"]["float"]["val_acc"] == pytest.approx(float_acc, abs=1e-6)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses(tmp_path, config):
+    path = Path(__file__).parents[1] / "configs" / config
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_qat", "fit", "--config", str(path), "--print_config"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert yaml.safe_load(result.stdout)["qat"]["backend"] in (None, "x86", "fbgemm", "qnnpack")

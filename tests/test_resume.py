@@ -47,17 +47,26 @@ def test_resume_after_epoch_1_equals_an_uninterrupted_run(tmp_path, digits8, flo
         torch.testing.assert_close(resumed_qat.quantized_model(x), full_qat.quantized_model(x), rtol=1e-3, atol=0.05)
 
 
-def test_resume_with_another_backend_fails_and_keeps_the_checkpoint(tmp_path, digits8, float_tiny):
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ({"backend": "fbgemm"}, r"prepared with backend='x86'.*backend='fbgemm'"),
+        ({"skip": ["fc2"]}, r"prepared with skip=\[\].*skip=\['fc2'\]"),
+    ],
+)
+def test_resume_with_another_configuration_fails_clearly_and_keeps_the_checkpoint(
+    tmp_path, digits8, float_tiny, changed, message
+):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     _run(tmp_path / "part", digits8, float_tiny, 1, _qat(), checkpoint=checkpoint)
     files = {p: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
-    with pytest.raises(ValueError, match=r"prepared with backend='x86'.*backend='fbgemm'"):
+    with pytest.raises(ValueError, match=message):
         _run(
             tmp_path / "resume",
             digits8,
             float_tiny,
             3,
-            _qat(backend="fbgemm"),
+            _qat(**changed),
             ckpt_path=tmp_path / "ckpt" / "last.ckpt",
             checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_qat import ao
@@ -156,6 +158,7 @@ class QATCallback(Callback):
         self._float_network: nn.Module | None = None
         self._example_inputs: tuple[Any, ...] = ()
         self._paused_observers: list[dict[str, torch.Tensor]] | None = None
+        self._resume_check: RemovableHandle | None = None
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -168,10 +171,20 @@ class QATCallback(Callback):
         self._float_network = cpu_eval_copy(network)
         self.prepared = prepare_model(network, self.backend, self.mode, self.skip, self._example_inputs)
         self._set_network(pl_module, self.prepared.module)
+        self._resume_check = pl_module.register_load_state_dict_pre_hook(partial(self._check_resume, trainer))
         rank_zero_info(
             f"QAT: prepared `{self.target}` in {self.prepared.mode} mode ({self.prepared.reason}); "
             f"{self.prepared.num_fused} fused modules, backend {self.backend!r}, skipped {self.skip or 'nothing'}."
         )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_resume_check()  # checkpoints are restored by now
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._remove_resume_check()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -230,9 +243,11 @@ class QATCallback(Callback):
             return
         failure: Exception | None = None
         report: QATReport | None = None
+        # `trainer.log_dir` is a collective (a broadcast from rank 0): every rank asks, before rank 0 goes alone.
+        out_dir = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             try:
-                report = self.finish(trainer, pl_module)
+                report = self.finish(trainer, pl_module, out_dir)
             except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks were told
                 failure = err
         if trainer.world_size > 1:
@@ -246,8 +261,11 @@ class QATCallback(Callback):
             raise failure
         self.report = report
 
-    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QATReport:
-        """Convert, evaluate, measure, save and report (global rank 0). Override to add steps."""
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out_dir: Path) -> QATReport:
+        """Convert, evaluate, measure, save to ``out_dir`` and report; global rank 0 only, so no collectives here.
+
+        Override to add steps.
+        """
         assert self.prepared is not None
         assert self._float_network is not None
         assert self.target is not None
@@ -290,7 +308,6 @@ class QATCallback(Callback):
         )
         report.latency_batch_size = _batch_size(self._example_inputs)
         report.latency_threads = torch.get_num_threads()
-        out_dir = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
         if self.save_artifact:
             self.artifact_path = save_artifact(
                 self.quantized_model,
@@ -332,6 +349,22 @@ class QATCallback(Callback):
                     f"This checkpoint was QAT-prepared with {key}={saved!r}, but the QATCallback now has "
                     f"{key}={value!r}. Resume with the same {key}, or start a new fit from the float weights."
                 )
+
+    def _check_resume(self, trainer: pl.Trainer, *_: Any) -> None:
+        """Before Lightning loads a checkpoint's weights into the prepared model, compare the QAT configuration.
+
+        A different skip list or mode changes the model's keys; without this check the user would get Lightning's
+        missing/unexpected-keys error instead of the setting that differs.
+        """
+        checkpoint = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None) or {}
+        saved = checkpoint.get("callbacks", {}).get(self.state_key)
+        if saved is not None:
+            self.load_state_dict(saved)
+
+    def _remove_resume_check(self) -> None:
+        if self._resume_check is not None:
+            self._resume_check.remove()
+            self._resume_check = None
 
     # ------------------------------------------------------------------ helpers
     def network(self, pl_module: pl.LightningModule) -> nn.Module:

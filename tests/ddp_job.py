@@ -1,0 +1,70 @@
+"""A 2-process CPU DDP QAT fit (gloo), run by test_ddp.py as a script: Lightning relaunches it once per rank.
+
+Usage: python ddp_job.py FLOAT_STATE_DICT OUT_DIR [JSON {"qat": QATCallback kwargs, "trainer": Trainer kwargs,
+"ddp": DDPStrategy kwargs}]
+Every rank writes OUT_DIR/rank<k>.json: its qparams, the global step at which BN and observers froze, the report.
+"""
+
+import faulthandler
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from conftest import BoringClassifier, TinyNet, trainer_kwargs
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+
+from lightning_qat import QATCallback, ao
+from lightning_qat.data import DigitsDataModule
+
+faulthandler.dump_traceback_later(240, exit=True)
+
+
+class FreezeRecorder(Callback):
+    """Global step at which each rank first trained with BN / observers frozen."""
+
+    def __init__(self, qat: QATCallback) -> None:
+        self.qat = qat
+        self.steps: dict[str, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for name, frozen in (("bn", self.qat.bn_frozen), ("observers", self.qat.observers_frozen)):
+            if frozen and name not in self.steps:
+                self.steps[name] = trainer.global_step
+
+
+def main() -> None:
+    state_path, out_dir = sys.argv[1], Path(sys.argv[2])
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    pl.seed_everything(0)
+    net = TinyNet()
+    net.load_state_dict(torch.load(state_path))
+    model = BoringClassifier(net)
+    qat_kwargs = dict(freeze_bn_after=1, freeze_observers_after=2, latency_repeats=2)
+    qat = QATCallback(**qat_kwargs | extra.get("qat", {}))
+    recorder = FreezeRecorder(qat)
+    trainer = pl.Trainer(
+        **trainer_kwargs(out_dir, max_epochs=3, callbacks=[qat, recorder], devices=2)
+        | {"strategy": DDPStrategy(**extra.get("ddp", {})), "logger": CSVLogger(out_dir, name="logs")}
+        | extra.get("trainer", {})
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(image_size=8, channels=1, batch_size=32))
+    qparams = {name: [fq.scale.tolist(), fq.zero_point.tolist()] for name, fq in ao.fake_quant_modules(model.net)}
+    result = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "qparams": qparams,
+        "freeze_steps": recorder.steps,
+        "global_step": trainer.global_step,
+        "report": qat.report.to_dict() if qat.report else None,
+        "has_int8_model": qat.quantized_model is not None,
+        "module_types": sorted({type(m).__name__ for m in model.net.modules()}),
+    }
+    (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

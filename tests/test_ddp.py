@@ -1,0 +1,57 @@
+"""Two-process CPU DDP (gloo) QAT fits, each run as a script (tests/ddp_job.py) the way users launch DDP jobs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import pretrained_tiny, trainer_kwargs
+
+from lightning_qat import QATCallback
+
+JOB = Path(__file__).with_name("ddp_job.py")
+
+
+def _ddp_fit(tmp_path: Path, float_tiny: dict, **extra) -> list[dict]:
+    torch.save(float_tiny["state_dict"], tmp_path / "float.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(JOB.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(JOB), str(tmp_path / "float.pt"), str(out), json.dumps(extra)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize(
+    "ddp",
+    [{}, {"broadcast_buffers": False}],
+    ids=["default", "no-buffer-broadcast"],
+)
+def test_ddp_ranks_share_qparams_and_freeze_steps_and_rank0_alone_converts(tmp_path, float_tiny, digits8, ddp):
+    rank0, rank1 = _ddp_fit(tmp_path, float_tiny, ddp=ddp)
+
+    assert (rank0["world_size"], rank0["rank"], rank1["rank"]) == (2, 0, 1)
+    assert rank0["qparams"] == rank1["qparams"]
+    steps_per_epoch = rank0["global_step"] // 3
+    expected = {"bn": steps_per_epoch, "observers": 2 * steps_per_epoch}
+    assert rank0["freeze_steps"] == rank1["freeze_steps"] == expected
+    run_dir = tmp_path / "out" / "logs" / "version_0"  # trainer.log_dir of rank 0
+    assert [p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("model_int8.pt")] == [
+        run_dir.relative_to(tmp_path / "out") / "model_int8.pt"
+    ]
+    assert (run_dir / "qat_report.json").is_file()
+    assert "int8/val_acc" in (run_dir / "metrics.csv").read_text()
+    assert (rank0["has_int8_model"], rank1["has_int8_model"]) == (True, False)
+    assert rank1["report"] == rank0["report"]  # broadcast from rank 0
+
+    pl.seed_everything(0)
+    single = QATCallback(freeze_bn_after=1, freeze_observers_after=2, save_artifact=False, latency_repeats=2)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "single", max_epochs=3, callbacks=[single]))
+    trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
+    ddp_acc = rank0["report"]["metrics"]["int8"]["val_acc"]
+    assert ddp_acc == pytest.approx(single.report.metrics["int8"]["val_acc"], abs=0.03)

@@ -65,9 +65,9 @@ def main(args: list[str] | None = None) -> None:
         ImageClassifier,
         DigitsDataModule,
         parser_kwargs={
-            "parser_mode": "omegaconf",
+            "parser_mode": "omegaconf+",
             **{
-                sub: {"parser_mode": "omegaconf", "default_config_files": [str(DEFAULT_CONFIG)]}
+                sub: {"parser_mode": "omegaconf+", "default_config_files": [str(DEFAULT_CONFIG)]}
                 for sub in ("fit", "validate", "test", "predict")
             },
         },

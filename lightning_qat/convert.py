@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +90,28 @@ def save_artifact(
 
 
 def read_artifact_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata stored in an artifact (backend, torch version, report fields)."""
-    extra = {ARTIFACT_META: ""}
-    with ao.quiet():
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra[ARTIFACT_META] or "{}")
+    """The metadata stored in an artifact (backend, torch version, ...), read without loading the model.
+
+    Raises:
+        ValueError: if ``path`` is not a TorchScript archive or carries no lightning-qat metadata.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"/extra/{ARTIFACT_META}")]
+            raw = archive.read(names[0]) if names else b""
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable TorchScript int8 artifact: {err}") from err
+    if not raw:
+        raise ValueError(f"{str(path)!r} is not a lightning-qat artifact (no {ARTIFACT_META} metadata).")
+    return json.loads(raw)
 
 
 def load_quantized(path: str | os.PathLike) -> torch.jit.ScriptModule:
     """Load an int8 artifact written by :class:`~lightning_qat.QATCallback`, ready to run on the CPU.
 
-    Sets ``torch.backends.quantized.engine`` to the backend the model was converted for.
+    Sets ``torch.backends.quantized.engine`` to the backend the model was converted for *before* loading: the
+    int8 weights are packed for the engine active at load time, and weights packed for another engine run slowly
+    and give different outputs.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -108,17 +120,14 @@ def load_quantized(path: str | os.PathLike) -> torch.jit.ScriptModule:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No int8 artifact at {str(path)!r}.")
-    extra = {ARTIFACT_META: ""}
+    info = read_artifact_info(path)
     try:
-        with ao.quiet():
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as err:
-        raise ValueError(f"{str(path)!r} is not a readable TorchScript int8 artifact: {err}") from err
-    if not extra[ARTIFACT_META]:
-        raise ValueError(f"{str(path)!r} is a TorchScript file but not a lightning-qat artifact (no metadata).")
-    info = json.loads(extra[ARTIFACT_META])
-    try:
-        torch.backends.quantized.engine = resolve_backend(info["backend"])
+        torch.backends.quantized.engine = resolve_backend(info.get("backend"))
     except ValueError as err:
         raise ValueError(f"Cannot run the artifact {str(path)!r} here: {err}") from err
+    try:
+        with ao.quiet():
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:
+        raise ValueError(f"{str(path)!r} is not a readable TorchScript int8 artifact: {err}") from err
     return module.eval()

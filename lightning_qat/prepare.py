@@ -34,12 +34,13 @@ _FUSION_PATTERNS: tuple[tuple[type[nn.Module], ...], ...] = (
 
 @dataclass
 class Prepared:
-    """What :func:`prepare_qat` did."""
+    """What :func:`prepare_model` did."""
 
     module: nn.Module
     mode: Literal["fx", "eager"]
     reason: str
     num_fused: int
+    relu6_replaced: int = 0
 
 
 class FloatIsland(nn.Module):
@@ -225,6 +226,25 @@ def _prepare_eager(
     return ao.prepare_eager(wrapped, qat=qat)
 
 
+def replace_relu6(module: nn.Module, skip: Sequence[str] = ()) -> int:
+    """Swap every ``nn.ReLU6`` submodule of ``module`` outside ``skip`` for ``nn.ReLU``, in place; returns how many.
+
+    torchvision's quantizable MobileNets do the same: Conv-BN-ReLU fuses into one int8 op, Conv-BN-ReLU6 does not
+    (a separate clamp and one more fake-quant per layer, in training and in the int8 model). It changes the network
+    where activations exceed 6; QAT fine-tuning adapts to that, and the report's float row is the original network.
+    """
+    kept = {id(m) for name in skip for m in module.get_submodule(name).modules()}
+    count = 0
+    for parent in list(module.modules()):
+        if id(parent) in kept:
+            continue
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.ReLU6 and id(child) not in kept:
+                setattr(parent, name, nn.ReLU(inplace=child.inplace))
+                count += 1
+    return count
+
+
 def prepare_model(
     module: nn.Module,
     backend: str,
@@ -232,11 +252,12 @@ def prepare_model(
     skip: Sequence[str],
     example_inputs: tuple[Any, ...],
     qat: bool = True,
+    relu6_to_relu: bool = False,
 ) -> Prepared:
     """Fuse and insert fake-quant into ``module`` for ``backend``; FX graph mode first unless ``mode="eager"``.
 
     With ``qat=False`` the module is prepared for post-training quantization instead (observers, eval mode):
-    the PTQ baseline of the report.
+    the PTQ baseline of the report. ``relu6_to_relu`` first applies :func:`replace_relu6` (outside ``skip``).
 
     Raises:
         ValueError: for an unknown ``mode``.
@@ -245,6 +266,7 @@ def prepare_model(
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; valid modes are {list(MODES)}.")
     check_skip(module, skip)
+    replaced = replace_relu6(module, skip) if relu6_to_relu else 0
     module.train(qat)
     with ao.engine(backend):
         if mode in ("auto", "fx"):
@@ -259,8 +281,8 @@ def prepare_model(
                 reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             else:
                 reason = "requested" if mode == "fx" else "the module is symbolically traceable"
-                return Prepared(prepared, "fx", reason, _count_fused(prepared))
+                return Prepared(prepared, "fx", reason, _count_fused(prepared), replaced)
         else:
             reason = "requested"
         prepared = _prepare_eager(module, backend, skip, example_inputs, qat)
-    return Prepared(prepared, "eager", reason, _count_fused(prepared))
+    return Prepared(prepared, "eager", reason, _count_fused(prepared), replaced)

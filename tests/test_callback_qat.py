@@ -92,6 +92,7 @@ def test_initial_state_and_defaults():
         ({"on_drop": "ignore"}, r"on_drop='ignore'.*\['warn', 'raise'\]"),
         ({"max_metric_drop": 0.01}, r"max_metric_drop=0\.01.*monitor"),
         ({"skip": "fc"}, r"skip='fc'.*list of submodule names"),
+        ({"relu6_to_relu": "yes"}, r"relu6_to_relu='yes'.*True or False"),
     ],
 )
 def test_bad_arguments_name_value_and_choices(kwargs, match):

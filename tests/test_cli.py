@@ -99,3 +99,15 @@ def test_every_shipped_config_parses(tmp_path, config):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert yaml.safe_load(result.stdout)["qat"]["backend"] in (None, "x86", "fbgemm", "qnnpack")
+
+
+def test_default_root_dir_override_moves_the_logger_too(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_qat", "fit", "--trainer.default_root_dir=runs/a", "--print_config"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert yaml.safe_load(result.stdout)["trainer"]["logger"]["init_args"]["save_dir"] == "runs/a"

@@ -10,6 +10,8 @@ from conftest import pretrained_tiny, trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_qat import QATCallback, QATReport, ao, load_quantized
+from lightning_qat.convert import save_artifact, to_int8
+from lightning_qat.prepare import prepare_model
 
 
 def _fit(tmp_path, dm, float_tiny, qat, **kwargs):
@@ -82,6 +84,30 @@ def test_load_quantized_errors(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a readable TorchScript"):
         load_quantized(bad)
+    plain = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(plain))
+    with pytest.raises(ValueError, match="not a lightning-qat artifact"):
+        load_quantized(plain)
+
+
+@pytest.mark.parametrize("backend", ["qnnpack", "fbgemm"])
+def test_artifact_of_another_backend_loads_under_its_own_engine(tmp_path, digits8, float_tiny, backend):
+    """int8 weights are packed for the engine active at load time; loading under another one changes outputs."""
+    x, _ = digits8.splits["val"].tensors
+    net = pretrained_tiny(float_tiny).net
+    prepared = prepare_model(net, backend, "fx", [], (x[:2],))
+    with torch.no_grad(), ao.quiet():
+        prepared.module(x[:256])
+    int8 = to_int8(prepared.module, prepared.mode, backend, (x[:2],))
+    path = save_artifact(int8, tmp_path / "m.pt", backend, (x[:2],))
+    torch.backends.quantized.engine = "x86"
+    try:
+        loaded = load_quantized(path)
+        assert torch.backends.quantized.engine == backend
+        with torch.no_grad(), ao.quiet():
+            assert torch.equal(loaded(x), int8(x))
+    finally:
+        torch.backends.quantized.engine = "x86"
 
 
 @pytest.mark.parametrize("on_drop", ["raise", "warn"])

@@ -5,7 +5,14 @@ from conftest import SelfFusingNet, TinyNet, UntraceableNet
 from torch.ao.nn.intrinsic import qat as nniqat
 
 from lightning_qat import ao
-from lightning_qat.prepare import EagerQATWrapper, check_skip, find_fusion_groups, find_target, prepare_model
+from lightning_qat.prepare import (
+    EagerQATWrapper,
+    check_skip,
+    find_fusion_groups,
+    find_target,
+    prepare_model,
+    replace_relu6,
+)
 
 EXAMPLE8 = (torch.randn(4, 1, 8, 8),)
 
@@ -100,3 +107,23 @@ def test_find_target_dotted_path_and_bad_name():
         find_target(model, "net.fc9")
     with pytest.raises(ValueError, match="metrics and losses are never quantized"):
         find_target(model, "val_acc")
+
+
+def test_relu6_to_relu_lets_mobilenet_blocks_fuse_with_their_activation():
+    example = (torch.randn(2, 3, 32, 32),)
+    kept = prepare_model(torchvision.models.mobilenet_v2(width_mult=0.5), "x86", "fx", [], example)
+    swapped = prepare_model(
+        torchvision.models.mobilenet_v2(width_mult=0.5), "x86", "fx", ["classifier"], example, relu6_to_relu=True
+    )
+    assert swapped.relu6_replaced == 35  # 2 per inverted residual block with expansion, + first and last conv
+    assert kept.relu6_replaced == 0
+    assert torch.nn.ReLU6 not in _types(swapped.module)
+    assert sum(isinstance(m, nniqat.ConvBnReLU2d) for m in swapped.module.modules()) == 35
+    assert sum(isinstance(m, nniqat.ConvBnReLU2d) for m in kept.module.modules()) == 0
+    assert len(ao.fake_quant_modules(swapped.module)) < len(ao.fake_quant_modules(kept.module))
+
+
+def test_replace_relu6_leaves_skipped_submodules_alone():
+    net = torch.nn.Sequential(torch.nn.ReLU6(), torch.nn.Sequential(torch.nn.ReLU6()))
+    assert replace_relu6(net, skip=["1"]) == 1
+    assert [type(m) for m in (net[0], net[1][0])] == [torch.nn.ReLU, torch.nn.ReLU6]

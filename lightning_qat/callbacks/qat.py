@@ -54,6 +54,9 @@ class QATCallback(Callback):
         backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``None`` picks ``x86`` on x86-64, ``qnnpack`` on ARM.
         mode: ``"auto"`` (FX, falling back to eager when the network cannot be traced), ``"fx"`` or ``"eager"``.
         skip: qualified submodule names (inside ``module``) kept in float, also in the int8 model.
+        relu6_to_relu: replace ``nn.ReLU6`` by ``nn.ReLU`` before fusing, as torchvision's quantizable MobileNets do,
+            so Conv-BN-ReLU6 blocks fuse into one int8 op (faster int8 model and QAT steps; changes the function
+            where activations exceed 6, which QAT fine-tuning adapts to).
         freeze_bn_after: freeze BatchNorm statistics from this epoch/step on; an int (absolute) or a float in
             (0, 1) (fraction of ``max_epochs``/``max_steps``); ``None`` never.
         freeze_observers_after: the same for observers (quantization parameters stop moving).
@@ -93,6 +96,7 @@ class QATCallback(Callback):
         backend: Literal["x86", "fbgemm", "qnnpack"] | None = None,
         mode: Literal["auto", "fx", "eager"] = "auto",
         skip: Sequence[str] = (),
+        relu6_to_relu: bool = False,
         freeze_bn_after: int | float | None = 0.5,
         freeze_observers_after: int | float | None = 0.75,
         interval: Literal["epoch", "step"] = "epoch",
@@ -126,12 +130,21 @@ class QATCallback(Callback):
             )
         if monitor is not None and evaluate is None:
             raise ValueError(f"monitor={monitor!r} needs evaluate='val' or 'test', not None.")
+        for name, flag in (
+            ("relu6_to_relu", relu6_to_relu),
+            ("save_artifact", save_artifact),
+            ("ptq_baseline", ptq_baseline),
+            ("sync_observers", sync_observers),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r} must be True or False.")
         for name, value in (("ptq_batches", ptq_batches), ("latency_repeats", latency_repeats)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1.")
         self.module = module
         self.mode = mode
         self.skip = list(skip)
+        self.relu6_to_relu = relu6_to_relu
         self.freeze_bn_after = freeze_bn_after
         self.freeze_observers_after = freeze_observers_after
         self.interval = interval
@@ -169,12 +182,15 @@ class QATCallback(Callback):
         network = pl_module.get_submodule(self.target)
         self._example_inputs = self._get_example_inputs(trainer, pl_module)
         self._float_network = cpu_eval_copy(network)
-        self.prepared = prepare_model(network, self.backend, self.mode, self.skip, self._example_inputs)
+        self.prepared = prepare_model(
+            network, self.backend, self.mode, self.skip, self._example_inputs, relu6_to_relu=self.relu6_to_relu
+        )
         self._set_network(pl_module, self.prepared.module)
         self._resume_check = pl_module.register_load_state_dict_pre_hook(partial(self._check_resume, trainer))
         rank_zero_info(
             f"QAT: prepared `{self.target}` in {self.prepared.mode} mode ({self.prepared.reason}); "
-            f"{self.prepared.num_fused} fused modules, backend {self.backend!r}, skipped {self.skip or 'nothing'}."
+            f"{self.prepared.num_fused} fused modules, backend {self.backend!r}, skipped {self.skip or 'nothing'}"
+            + (f", {self.prepared.relu6_replaced} ReLU6 replaced by ReLU." if self.relu6_to_relu else ".")
         )
 
     @override
@@ -333,13 +349,19 @@ class QATCallback(Callback):
             "mode": self.prepared.mode if self.prepared else None,
             "module": self.target,
             "skip": list(self.skip),
+            "relu6_to_relu": self.relu6_to_relu,
             "bn_frozen": self.bn_frozen,
             "observers_frozen": self.observers_frozen,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        current = {"backend": self.backend, "module": self.target, "skip": list(self.skip)}
+        current = {
+            "backend": self.backend,
+            "module": self.target,
+            "skip": list(self.skip),
+            "relu6_to_relu": self.relu6_to_relu,
+        }
         if self.prepared is not None:
             current["mode"] = self.prepared.mode
         for key, value in current.items():
@@ -419,7 +441,13 @@ class QATCallback(Callback):
     def _ptq_network(self, trainer: pl.Trainer) -> nn.Module:
         assert self._float_network is not None
         ptq = prepare_model(
-            cpu_eval_copy(self._float_network), self.backend, self.mode, self.skip, self._example_inputs, qat=False
+            cpu_eval_copy(self._float_network),
+            self.backend,
+            self.mode,
+            self.skip,
+            self._example_inputs,
+            qat=False,
+            relu6_to_relu=self.relu6_to_relu,
         )
         with ao.engine(self.backend), ao.quiet(), torch.no_grad():
             for i, batch in enumerate(trainer.train_dataloader):

@@ -16,15 +16,18 @@ from lightning_qat import QATCallback
 JOB = Path(__file__).with_name("ddp_job.py")
 
 
-def _ddp_fit(tmp_path: Path, float_tiny: dict, **extra) -> list[dict]:
+def _run_job(tmp_path: Path, float_tiny: dict, **extra) -> subprocess.CompletedProcess:
     torch.save(float_tiny["state_dict"], tmp_path / "float.pt")
-    out = tmp_path / "out"
-    out.mkdir()
+    (tmp_path / "out").mkdir()
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(JOB.parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(JOB), str(tmp_path / "float.pt"), str(out), json.dumps(extra)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    cmd = [sys.executable, str(JOB), str(tmp_path / "float.pt"), str(tmp_path / "out"), json.dumps(extra)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def _ddp_fit(tmp_path: Path, float_tiny: dict, **extra) -> list[dict]:
+    result = _run_job(tmp_path, float_tiny, **extra)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads((tmp_path / "out" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
 @pytest.mark.parametrize(
@@ -55,3 +58,12 @@ def test_ddp_ranks_share_qparams_and_freeze_steps_and_rank0_alone_converts(tmp_p
     trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
     ddp_acc = rank0["report"]["metrics"]["int8"]["val_acc"]
     assert ddp_acc == pytest.approx(single.report.metrics["int8"]["val_acc"], abs=0.03)
+
+
+def test_a_failure_on_rank0_reaches_every_rank_instead_of_hanging(tmp_path, float_tiny):
+    blocked = tmp_path / "not_a_directory"
+    blocked.write_text("a file where the artifact directory should be")
+    result = _run_job(tmp_path, float_tiny, qat={"save_dir": str(blocked), "evaluate": None})
+    assert result.returncode != 0
+    assert "[rank1]: RuntimeError: QAT finish failed on global rank 0" in result.stderr
+    assert not list((tmp_path / "out").glob("rank*.json"))

@@ -85,7 +85,8 @@ def test_load_quantized_errors(tmp_path):
     with pytest.raises(ValueError, match="not a readable TorchScript"):
         load_quantized(bad)
     plain = tmp_path / "plain.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(plain))
+    with ao.quiet():
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(plain))
     with pytest.raises(ValueError, match="not a lightning-qat artifact"):
         load_quantized(plain)
 

@@ -9,13 +9,13 @@ from torch import nn
 from lightning_qat import ao
 
 
-def _observers(module: nn.Module) -> list[nn.Module]:
-    """Observers of enabled fake-quant modules that hold running min/max statistics."""
+def _observing(module: nn.Module) -> list[ao.FakeQuantizeBase]:
+    """Enabled fake-quant modules whose observer holds running min/max statistics."""
     found = []
     for _, fq in ao.fake_quant_modules(module):
         observer = getattr(fq, "activation_post_process", None)
         if bool(fq.observer_enabled[0]) and hasattr(observer, "min_val") and observer.min_val.numel() > 0:
-            found.append(observer)
+            found.append(fq)
     return found
 
 
@@ -28,24 +28,22 @@ def sync_observers(module: nn.Module) -> int:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return 0
-    observers = _observers(module)
-    if not observers:
+    fake_quants = _observing(module)
+    if not fake_quants:
         return 0
+    observers = [fq.activation_post_process for fq in fake_quants]
     mins = torch.cat([o.min_val.reshape(-1) for o in observers])
     maxs = torch.cat([o.max_val.reshape(-1) for o in observers])
     dist.all_reduce(mins, op=dist.ReduceOp.MIN)
     dist.all_reduce(maxs, op=dist.ReduceOp.MAX)
     offset = 0
-    for observer in observers:
+    for fq, observer in zip(fake_quants, observers, strict=True):
         n = observer.min_val.numel()
         observer.min_val.copy_(mins[offset : offset + n].view_as(observer.min_val))
         observer.max_val.copy_(maxs[offset : offset + n].view_as(observer.max_val))
         offset += n
-    for _, fq in ao.fake_quant_modules(module):
-        observer = getattr(fq, "activation_post_process", None)
-        if observer is not None and any(observer is o for o in observers):
-            with ao.quiet():
-                scale, zero_point = fq.calculate_qparams()
-            fq.scale.resize_(scale.shape).copy_(scale)
-            fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
-    return len(observers)
+        with ao.quiet():
+            scale, zero_point = fq.calculate_qparams()
+        fq.scale.resize_(scale.shape).copy_(scale)
+        fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
+    return len(fake_quants)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_qat import QATCallback, ao, load_quantized
 from lightning_qat.backends import BACKENDS, default_backend
 from lightning_qat.cli import main as cli_main
-from lightning_qat.convert import save_artifact, to_int8
+from lightning_qat.convert import save_torchscript, to_int8
 from lightning_qat.evaluate import measure_latency, serialized_size
 from lightning_qat.prepare import prepare_model
 
@@ -101,7 +101,7 @@ def ours_int8(
     prepared = prepare_model(network, backend, "auto", [], example, relu6_to_relu=relu6_to_relu)
     _observe(prepared.module)
     int8 = to_int8(prepared.module, prepared.mode, backend, example)
-    path = save_artifact(int8, workdir / f"{arch}_{backend}_{relu6_to_relu}.pt", backend, example)
+    path = save_torchscript(int8, workdir / f"{arch}_{backend}_{relu6_to_relu}.pt", backend, example)
     return int8, load_quantized(path), path
 
 

@@ -2,7 +2,7 @@
 
 from lightning_qat.callbacks.qat import QATCallback
 from lightning_qat.convert import load_quantized
-from lightning_qat.evaluate import QATReport
+from lightning_qat.report import QATReport
 
 __version__ = "0.1.0"
 

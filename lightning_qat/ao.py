@@ -58,7 +58,6 @@ def quiet() -> Iterator[None]:
 
 with _silenced():
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats as _freeze_bn_stats
-    from torch.ao.nn.intrinsic.qat import update_bn_stats as _update_bn_stats
     from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
     from torch.ao.quantization import (
         DeQuantStub,
@@ -76,7 +75,6 @@ with _silenced():
     from torch.ao.quantization import prepare as _eager_prepare
     from torch.ao.quantization import prepare_qat as _eager_prepare_qat
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase
-    from torch.ao.quantization.observer import ObserverBase
     from torch.ao.quantization.quantize_fx import convert_fx as _convert_fx
     from torch.ao.quantization.quantize_fx import prepare_fx as _prepare_ptq_fx
     from torch.ao.quantization.quantize_fx import prepare_qat_fx as _prepare_qat_fx
@@ -84,7 +82,6 @@ with _silenced():
 __all__ = [
     "DeQuantStub",
     "FakeQuantizeBase",
-    "ObserverBase",
     "QConfig",
     "QConfigMapping",
     "QuantStub",
@@ -102,7 +99,6 @@ __all__ = [
     "qconfig_mapping",
     "quiet",
     "set_observers",
-    "update_bn_stats",
 ]
 
 
@@ -183,12 +179,6 @@ def freeze_bn_stats(module: nn.Module) -> None:
     """Freeze the BatchNorm statistics of every fused Conv-BN QAT module."""
     with quiet():
         module.apply(_freeze_bn_stats)
-
-
-def update_bn_stats(module: nn.Module) -> None:
-    """Let every fused Conv-BN QAT module update its BatchNorm statistics again."""
-    with quiet():
-        module.apply(_update_bn_stats)
 
 
 def is_conv_bn_qat(module: nn.Module) -> bool:

@@ -22,15 +22,20 @@ def default_backend() -> str:
     if not supported:
         raise RuntimeError(
             f"This torch build ({torch.__version__}) supports none of the quantized engines {list(BACKENDS)}; "
-            f"torch.backends.quantized.supported_engines is {torch.backends.quantized.supported_engines}."
+            f"torch.backends.quantized.supported_engines is {engines()}."
         )
     return supported[0]
 
 
+def engines() -> list[str]:
+    """The quantized engines this torch build supports on this CPU (``torch.backends.quantized``)."""
+    return list(torch.backends.quantized.supported_engines)
+
+
 def supported_backends() -> list[str]:
     """The backends of :data:`BACKENDS` that this torch build can run."""
-    engines = set(torch.backends.quantized.supported_engines)
-    return [name for name in BACKENDS if name in engines]
+    available = set(engines())
+    return [name for name in BACKENDS if name in available]
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -43,7 +48,7 @@ def resolve_backend(backend: str | None) -> str:
         return default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"Unknown quantization backend {backend!r}; valid backends are {list(BACKENDS)}.")
-    if backend not in torch.backends.quantized.supported_engines:
+    if backend not in engines():
         raise ValueError(
             f"Quantization backend {backend!r} is not supported by this torch build on this machine; "
             f"supported here: {supported_backends()}."

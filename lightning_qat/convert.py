@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_qat import ao
 from lightning_qat.backends import resolve_backend
+from lightning_qat.inputs import cpu_inputs
 
 ARTIFACT_META = "lightning_qat.json"
 ARTIFACT_VERSION = 1
@@ -24,17 +25,17 @@ class ConversionError(RuntimeError):
     """The int8 conversion failed; the trained QAT model is untouched."""
 
 
-def cpu_eval_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` on the CPU in eval mode; ``module`` itself is not touched.
+def cpu_eval_copy(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` on the CPU in eval mode; ``network`` itself is not touched.
 
     ``SyncBatchNorm`` layers (``Trainer(sync_batchnorm=True)``) become plain batch norms again: they only run on GPUs.
     """
-    return TorchSyncBatchNorm().revert(copy.deepcopy(module)).cpu().eval()
+    return TorchSyncBatchNorm().revert(copy.deepcopy(network)).cpu().eval()
 
 
-def freeze_for_inference(module: nn.Module) -> None:
+def freeze_for_inference(network: nn.Module) -> None:
     """Stop observers from updating so a QAT model can be evaluated without moving its quantization parameters."""
-    ao.set_observers(module, False)
+    ao.set_observers(network, False)
 
 
 def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...]) -> nn.Module:
@@ -44,7 +45,7 @@ def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[
         ConversionError: if conversion or the first int8 forward pass fails. ``prepared`` is left as it was.
     """
     model = cpu_eval_copy(prepared)
-    inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    inputs = cpu_inputs(example_inputs)
     with ao.engine(backend), ao.quiet():
         try:
             quantized = ao.convert_fx(model) if mode == "fx" else ao.convert_eager(model)
@@ -70,7 +71,7 @@ def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[
     return quantized
 
 
-def save_artifact(
+def save_torchscript(
     quantized: nn.Module, path: str | os.PathLike, backend: str, example_inputs: tuple[Any, ...], **meta: Any
 ) -> Path:
     """Trace and freeze ``quantized`` to TorchScript and write it with its metadata to ``path``.
@@ -79,7 +80,7 @@ def save_artifact(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    inputs = tuple(x.cpu() for x in example_inputs)
+    inputs = cpu_inputs(example_inputs)
     info = {"format_version": ARTIFACT_VERSION, "backend": backend, "torch": torch.__version__, **meta}
     with ao.engine(backend), ao.quiet(), torch.no_grad():
         scripted = torch.jit.freeze(torch.jit.trace(quantized.eval(), inputs, check_trace=False).eval())

@@ -46,8 +46,6 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: seed of the split.
     """
 
-    num_classes = 10
-
     def __init__(
         self,
         image_size: int = 32,

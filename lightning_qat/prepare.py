@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -14,7 +14,6 @@ from torchmetrics import Metric, MetricCollection
 from lightning_qat import ao
 
 Mode = Literal["auto", "fx", "eager"]
-MODES: tuple[str, ...] = get_args(Mode)
 
 # Module type sequences eager fusion understands, longest first so Conv+BN+ReLU wins over Conv+BN.
 _FUSION_PATTERNS: tuple[tuple[type[nn.Module], ...], ...] = (
@@ -71,24 +70,6 @@ class EagerQATWrapper(nn.Module):
         return self.dequant(self.module(self.quant(x)))
 
 
-def batch_input(batch: Any) -> tuple[Any, ...]:
-    """The network input of a training batch.
-
-    The batch itself if a tensor, else its first element or the value of its first key. Set
-    ``example_input_array`` on the LightningModule when that guess is wrong.
-    """
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (list, tuple)) and batch:
-        return (batch[0],)
-    if isinstance(batch, dict) and batch:
-        return (next(iter(batch.values())),)
-    raise ValueError(
-        f"Cannot tell the network input in a batch of type {type(batch).__name__}; set `example_input_array` on "
-        "your LightningModule."
-    )
-
-
 def _is_excluded(module: nn.Module) -> bool:
     return isinstance(module, (Metric, MetricCollection, nn.modules.loss._Loss))
 
@@ -132,9 +113,9 @@ def find_target(root: nn.Module, name: str | None) -> str:
     return name
 
 
-def check_skip(module: nn.Module, skip: Sequence[str]) -> None:
+def check_skip(network: nn.Module, skip: Sequence[str]) -> None:
     """Raise ``ValueError`` for a ``skip`` entry that is not a submodule name, with the closest names."""
-    names = [n for n, _ in module.named_modules() if n]
+    names = [n for n, _ in network.named_modules() if n]
     for entry in skip:
         if entry not in names:
             close = difflib.get_close_matches(entry, names, n=5)
@@ -142,11 +123,11 @@ def check_skip(module: nn.Module, skip: Sequence[str]) -> None:
             raise ValueError(f"skip entry {entry!r} is not a submodule of the quantized network; {hint}")
 
 
-def _record_leaf_calls(module: nn.Module, example_inputs: tuple[Any, ...]) -> list[tuple[str, int, int]]:
-    """Run ``module`` once and record (name, input id, output id) for every leaf module call, in order."""
+def _record_leaf_calls(network: nn.Module, example_inputs: tuple[Any, ...]) -> list[tuple[str, int, int]]:
+    """Run ``network`` once and record (name, input id, output id) for every leaf module call, in order."""
     calls: list[tuple[str, int, int]] = []
     handles = []
-    for name, sub in module.named_modules():
+    for name, sub in network.named_modules():
         if name and not list(sub.children()):
 
             def hook(_m: nn.Module, args: tuple[Any, ...], out: Any, name: str = name) -> None:
@@ -154,26 +135,26 @@ def _record_leaf_calls(module: nn.Module, example_inputs: tuple[Any, ...]) -> li
                 calls.append((name, id(first), id(out)))
 
             handles.append(sub.register_forward_hook(hook))
-    was_training = module.training
-    module.eval()
+    was_training = network.training
+    network.eval()
     try:
         with torch.no_grad():
-            module(*example_inputs)
+            network(*example_inputs)
     finally:
-        module.train(was_training)
+        network.train(was_training)
         for handle in handles:
             handle.remove()
     return calls
 
 
-def find_fusion_groups(module: nn.Module, example_inputs: tuple[Any, ...]) -> list[list[str]]:
-    """Fusable Conv+BN(+ReLU) / Linear(+ReLU) groups of ``module``, checked against a real forward pass.
+def find_fusion_groups(network: nn.Module, example_inputs: tuple[Any, ...]) -> list[list[str]]:
+    """Fusable Conv+BN(+ReLU) / Linear(+ReLU) groups of ``network``, checked against a real forward pass.
 
     A group is fused only when its modules ran once each, back to back, each fed the previous one's output, so a
     ReLU module shared between two places (torchvision's BasicBlock) is never fused away.
     """
-    modules = dict(module.named_modules())
-    calls = _record_leaf_calls(module, example_inputs)
+    modules = dict(network.named_modules())
+    calls = _record_leaf_calls(network, example_inputs)
     counts: dict[str, int] = {}
     for name, _, _ in calls:
         counts[name] = counts.get(name, 0) + 1
@@ -195,47 +176,45 @@ def find_fusion_groups(module: nn.Module, example_inputs: tuple[Any, ...]) -> li
     return groups
 
 
-def _count_fused(module: nn.Module) -> int:
-    return sum(type(m).__module__.startswith("torch.ao.nn.intrinsic") for m in module.modules())
+def _count_fused(network: nn.Module) -> int:
+    return sum(type(m).__module__.startswith("torch.ao.nn.intrinsic") for m in network.modules())
 
 
 def _prepare_eager(
-    module: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
+    network: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
 ) -> nn.Module:
     # A network with its own QuantStub (torchvision's quantizable models) places its own quant/dequant.
-    has_stubs = any(isinstance(m, ao.QuantStub) for m in module.modules())
-    fuse_model = getattr(module, "fuse_model", None)
+    has_stubs = any(isinstance(m, ao.QuantStub) for m in network.modules())
+    fuse_model = getattr(network, "fuse_model", None)
     if callable(fuse_model):
         try:
             fuse_model(is_qat=qat)
         except TypeError:
             fuse_model()
     else:
-        groups = [g for g in find_fusion_groups(module, example_inputs) if not any(n in skip for n in g)]
+        groups = [g for g in find_fusion_groups(network, example_inputs) if not any(n in skip for n in g)]
         if groups:
-            ao.fuse_modules(module, groups, qat=qat)
+            ao.fuse_modules(network, groups, qat=qat)
     for name in skip:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name)
-        island = FloatIsland(getattr(parent, attr))
+        island = FloatIsland(network.get_submodule(name))
         island.module.qconfig = None
-        setattr(parent, attr, island)
-    wrapped = module if has_stubs else EagerQATWrapper(module)
+        network.set_submodule(name, island)
+    wrapped = network if has_stubs else EagerQATWrapper(network)
     wrapped.qconfig = ao.qconfig(backend, qat=qat)
     wrapped.train(qat)
     return ao.prepare_eager(wrapped, qat=qat)
 
 
-def replace_relu6(module: nn.Module, skip: Sequence[str] = ()) -> int:
-    """Swap every ``nn.ReLU6`` submodule of ``module`` outside ``skip`` for ``nn.ReLU``, in place; returns how many.
+def replace_relu6(network: nn.Module, skip: Sequence[str] = ()) -> int:
+    """Swap every ``nn.ReLU6`` submodule of ``network`` outside ``skip`` for ``nn.ReLU``, in place; returns how many.
 
     torchvision's quantizable MobileNets do the same: Conv-BN-ReLU fuses into one int8 op, Conv-BN-ReLU6 does not
     (a separate clamp and one more fake-quant per layer, in training and in the int8 model). It changes the network
     where activations exceed 6; QAT fine-tuning adapts to that, and the report's float row is the original network.
     """
-    kept = {id(m) for name in skip for m in module.get_submodule(name).modules()}
+    kept = {id(m) for name in skip for m in network.get_submodule(name).modules()}
     count = 0
-    for parent in list(module.modules()):
+    for parent in list(network.modules()):
         if id(parent) in kept:
             continue
         for name, child in list(parent.named_children()):
@@ -246,43 +225,40 @@ def replace_relu6(module: nn.Module, skip: Sequence[str] = ()) -> int:
 
 
 def prepare_model(
-    module: nn.Module,
+    network: nn.Module,
     backend: str,
-    mode: str,
+    mode: Mode,
     skip: Sequence[str],
     example_inputs: tuple[Any, ...],
     qat: bool = True,
     relu6_to_relu: bool = False,
 ) -> Prepared:
-    """Fuse and insert fake-quant into ``module`` for ``backend``; FX graph mode first unless ``mode="eager"``.
+    """Fuse and insert fake-quant into ``network`` for ``backend``; FX graph mode first unless ``mode="eager"``.
 
-    With ``qat=False`` the module is prepared for post-training quantization instead (observers, eval mode):
+    With ``qat=False`` the network is prepared for post-training quantization instead (observers, eval mode):
     the PTQ baseline of the report. ``relu6_to_relu`` first applies :func:`replace_relu6` (outside ``skip``).
 
     Raises:
-        ValueError: for an unknown ``mode``.
-        RuntimeError: when ``mode="fx"`` and the module cannot be symbolically traced.
+        RuntimeError: when ``mode="fx"`` and the network cannot be symbolically traced.
     """
-    if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; valid modes are {list(MODES)}.")
-    check_skip(module, skip)
-    replaced = replace_relu6(module, skip) if relu6_to_relu else 0
-    module.train(qat)
+    check_skip(network, skip)
+    replaced = replace_relu6(network, skip) if relu6_to_relu else 0
+    network.train(qat)
     with ao.engine(backend):
         if mode in ("auto", "fx"):
             try:
-                prepared = ao.prepare_fx(module, ao.qconfig_mapping(backend, skip, qat), example_inputs, qat)
+                prepared = ao.prepare_fx(network, ao.qconfig_mapping(backend, skip, qat), example_inputs, qat)
             except Exception as err:  # noqa: BLE001 - any tracing failure means "not traceable"
                 if mode == "fx":
                     raise RuntimeError(
-                        f"mode='fx' but {type(module).__name__} cannot be symbolically traced: {err}. "
+                        f"mode='fx' but {type(network).__name__} cannot be symbolically traced: {err}. "
                         "Use mode='auto' or mode='eager'."
                     ) from err
                 reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             else:
-                reason = "requested" if mode == "fx" else "the module is symbolically traceable"
+                reason = "requested" if mode == "fx" else "the network is symbolically traceable"
                 return Prepared(prepared, "fx", reason, _count_fused(prepared), replaced)
         else:
             reason = "requested"
-        prepared = _prepare_eager(module, backend, skip, example_inputs, qat)
+        prepared = _prepare_eager(network, backend, skip, example_inputs, qat)
     return Prepared(prepared, "eager", reason, _count_fused(prepared), replaced)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 Interval = Literal["epoch", "step"]
-INTERVALS: tuple[str, ...] = get_args(Interval)
 
 
 def check_after(name: str, value: int | float | None) -> None:

@@ -9,10 +9,10 @@ from torch import nn
 from lightning_qat import ao
 
 
-def _observing(module: nn.Module) -> list[ao.FakeQuantizeBase]:
+def _observing(network: nn.Module) -> list[ao.FakeQuantizeBase]:
     """Enabled fake-quant modules whose observer holds running min/max statistics."""
     found = []
-    for _, fq in ao.fake_quant_modules(module):
+    for _, fq in ao.fake_quant_modules(network):
         observer = getattr(fq, "activation_post_process", None)
         if bool(fq.observer_enabled[0]) and hasattr(observer, "min_val") and observer.min_val.numel() > 0:
             found.append(fq)
@@ -20,7 +20,7 @@ def _observing(module: nn.Module) -> list[ao.FakeQuantizeBase]:
 
 
 @torch.no_grad()
-def sync_observers(module: nn.Module) -> int:
+def all_reduce_observers(network: nn.Module) -> int:
     """All-reduce min (MIN) and max (MAX) of every enabled observer, then refresh scale / zero_point.
 
     Two collectives per call, whatever the number of observers. Returns the number of observers synchronized;
@@ -28,7 +28,7 @@ def sync_observers(module: nn.Module) -> int:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return 0
-    fake_quants = _observing(module)
+    fake_quants = _observing(network)
     if not fake_quants:
         return 0
     observers = [fq.activation_post_process for fq in fake_quants]

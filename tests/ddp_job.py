@@ -2,6 +2,8 @@
 
 Usage: python ddp_job.py FLOAT_STATE_DICT OUT_DIR [JSON {"qat": QATCallback kwargs, "trainer": Trainer kwargs,
 "ddp": DDPStrategy kwargs}]
+The trainer's accelerator, devices and strategy and the callback's DDP settings come from configs/ddp_cpu.yaml, the
+config users run (`lightning-qat fit --config configs/ddp_cpu.yaml`), so the test runs what ships.
 Every rank writes OUT_DIR/rank<k>.json: its qparams, the global step at which BN and observers froze, the report.
 """
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from conftest import BoringClassifier, TinyNet, trainer_kwargs
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
@@ -21,6 +24,7 @@ from lightning_qat import QATCallback, ao
 from lightning_qat.data import DigitsDataModule
 
 faulthandler.dump_traceback_later(240, exit=True)
+CONFIG = Path(__file__).parents[1] / "configs" / "ddp_cpu.yaml"
 
 
 class FreezeRecorder(Callback):
@@ -43,12 +47,17 @@ def main() -> None:
     net = TinyNet()
     net.load_state_dict(torch.load(state_path))
     model = BoringClassifier(net)
-    qat_kwargs = dict(freeze_bn_after=1, freeze_observers_after=2, latency_repeats=2)
+    config = yaml.safe_load(CONFIG.read_text())
+    qat_kwargs = dict(freeze_bn_after=1, freeze_observers_after=2, latency_repeats=2) | config["qat"]
     qat = QATCallback(**qat_kwargs | extra.get("qat", {}))
     recorder = FreezeRecorder(qat)
+    shipped = {key: config["trainer"][key] for key in ("accelerator", "devices", "strategy")}
+    if extra.get("ddp"):
+        shipped["strategy"] = DDPStrategy(**extra["ddp"])
     trainer = pl.Trainer(
-        **trainer_kwargs(out_dir, max_epochs=3, callbacks=[qat, recorder], devices=2)
-        | {"strategy": DDPStrategy(**extra.get("ddp", {})), "logger": CSVLogger(out_dir, name="logs")}
+        **trainer_kwargs(out_dir, max_epochs=3, callbacks=[qat, recorder])
+        | shipped
+        | {"logger": CSVLogger(out_dir, name="logs")}
         | extra.get("trainer", {})
     )
     trainer.fit(model, datamodule=DigitsDataModule(image_size=8, channels=1, batch_size=32))
@@ -61,7 +70,7 @@ def main() -> None:
         "global_step": trainer.global_step,
         "report": qat.report.to_dict() if qat.report else None,
         "has_int8_model": qat.quantized_model is not None,
-        "module_types": sorted({type(m).__name__ for m in model.net.modules()}),
+        "strategy": type(trainer.strategy).__name__,
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 

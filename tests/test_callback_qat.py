@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_qat.convert
 from lightning_qat import QATCallback, ao
+from lightning_qat.backends import default_backend
 from lightning_qat.convert import ConversionError
 
 
@@ -73,7 +74,7 @@ def _fit(tmp_path, datamodule, model=None, callbacks=(), **kwargs):
 
 def test_initial_state_and_defaults():
     qat = QATCallback()
-    assert qat.backend == "x86"
+    assert qat.backend == default_backend()
     assert (qat.mode, qat.interval, qat.evaluate) == ("auto", "epoch", "val")
     assert qat.freeze_bn_after < qat.freeze_observers_after  # BN frozen before observers, as torchvision does
     assert qat.quantized_model is None

@@ -39,6 +39,7 @@ def test_ddp_ranks_share_qparams_and_freeze_steps_and_rank0_alone_converts(tmp_p
     rank0, rank1 = _ddp_fit(tmp_path, float_tiny, ddp=ddp)
 
     assert (rank0["world_size"], rank0["rank"], rank1["rank"]) == (2, 0, 1)
+    assert rank0["strategy"] == "DDPStrategy"
     assert rank0["qparams"] == rank1["qparams"]
     steps_per_epoch = rank0["global_step"] // 3
     expected = {"bn": steps_per_epoch, "observers": 2 * steps_per_epoch}

@@ -10,7 +10,7 @@ from conftest import pretrained_tiny, trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_qat import QATCallback, QATReport, ao, load_quantized
-from lightning_qat.convert import save_artifact, to_int8
+from lightning_qat.convert import save_torchscript, to_int8
 from lightning_qat.prepare import prepare_model
 
 
@@ -100,7 +100,7 @@ def test_artifact_of_another_backend_loads_under_its_own_engine(tmp_path, digits
     with torch.no_grad(), ao.quiet():
         prepared.module(x[:256])
     int8 = to_int8(prepared.module, prepared.mode, backend, (x[:2],))
-    path = save_artifact(int8, tmp_path / "m.pt", backend, (x[:2],))
+    path = save_torchscript(int8, tmp_path / "m.pt", backend, (x[:2],))
     torch.backends.quantized.engine = "x86"
     try:
         loaded = load_quantized(path)
@@ -111,25 +111,54 @@ def test_artifact_of_another_backend_loads_under_its_own_engine(tmp_path, digits
         torch.backends.quantized.engine = "x86"
 
 
+class LowerInt8Metric(QATCallback):
+    """Overrides one step of `finish`: the int8 row's val_acc is made 0.5 lower than float's."""
+
+    def evaluate_networks(self, trainer, pl_module, report):
+        super().evaluate_networks(trainer, pl_module, report)
+        report.metrics["int8"]["val_acc"] = report.metrics["float"]["val_acc"] - 0.5
+
+
 @pytest.mark.parametrize("on_drop", ["raise", "warn"])
-def test_guard_acts_when_drop_exceeds_threshold(tmp_path, digits8, float_tiny, on_drop):
-    # A negative threshold is refused, so use the smallest honest one: int8 val_loss must not rise at all
-    # over the float model's (the observed drop decides).
-    qat = QATCallback(
+def test_guard_acts_after_the_artifact_is_saved(tmp_path, digits8, float_tiny, on_drop):
+    qat = LowerInt8Metric(
         freeze_bn_after=1,
         freeze_observers_after=1,
-        monitor="val_loss",
-        monitor_mode="min",
-        max_metric_drop=0.0,
+        monitor="val_acc",
+        max_metric_drop=0.1,
         on_drop=on_drop,
-        save_artifact=False,
+        save_dir=str(tmp_path / "out"),
     )
     if on_drop == "raise":
-        expectation = pytest.raises(RuntimeError, match=r"val_loss dropped by .* more than max_metric_drop=0\.0")
+        expectation = pytest.raises(RuntimeError, match=r"val_acc dropped by 0\.5 .* more than max_metric_drop=0\.1")
     else:
-        expectation = pytest.warns(UserWarning, match="val_loss dropped by")
+        expectation = pytest.warns(UserWarning, match=r"val_acc dropped by 0\.5 ")
     with expectation:
         _fit(tmp_path, digits8, float_tiny, qat, max_epochs=2, limit_train_batches=2)
+    assert (tmp_path / "out" / "model_int8.pt").is_file()  # saved before the guard ran
+    assert (tmp_path / "out" / "qat_report.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("metrics", "mode", "max_drop", "expected"),
+    [
+        ({"float": {"m": 0.9}, "int8": {"m": 0.8}}, "max", 0.05, "dropped by 0.1 "),
+        ({"float": {"m": 0.9}, "int8": {"m": 0.8}}, "max", 0.2, None),
+        ({"float": {"m": 0.3}, "int8": {"m": 0.5}}, "min", 0.1, "dropped by 0.2 "),
+        ({"float": {"m": 0.3}, "int8": {"m": 0.5}}, "max", 0.0, None),  # int8 better on a metric to maximize
+        ({"float": {"x": 0.3}, "int8": {"x": 0.5}}, "max", 0.0, "monitor='m' was not logged"),
+    ],
+)
+def test_check_metric_drop_compares_float_and_int8(metrics, mode, max_drop, expected, recwarn):
+    qat = QATCallback(monitor="m", monitor_mode=mode, max_metric_drop=max_drop)
+    report = QATReport(backend="x86", mode="fx", num_fused=0, quantized_layers=0, skipped=[], metrics=metrics)
+    qat.check_metric_drop(report)
+    messages = [str(w.message) for w in recwarn if "QAT accuracy guard" in str(w.message)]
+    if expected is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1
+        assert expected in messages[0]
 
 
 def test_guard_quiet_within_threshold(tmp_path, digits8, float_tiny, recwarn):

@@ -78,11 +78,6 @@ def test_unknown_skip_name_lists_close_matches():
         check_skip(TinyNet(), ["fc3"])
 
 
-def test_bad_mode_names_valid_modes():
-    with pytest.raises(ValueError, match=r"'graph'.*\['auto', 'fx', 'eager'\]"):
-        prepare_model(TinyNet(), "x86", "graph", [], EXAMPLE8)
-
-
 def test_find_target_default_ignores_metrics_and_losses():
     from conftest import BoringClassifier
 

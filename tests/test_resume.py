@@ -73,10 +73,20 @@ def test_resume_with_another_configuration_fails_clearly_and_keeps_the_checkpoin
     assert {p: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == files
 
 
-def test_state_dict_round_trip():
-    qat = _qat()
+def test_state_dict_holds_the_preparation_and_refuses_another_one():
+    qat = _qat(backend="fbgemm")
     state = qat.state_dict()
-    assert state["backend"] == "x86"
-    assert state["skip"] == []
-    qat.load_state_dict(state)
-    qat.load_state_dict({})  # old checkpoints without our keys still load
+    assert state == {
+        "version": 1,
+        "backend": "fbgemm",
+        "mode": None,
+        "module": None,
+        "skip": [],
+        "relu6_to_relu": False,
+    }
+    qat.load_state_dict(state)  # the same settings
+    qat.load_state_dict({})  # a checkpoint from before these keys
+    with pytest.raises(ValueError, match=r"prepared with relu6_to_relu=True.*now has relu6_to_relu=False"):
+        qat.load_state_dict(state | {"relu6_to_relu": True})
+    with pytest.raises(ValueError, match=r"version 2, newer .* upgrade lightning-qat"):
+        qat.load_state_dict(state | {"version": 2})

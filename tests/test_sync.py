@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import TorchSyncBatchNorm
 from lightning_qat import QATCallback, ao
 from lightning_qat.convert import cpu_eval_copy, to_int8
 from lightning_qat.prepare import prepare_model
-from lightning_qat.sync import sync_observers
+from lightning_qat.sync import all_reduce_observers
 
 
 def _observer_ranges(net):
@@ -30,7 +30,7 @@ def _sync_worker(rank: int, init_file: str, images: torch.Tensor, results: dict)
         with torch.no_grad():
             net(images[rank * 64 : (rank + 1) * 64] * (1 + 2 * rank))  # different data and ranges per rank
         before = _observer_ranges(net)
-        synced = sync_observers(net)
+        synced = all_reduce_observers(net)
         qparams = {name: (fq.scale.clone(), fq.zero_point.clone()) for name, fq in ao.fake_quant_modules(net)}
         with ao.quiet():
             expected = {name: fq.calculate_qparams() for name, fq in ao.fake_quant_modules(net)}
@@ -39,7 +39,7 @@ def _sync_worker(rank: int, init_file: str, images: torch.Tensor, results: dict)
         dist.destroy_process_group()
 
 
-def test_sync_observers_takes_min_and_max_over_ranks_and_refreshes_qparams(tmp_path, digits8):
+def test_all_reduce_observers_takes_min_and_max_over_ranks_and_refreshes_qparams(tmp_path, digits8):
     images = digits8.splits["train"].tensors[0][:128]
     results = mp.Manager().dict()
     mp.spawn(_sync_worker, args=(str(tmp_path / "init"), images, results), nprocs=2, join=True)
@@ -59,9 +59,9 @@ def test_sync_observers_takes_min_and_max_over_ranks_and_refreshes_qparams(tmp_p
         torch.testing.assert_close(q1[name][0], expected1[name][0], msg=name)
 
 
-def test_sync_observers_is_a_no_op_without_a_process_group():
+def test_all_reduce_observers_is_a_no_op_without_a_process_group():
     net = prepare_model(TinyNet(), "x86", "fx", [], (torch.randn(2, 1, 8, 8),)).module
-    assert sync_observers(net) == 0
+    assert all_reduce_observers(net) == 0
 
 
 def test_sync_batchnorm_inside_fused_qat_modules_trains_and_converts_like_batchnorm(tmp_path, digits8, float_tiny):

@@ -17,25 +17,26 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_qat import ao
-from lightning_qat.backends import resolve_backend
-from lightning_qat.convert import cpu_eval_copy, freeze_for_inference, save_artifact, to_int8
+from lightning_qat import ao, lightning_internals
+from lightning_qat.backends import Backend, resolve_backend
+from lightning_qat.choices import check_choice, check_count, check_flag
+from lightning_qat.convert import cpu_eval_copy, freeze_for_inference, save_torchscript, to_int8
 from lightning_qat.evaluate import (
-    QATReport,
+    Stage,
     count_quantized_layers,
-    evaluate,
     measure_latency,
-    metric_drop,
-    module_with,
+    module_with_network,
+    run_evaluation,
     serialized_size,
 )
-from lightning_qat.prepare import MODES, Prepared, batch_input, find_target, prepare_model
-from lightning_qat.schedule import INTERVALS, FreezeSchedule, check_after, resolve_after
-from lightning_qat.sync import sync_observers
+from lightning_qat.inputs import batch_input, batch_size, cpu_inputs, example_inputs
+from lightning_qat.prepare import Mode, Prepared, find_target, prepare_model
+from lightning_qat.report import MonitorMode, QATReport
+from lightning_qat.schedule import FreezeSchedule, Interval, check_after, resolve_after
+from lightning_qat.sync import all_reduce_observers
 
-_EVALUATE = ("val", "test", None)
-_ON_DROP = ("warn", "raise")
-_MONITOR_MODES = ("max", "min")
+OnDrop = Literal["warn", "raise"]
+_STATE_VERSION = 1
 
 
 class QATCallback(Callback):
@@ -77,6 +78,10 @@ class QATCallback(Callback):
     Raises:
         ValueError: for any argument outside the values listed above.
 
+    At fit end :meth:`finish` runs, on global rank 0, the steps :meth:`convert_network`, :meth:`write_artifact`,
+    :meth:`evaluate_networks`, :meth:`measure_networks`, :meth:`write_report` and :meth:`check_metric_drop`, in
+    that order: the artifact is on disk before anything that can fail. Override one step to change it.
+
     Example::
 
         import lightning.pytorch as pl
@@ -93,18 +98,18 @@ class QATCallback(Callback):
     def __init__(
         self,
         module: str | None = None,
-        backend: Literal["x86", "fbgemm", "qnnpack"] | None = None,
-        mode: Literal["auto", "fx", "eager"] = "auto",
+        backend: Backend | None = None,
+        mode: Mode = "auto",
         skip: Sequence[str] = (),
         relu6_to_relu: bool = False,
         freeze_bn_after: int | float | None = 0.5,
         freeze_observers_after: int | float | None = 0.75,
-        interval: Literal["epoch", "step"] = "epoch",
-        evaluate: Literal["val", "test"] | None = "val",
+        interval: Interval = "epoch",
+        evaluate: Stage | None = "val",
         monitor: str | None = None,
-        monitor_mode: Literal["max", "min"] = "max",
+        monitor_mode: MonitorMode = "max",
         max_metric_drop: float | None = None,
-        on_drop: Literal["warn", "raise"] = "warn",
+        on_drop: OnDrop = "warn",
         save_dir: str | None = None,
         save_artifact: bool = True,
         ptq_baseline: bool = False,
@@ -114,11 +119,11 @@ class QATCallback(Callback):
     ) -> None:
         super().__init__()
         self.backend = resolve_backend(backend)
-        _check_choice("mode", mode, MODES)
-        _check_choice("interval", interval, INTERVALS)
-        _check_choice("evaluate", evaluate, _EVALUATE)
-        _check_choice("monitor_mode", monitor_mode, _MONITOR_MODES)
-        _check_choice("on_drop", on_drop, _ON_DROP)
+        check_choice("mode", mode, Mode)
+        check_choice("interval", interval, Interval)
+        check_choice("evaluate", evaluate, Stage | None)
+        check_choice("monitor_mode", monitor_mode, MonitorMode)
+        check_choice("on_drop", on_drop, OnDrop)
         if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
             raise ValueError(f"skip={skip!r} must be a list of submodule names, e.g. ['classifier', 'features.0'].")
         check_after("freeze_bn_after", freeze_bn_after)
@@ -136,11 +141,9 @@ class QATCallback(Callback):
             ("ptq_baseline", ptq_baseline),
             ("sync_observers", sync_observers),
         ):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name}={flag!r} must be True or False.")
-        for name, value in (("ptq_batches", ptq_batches), ("latency_repeats", latency_repeats)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1.")
+            check_flag(name, flag)
+        check_count("ptq_batches", ptq_batches)
+        check_count("latency_repeats", latency_repeats)
         self.module = module
         self.mode = mode
         self.skip = list(skip)
@@ -171,7 +174,7 @@ class QATCallback(Callback):
         self._float_network: nn.Module | None = None
         self._example_inputs: tuple[Any, ...] = ()
         self._paused_observers: list[dict[str, torch.Tensor]] | None = None
-        self._resume_check: RemovableHandle | None = None
+        self._preparation_check: RemovableHandle | None = None
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -180,13 +183,15 @@ class QATCallback(Callback):
             return
         self.target = find_target(pl_module, self.module)
         network = pl_module.get_submodule(self.target)
-        self._example_inputs = self._get_example_inputs(trainer, pl_module)
+        self._example_inputs = example_inputs(trainer, pl_module)
         self._float_network = cpu_eval_copy(network)
         self.prepared = prepare_model(
             network, self.backend, self.mode, self.skip, self._example_inputs, relu6_to_relu=self.relu6_to_relu
         )
-        self._set_network(pl_module, self.prepared.module)
-        self._resume_check = pl_module.register_load_state_dict_pre_hook(partial(self._check_resume, trainer))
+        pl_module.set_submodule(self.target, self.prepared.module)
+        self._preparation_check = pl_module.register_load_state_dict_pre_hook(
+            partial(self._check_checkpoint_before_weights, trainer)
+        )
         rank_zero_info(
             f"QAT: prepared `{self.target}` in {self.prepared.mode} mode ({self.prepared.reason}); "
             f"{self.prepared.num_fused} fused modules, backend {self.backend!r}, skipped {self.skip or 'nothing'}"
@@ -195,12 +200,12 @@ class QATCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_resume_check()  # checkpoints are restored by now
+        self._remove_preparation_check()  # checkpoints are restored by now
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._remove_resume_check()
+            self._remove_preparation_check()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -231,7 +236,7 @@ class QATCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.sync_observers and not self.observers_frozen and trainer.world_size > 1:
-            sync_observers(self.network(pl_module))
+            all_reduce_observers(self.network(pl_module))
         pl_module.log("qat/bn_frozen", float(self.bn_frozen), on_step=True, on_epoch=False)
         pl_module.log("qat/observers_frozen", float(self.observers_frozen), on_step=True, on_epoch=False)
 
@@ -278,17 +283,22 @@ class QATCallback(Callback):
         self.report = report
 
     def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out_dir: Path) -> QATReport:
-        """Convert, evaluate, measure, save to ``out_dir`` and report; global rank 0 only, so no collectives here.
-
-        Override to add steps.
-        """
-        assert self.prepared is not None
-        assert self._float_network is not None
-        assert self.target is not None
+        """The end of fit on global rank 0 (no collectives here): each step below is a method to override."""
         start = time.perf_counter()
-        qat_network = self.network(pl_module)
-        self.quantized_model = to_int8(qat_network, self.prepared.mode, self.backend, self._example_inputs)
-        report = QATReport(
+        report = self.convert_network(pl_module)
+        self.write_artifact(report, out_dir)  # first: a failure in any later step keeps the int8 model on disk
+        self.evaluate_networks(trainer, pl_module, report)
+        self.measure_networks(report)
+        report.seconds = time.perf_counter() - start
+        self.write_report(trainer, report, out_dir)
+        self.check_metric_drop(report)
+        return report
+
+    def convert_network(self, pl_module: pl.LightningModule) -> QATReport:
+        """Convert a CPU copy of the trained QAT network to int8 (``self.quantized_model``); a report to fill."""
+        assert self.prepared is not None
+        self.quantized_model = to_int8(self.network(pl_module), self.prepared.mode, self.backend, self._example_inputs)
+        return QATReport(
             backend=self.backend,
             mode=self.prepared.mode,
             num_fused=self.prepared.num_fused,
@@ -296,67 +306,107 @@ class QATCallback(Callback):
             skipped=list(self.skip),
             stage=self.evaluate,
         )
-        if self.evaluate is not None:
-            networks = {"float": self._float_network}
-            if self.ptq_baseline:
-                networks["ptq"] = self._ptq_network(trainer)
-            qat_copy = cpu_eval_copy(qat_network)
-            freeze_for_inference(qat_copy)
-            networks |= {"qat": qat_copy, "int8": self.quantized_model}
-            progress = trainer.progress_bar_callback is not None
-            for row, network in networks.items():
-                clone = module_with(pl_module, self.target, network)
-                report.metrics[row] = evaluate(trainer, clone, self.evaluate, self.backend, progress)
-            for logger in trainer.loggers:
-                logger.log_metrics(
-                    {f"{row}/{k}": v for row, m in report.metrics.items() for k, v in m.items()},
-                    step=trainer.global_step,
-                )
-        report.size_bytes = {
-            "float": serialized_size(self._float_network),
-            "int8": serialized_size(self.quantized_model),
-        }
-        report.latency_ms = measure_latency(
-            {"float": self._float_network, "int8": self.quantized_model},
-            self._example_inputs,
+
+    def write_artifact(self, report: QATReport, out_dir: Path) -> None:
+        """Save the int8 TorchScript artifact to ``out_dir`` (unless ``save_artifact=False``)."""
+        if not self.save_artifact:
+            return
+        assert self.quantized_model is not None
+        assert self.prepared is not None
+        self.artifact_path = save_torchscript(
+            self.quantized_model,
+            out_dir / "model_int8.pt",
             self.backend,
-            repeats=self.latency_repeats,
+            self._example_inputs,
+            mode=self.prepared.mode,
+            skipped=self.skip,
         )
-        report.latency_batch_size = _batch_size(self._example_inputs)
+        report.artifact = str(self.artifact_path)
+
+    def evaluate_networks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: QATReport) -> None:
+        """Run the user's ``validation_step``/``test_step`` on float, (PTQ,) QAT and int8 CPU copies."""
+        if self.evaluate is None:
+            return
+        assert self._float_network is not None
+        assert self.target is not None
+        assert self.quantized_model is not None
+        networks = {"float": self._float_network}
+        if self.ptq_baseline:
+            networks["ptq"] = self._ptq_network(trainer)
+        qat_copy = cpu_eval_copy(self.network(pl_module))
+        freeze_for_inference(qat_copy)
+        networks |= {"qat": qat_copy, "int8": self.quantized_model}
+        progress = trainer.progress_bar_callback is not None
+        for row, network in networks.items():
+            clone = module_with_network(pl_module, self.target, network)
+            report.metrics[row] = run_evaluation(trainer, clone, self.evaluate, self.backend, progress)
+
+    def measure_networks(self, report: QATReport) -> None:
+        """Serialized size and CPU latency of the float and int8 networks on the example input."""
+        assert self._float_network is not None
+        assert self.quantized_model is not None
+        networks = {"float": self._float_network, "int8": self.quantized_model}
+        report.size_bytes = {row: serialized_size(network) for row, network in networks.items()}
+        report.latency_ms = measure_latency(networks, self._example_inputs, self.backend, repeats=self.latency_repeats)
+        report.latency_batch_size = batch_size(self._example_inputs)
         report.latency_threads = torch.get_num_threads()
-        if self.save_artifact:
-            self.artifact_path = save_artifact(
-                self.quantized_model,
-                out_dir / "model_int8.pt",
-                self.backend,
-                self._example_inputs,
-                mode=self.prepared.mode,
-                skipped=self.skip,
+
+    def write_report(self, trainer: pl.Trainer, report: QATReport, out_dir: Path) -> None:
+        """Metrics to the loggers (``float/…``, ``qat/…``, ``int8/…``), json + markdown files, the terminal table."""
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"{row}/{k}": v for row, m in report.metrics.items() for k, v in m.items()}, step=trainer.global_step
             )
-            report.artifact = str(self.artifact_path)
-        report.seconds = time.perf_counter() - start
         report.save(out_dir)
         report.print()
-        self._guard(report)
-        return report
+
+    def check_metric_drop(self, report: QATReport) -> None:
+        """The accuracy guard: warn (or raise, ``on_drop="raise"``) when ``monitor`` drops more than allowed."""
+        if self.monitor is None:
+            return
+        drop = report.metric_drop(self.monitor, self.monitor_mode)
+        if drop is None:
+            rank_zero_warn(
+                f"QAT accuracy guard: monitor={self.monitor!r} was not logged by the evaluation; logged metrics: "
+                f"{report.metric_names()}."
+            )
+            return
+        if self.max_metric_drop is not None and drop > self.max_metric_drop:
+            message = (
+                f"QAT accuracy guard: {self.monitor} dropped by {drop:.4g} from float "
+                f"({report.metrics['float'][self.monitor]:.4g}) to int8 ({report.metrics['int8'][self.monitor]:.4g}), "
+                f"more than max_metric_drop={self.max_metric_drop}."
+            )
+            if self.on_drop == "raise":
+                raise RuntimeError(message + " The trained QAT model, checkpoints and artifact are kept.")
+            rank_zero_warn(message)
 
     # ------------------------------------------------------------------ resume
     @override
     def state_dict(self) -> dict[str, Any]:
+        # The freeze flags are not state: the schedule derives them from the trainer's restored counters.
         return {
-            "version": 1,
+            "version": _STATE_VERSION,
             "backend": self.backend,
             "mode": self.prepared.mode if self.prepared else None,
             "module": self.target,
             "skip": list(self.skip),
             "relu6_to_relu": self.relu6_to_relu,
-            "bn_frozen": self.bn_frozen,
-            "observers_frozen": self.observers_frozen,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        current = {
+        version = state_dict.get("version", _STATE_VERSION)
+        if version > _STATE_VERSION:
+            raise ValueError(
+                f"This checkpoint's QATCallback state has version {version}, newer than this lightning-qat "
+                f"understands ({_STATE_VERSION}); upgrade lightning-qat to resume from it."
+            )
+        self._refuse_different_preparation(state_dict)
+
+    def _refuse_different_preparation(self, saved_state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the first setting that prepared the checkpoint's network differently."""
+        current: dict[str, Any] = {
             "backend": self.backend,
             "module": self.target,
             "skip": list(self.skip),
@@ -365,47 +415,33 @@ class QATCallback(Callback):
         if self.prepared is not None:
             current["mode"] = self.prepared.mode
         for key, value in current.items():
-            saved = state_dict.get(key, value)
+            saved = saved_state.get(key, value)
             if saved != value:
                 raise ValueError(
                     f"This checkpoint was QAT-prepared with {key}={saved!r}, but the QATCallback now has "
                     f"{key}={value!r}. Resume with the same {key}, or start a new fit from the float weights."
                 )
 
-    def _check_resume(self, trainer: pl.Trainer, *_: Any) -> None:
+    def _check_checkpoint_before_weights(self, trainer: pl.Trainer, *_: Any) -> None:
         """Before Lightning loads a checkpoint's weights into the prepared model, compare the QAT configuration.
 
         A different skip list or mode changes the model's keys; without this check the user would get Lightning's
         missing/unexpected-keys error instead of the setting that differs.
         """
-        checkpoint = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None) or {}
-        saved = checkpoint.get("callbacks", {}).get(self.state_key)
+        saved = lightning_internals.loaded_checkpoint(trainer).get("callbacks", {}).get(self.state_key)
         if saved is not None:
             self.load_state_dict(saved)
 
-    def _remove_resume_check(self) -> None:
-        if self._resume_check is not None:
-            self._resume_check.remove()
-            self._resume_check = None
+    def _remove_preparation_check(self) -> None:
+        if self._preparation_check is not None:
+            self._preparation_check.remove()
+            self._preparation_check = None
 
     # ------------------------------------------------------------------ helpers
     def network(self, pl_module: pl.LightningModule) -> nn.Module:
         """The (prepared) network inside ``pl_module``."""
         assert self.target is not None
         return pl_module.get_submodule(self.target)
-
-    def _set_network(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
-        assert self.target is not None
-        parent_name, _, attr = self.target.rpartition(".")
-        setattr(pl_module.get_submodule(parent_name), attr, network)
-
-    def _get_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, ...]:
-        example = pl_module.example_input_array
-        if example is None:
-            loader = trainer.fit_loop._data_source.dataloader()
-            example = batch_input(next(iter(loader)))
-        inputs = example if isinstance(example, tuple) else (example,)
-        return tuple(x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
 
     def _apply_schedule(self, pl_module: pl.LightningModule, counter: int) -> None:
         if self._schedule is None:
@@ -453,36 +489,5 @@ class QATCallback(Callback):
             for i, batch in enumerate(trainer.train_dataloader):
                 if i >= self.ptq_batches:
                     break
-                ptq.module(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in batch_input(batch)))
+                ptq.module(*cpu_inputs(batch_input(batch)))
         return to_int8(ptq.module, ptq.mode, self.backend, self._example_inputs)
-
-    def _guard(self, report: QATReport) -> None:
-        if self.monitor is None:
-            return
-        float_value = report.metrics.get("float", {}).get(self.monitor)
-        int8_value = report.metrics.get("int8", {}).get(self.monitor)
-        if float_value is None or int8_value is None:
-            rank_zero_warn(
-                f"QAT accuracy guard: monitor={self.monitor!r} was not logged by the evaluation; logged metrics: "
-                f"{report.metric_names()}."
-            )
-            return
-        drop = metric_drop(float_value, int8_value, self.monitor_mode)
-        if self.max_metric_drop is not None and drop > self.max_metric_drop:
-            message = (
-                f"QAT accuracy guard: {self.monitor} dropped by {drop:.4g} from float ({float_value:.4g}) to int8 "
-                f"({int8_value:.4g}), more than max_metric_drop={self.max_metric_drop}."
-            )
-            if self.on_drop == "raise":
-                raise RuntimeError(message + " The trained QAT model, checkpoints and artifact are kept.")
-            rank_zero_warn(message)
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is invalid; valid values are {list(choices)}.")
-
-
-def _batch_size(inputs: tuple[Any, ...]) -> int:
-    first = inputs[0] if inputs else None
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1

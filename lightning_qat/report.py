@@ -1,0 +1,146 @@
+"""The QAT report: what quantization cost and bought, as a dataclass and its json / markdown / terminal renderings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ROWS = ("float", "ptq", "qat", "int8")
+MonitorMode = Literal["max", "min"]
+
+
+@dataclass
+class QATReport:
+    """Metrics, size and latency of the float, (PTQ,) QAT and int8 networks, and how the int8 one was made."""
+
+    backend: str
+    mode: str
+    num_fused: int
+    quantized_layers: int
+    skipped: list[str]
+    stage: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    size_bytes: dict[str, int] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_batch_size: int = 0
+    latency_threads: int = 0
+    artifact: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def size_ratio(self) -> float | None:
+        """Float size / int8 size."""
+        return _ratio(self.size_bytes)
+
+    @property
+    def speedup(self) -> float | None:
+        """Float latency / int8 latency (same batch, same threads)."""
+        return _ratio(self.latency_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, ratios included."""
+        return {**asdict(self), "size_ratio": self.size_ratio, "speedup": self.speedup}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QATReport:
+        """Inverse of :meth:`to_dict`."""
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def metric_names(self) -> list[str]:
+        """Every metric name of any row, sorted."""
+        return sorted({name for row in self.metrics.values() for name in row})
+
+    def metric_drop(self, monitor: str, mode: MonitorMode) -> float | None:
+        """How much worse int8 is than float on ``monitor`` (positive = worse); ``None`` if either was not logged."""
+        float_value = self.metrics.get("float", {}).get(monitor)
+        int8_value = self.metrics.get("int8", {}).get(monitor)
+        if float_value is None or int8_value is None:
+            return None
+        return float_value - int8_value if mode == "max" else int8_value - float_value
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """The one table every rendering shows: a column per network, a row per metric, then size and latency."""
+        columns = [r for r in ROWS if r in self.metrics or r in self.size_bytes or r in self.latency_ms]
+        rows = [[name, *(_fmt(self.metrics.get(c, {}).get(name)) for c in columns)] for name in self.metric_names()]
+        if self.size_bytes:
+            rows.append(["size (MB)", *(_mb(self.size_bytes.get(c)) for c in columns)])
+        if self.latency_ms:
+            label = f"latency (ms / batch of {self.latency_batch_size}, {_threads(self.latency_threads)})"
+            rows.append([label, *(_fmt(self.latency_ms.get(c)) for c in columns)])
+        return ["", *columns], rows
+
+    def headline(self) -> str:
+        """How the int8 model was made, in one line."""
+        return (
+            f"backend {self.backend}, {self.mode} mode, {self.num_fused} fused modules, "
+            f"{self.quantized_layers} quantized layers, skipped: {', '.join(self.skipped) or 'none'}"
+        )
+
+    def summary(self) -> list[str]:
+        """The ratios and where the artifact is, one sentence each."""
+        lines = []
+        if self.size_ratio:
+            lines.append(f"int8 is {self.size_ratio:.2f}x smaller than float")
+        if self.speedup:
+            lines.append(f"int8 is {self.speedup:.2f}x faster than float ({_threads(self.latency_threads)})")
+        if self.artifact:
+            lines.append(f"int8 artifact: {self.artifact}")
+        return lines
+
+    def to_markdown(self) -> str:
+        """The report as a markdown document."""
+        header, rows = self.table()
+        lines = ["# QAT report", "", self.headline(), ""]
+        if rows:
+            lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
+            lines.append("")
+        lines += [f"- {line}" for line in self.summary()]
+        return "\n".join(lines) + "\n"
+
+    def print(self) -> None:
+        """Print the report as a rich table."""
+        from rich.console import Console
+        from rich.table import Table
+
+        header, rows = self.table()
+        table = Table(title=f"QAT report: {self.headline()}")
+        table.add_column(header[0])
+        for name in header[1:]:
+            table.add_column(name, justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console = Console()
+        console.print(table)
+        for line in self.summary():
+            console.print(line)
+
+    def save(self, directory: str | Path) -> tuple[Path, Path]:
+        """Write ``qat_report.json`` and ``qat_report.md`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = directory / "qat_report.json", directory / "qat_report.md"
+        json_path.write_text(json.dumps(self.to_dict(), indent=2))
+        md_path.write_text(self.to_markdown())
+        return json_path, md_path
+
+
+def _ratio(values: dict[str, Any]) -> float | None:
+    if values.get("int8") and values.get("float"):
+        return values["float"] / values["int8"]
+    return None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.3f}"
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from lightning_qat import QATReport
+
+
+def _report(**fields):
+    base = dict(backend="x86", mode="fx", num_fused=3, quantized_layers=4, skipped=["fc2"])
+    return QATReport(**base | fields)
+
+
+MEASURED = dict(
+    size_bytes={"float": 4_000_000, "int8": 1_000_000},
+    latency_ms={"float": 8.0, "int8": 2.0},
+    latency_batch_size=64,
+    latency_threads=2,
+)
+
+
+def test_table_without_metrics_still_shows_size_and_latency_per_network():
+    """evaluate=None: no metric rows, but the float and int8 columns carry the measured size and latency."""
+    header, rows = _report(**MEASURED).table()
+    assert header == ["", "float", "int8"]
+    assert rows == [
+        ["size (MB)", "4.000", "1.000"],
+        ["latency (ms / batch of 64, 2 threads)", "8", "2"],
+    ]
+
+
+def test_table_rows_follow_the_network_order_and_mark_missing_values():
+    metrics = {"int8": {"val_acc": 0.9}, "float": {"val_acc": 0.95, "val_loss": 0.2}, "qat": {"val_acc": 0.91}}
+    header, rows = _report(metrics=metrics, **MEASURED).table()
+    assert header == ["", "float", "qat", "int8"]
+    assert rows[0] == ["val_acc", "0.95", "0.91", "0.9"]
+    assert rows[1] == ["val_loss", "0.2", "-", "-"]
+    assert rows[2] == ["size (MB)", "4.000", "-", "1.000"]
+
+
+def test_markdown_and_terminal_render_the_same_table(capsys):
+    report = _report(metrics={"float": {"val_acc": 0.95}, "int8": {"val_acc": 0.9}}, artifact="m.pt", **MEASURED)
+    markdown = report.to_markdown()
+    report.print()
+    terminal = capsys.readouterr().out
+    for text in (markdown, terminal):
+        assert "val_acc" in text
+        assert "4.000" in text
+        assert "4.00x smaller" in text
+        assert "4.00x faster" in text
+        assert "m.pt" in text
+    assert "| val_acc | 0.95 | 0.9 |" in markdown
+    assert "| size (MB) | 4.000 | 1.000 |" in markdown
+
+
+def test_ratios_and_round_trip_through_json(tmp_path):
+    report = _report(metrics={"float": {"val_acc": 0.95}}, **MEASURED)
+    assert report.size_ratio == pytest.approx(4.0)
+    assert report.speedup == pytest.approx(4.0)
+    assert _report().size_ratio is None
+    json_path, md_path = report.save(tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["size_ratio"] == pytest.approx(4.0)
+    assert QATReport.from_dict(data) == report
+    assert md_path.read_text() == report.to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("max", pytest.approx(0.05)), ("min", pytest.approx(-0.05))],
+)
+def test_metric_drop_is_positive_when_int8_is_worse(mode, expected):
+    report = _report(metrics={"float": {"m": 0.95}, "int8": {"m": 0.9}})
+    assert report.metric_drop("m", mode) == expected
+    assert report.metric_drop("other", mode) is None

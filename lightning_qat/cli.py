@@ -5,15 +5,36 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import lightning.pytorch as pl
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_qat.callbacks.qat import QATCallback
+from lightning_qat.checkpoint import convert_checkpoint
 from lightning_qat.data import DigitsDataModule
 from lightning_qat.models import ImageClassifier
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+class QATTrainer(Trainer):
+    """The CLI's Trainer: Lightning's, plus the ``convert`` subcommand."""
+
+    def convert(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str,
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> None:
+        """Convert a QAT checkpoint to int8 without training: artifact and report as at the end of fit.
+
+        Args:
+            model: a fresh instance of the checkpoint's LightningModule.
+            ckpt_path: the QAT checkpoint (e.g. the best one of a fit).
+            datamodule: the data of the final evaluation.
+        """
+        convert_checkpoint(model, ckpt_path, datamodule=datamodule, trainer=self)
 
 
 class QATLightningCLI(LightningCLI):
@@ -23,6 +44,11 @@ class QATLightningCLI(LightningCLI):
     before the QAT fit starts, the usual recipe (train float, then QAT-fine-tune at a low learning rate) in one
     command. ``--model.init_checkpoint`` starts from float weights you already have instead.
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands and ``convert``."""
+        return {**LightningCLI.subcommands(), "convert": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--qat.*`` and ``--pretrain.*``."""
@@ -37,10 +63,27 @@ class QATLightningCLI(LightningCLI):
         except (ValueError, FileNotFoundError) as err:
             self.parser.error(str(err))
 
+    def _check_ckpt_path(self) -> None:
+        """A ``--ckpt_path`` that is not a file stops the run before any work, naming the path."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("best", "last", "hpc", "registry") and not Path(ckpt_path).is_file():
+            self.parser.error(f"--ckpt_path={ckpt_path}: no such checkpoint file.")
+
+    before_validate = before_test = before_predict = before_convert = _check_ckpt_path
+
     def before_fit(self) -> None:
-        """Float pre-training, when ``--pretrain.epochs`` > 0."""
-        pretrain = self.config[self.subcommand].pretrain
+        """Float pre-training, when ``--pretrain.epochs`` > 0 and the fit is not a resume."""
+        self._check_ckpt_path()
+        config = self.config[self.subcommand]
+        pretrain = config.pretrain
+        if config.get("ckpt_path"):
+            if pretrain.epochs > 0:
+                rank_zero_info("Resuming from --ckpt_path: the float pre-training (--pretrain.epochs) is skipped.")
+            return
         if pretrain.epochs <= 0:
+            if getattr(self.model.hparams, "init_checkpoint", "given") is None:
+                qat = next(cb for cb in self.trainer.callbacks if isinstance(cb, QATCallback))
+                qat.untrained_float = True  # QAT starts from random weights: no float baseline to guard against
             return
         rank_zero_info(f"Float pre-training: {pretrain.epochs} epochs at lr {pretrain.lr} before QAT.")
         qat_lr = self.model.hparams.lr
@@ -64,11 +107,12 @@ def main(args: list[str] | None = None) -> None:
     QATLightningCLI(
         ImageClassifier,
         DigitsDataModule,
+        trainer_class=QATTrainer,
         parser_kwargs={
             "parser_mode": "omegaconf+",
             **{
                 sub: {"parser_mode": "omegaconf+", "default_config_files": [str(DEFAULT_CONFIG)]}
-                for sub in ("fit", "validate", "test", "predict")
+                for sub in ("fit", "validate", "test", "predict", "convert")
             },
         },
         save_config_kwargs={"overwrite": True},

@@ -117,3 +117,8 @@ class DigitsDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test images, in order."""
         return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test images without their labels, in order."""
+        images = self.splits["test"].tensors[0]
+        return DataLoader(TensorDataset(images), batch_size=self.hparams.batch_size)

@@ -96,6 +96,11 @@ class ImageClassifier(pl.LightningModule):
         self.log("test_loss", F.cross_entropy(logits, y))
         self.log("test_acc", self.test_acc)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities of the images of ``batch`` (a tensor, or a list/tuple whose first item is one)."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(dim=1)
+
     def configure_optimizers(self) -> Any:
         """SGD with momentum, cosine-annealed over the trainer's estimated steps."""
         optimizer = torch.optim.SGD(

@@ -28,6 +28,8 @@ class QATReport:
     latency_threads: int = 0
     artifact: str | None = None
     seconds: float = 0.0
+    converted_from: str = "last"
+    untrained_float: bool = False
 
     @property
     def size_ratio(self) -> float | None:
@@ -82,6 +84,10 @@ class QATReport:
     def summary(self) -> list[str]:
         """The ratios and where the artifact is, one sentence each."""
         lines = []
+        if self.untrained_float:
+            lines.append("the float row is the untrained network QAT started from: not a baseline to compare with")
+        if self.converted_from != "last":
+            lines.append(f"int8 converted from the {self.converted_from}")
         if self.size_ratio:
             lines.append(f"int8 is {self.size_ratio:.2f}x smaller than float")
         if self.speedup:

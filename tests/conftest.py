@@ -83,6 +83,9 @@ class BoringClassifier(pl.LightningModule):
         self.test_acc(self(x), y)
         self.log("test_acc", self.test_acc)
 
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr * 0.1)
 

@@ -132,3 +132,43 @@ def test_default_root_dir_override_moves_the_logger_too(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert yaml.safe_load(result.stdout)["trainer"]["logger"]["init_args"]["save_dir"] == "runs/a"
+
+
+def _sub(tmp_path, subcommand, *args):
+    cmd = [sys.executable, "-m", "lightning_qat", subcommand, *TINY[:2], *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+
+def test_cli_checkpoint_workflows_test_validate_predict_convert_resume(tmp_path):
+    fit = _cli(tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (ckpt,) = (tmp_path / "outputs" / "qat" / "version_0" / "checkpoints").glob("*.ckpt")
+    for subcommand in ("test", "validate", "predict", "convert"):
+        result = _sub(tmp_path, subcommand, f"--ckpt_path={ckpt}", "--trainer.limit_val_batches=2")
+        assert result.returncode == 0, (subcommand, result.stderr[-3000:])
+        assert "QAT: prepared `model` in fx mode" in result.stderr + result.stdout, subcommand
+    converted = sorted((tmp_path / "outputs" / "qat").glob("version_*/model_int8.pt"))
+    assert len(converted) == 2  # the fit's and the convert's
+    report = json.loads((converted[-1].parent / "qat_report.json").read_text())
+    assert report["converted_from"] == f"checkpoint: {ckpt}"
+
+    resumed = _cli(tmp_path, f"--ckpt_path={ckpt}", "--trainer.max_epochs=2", "--pretrain.epochs=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "the float pre-training (--pretrain.epochs) is skipped" in resumed.stderr + resumed.stdout
+    assert "Float pre-training:" not in resumed.stderr + resumed.stdout
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test", "convert"])
+def test_cli_missing_ckpt_path_stops_before_any_work(tmp_path, subcommand):
+    result = _sub(tmp_path, subcommand, f"--ckpt_path={tmp_path / 'nope.ckpt'}")
+    assert result.returncode == 2
+    assert "nope.ckpt: no such checkpoint file" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_fast_dev_run_checks_the_conversion_and_writes_nothing(tmp_path):
+    result = _cli(tmp_path, "--trainer.fast_dev_run=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fast_dev_run: the int8 conversion works" in result.stderr + result.stdout
+    assert not list(tmp_path.rglob("model_int8.pt"))
+    assert not list(tmp_path.rglob("qat_report.*"))

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_qat import ao, lightning_internals
+from lightning_qat import checkpoint as checkpoint_io
 from lightning_qat.backends import Backend, resolve_backend
 from lightning_qat.choices import check_choice, check_count, check_flag
 from lightning_qat.convert import cpu_eval_copy, freeze_for_inference, save_torchscript, to_int8
@@ -36,6 +37,7 @@ from lightning_qat.schedule import FreezeSchedule, Interval, check_after, resolv
 from lightning_qat.sync import all_reduce_observers
 
 OnDrop = Literal["warn", "raise"]
+ConvertFrom = Literal["last", "best"]
 _STATE_VERSION = 1
 
 
@@ -74,6 +76,10 @@ class QATCallback(Callback):
         ptq_batches: training batches used to calibrate the PTQ baseline.
         sync_observers: under DDP, all-reduce observer min/max each step so every rank has the same qparams.
         latency_repeats: timed forward passes per network for the latency columns of the report.
+        convert: which weights become the int8 model: ``"last"`` (the end of fit) or ``"best"`` (the best checkpoint
+            of the trainer's ``ModelCheckpoint``; the last weights when it has none).
+        untrained_float: the network QAT starts from is untrained (random weights): the report marks its float row
+            so, and the accuracy guard does not compare against it.
 
     Raises:
         ValueError: for any argument outside the values listed above.
@@ -116,6 +122,8 @@ class QATCallback(Callback):
         ptq_batches: int = 8,
         sync_observers: bool = True,
         latency_repeats: int = 20,
+        convert: ConvertFrom = "last",
+        untrained_float: bool = False,
     ) -> None:
         super().__init__()
         self.backend = resolve_backend(backend)
@@ -124,6 +132,7 @@ class QATCallback(Callback):
         check_choice("evaluate", evaluate, Stage | None)
         check_choice("monitor_mode", monitor_mode, MonitorMode)
         check_choice("on_drop", on_drop, OnDrop)
+        check_choice("convert", convert, ConvertFrom)
         if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
             raise ValueError(f"skip={skip!r} must be a list of submodule names, e.g. ['classifier', 'features.0'].")
         check_after("freeze_bn_after", freeze_bn_after)
@@ -140,6 +149,7 @@ class QATCallback(Callback):
             ("save_artifact", save_artifact),
             ("ptq_baseline", ptq_baseline),
             ("sync_observers", sync_observers),
+            ("untrained_float", untrained_float),
         ):
             check_flag(name, flag)
         check_count("ptq_batches", ptq_batches)
@@ -162,6 +172,8 @@ class QATCallback(Callback):
         self.ptq_batches = ptq_batches
         self.sync_observers = sync_observers
         self.latency_repeats = latency_repeats
+        self.convert = convert
+        self.untrained_float = untrained_float
 
         self.target: str | None = None
         self.prepared: Prepared | None = None
@@ -175,23 +187,58 @@ class QATCallback(Callback):
         self._example_inputs: tuple[Any, ...] = ()
         self._paused_observers: list[dict[str, torch.Tensor]] | None = None
         self._preparation_check: RemovableHandle | None = None
+        self._said_float = False
+        self._trained_network: nn.Module | None = None
+        self._loaded_from: str | None = None
 
     # ------------------------------------------------------------------ set-up
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or (self.prepared is not None and self.network(pl_module) is self.prepared.module):
-            return
-        self.target = find_target(pl_module, self.module)
-        network = pl_module.get_submodule(self.target)
+        target = find_target(pl_module, self.module)
+        network = pl_module.get_submodule(target)
+        if self.prepared is not None and network is self.prepared.module:
+            return  # the network this callback prepared, e.g. `trainer.test` after `trainer.fit`
+        self.target = target
+        if stage == "fit":
+            self._prepare_for_fit(trainer, pl_module, network)
+        elif ao.fake_quant_modules(network):  # e.g. from load_qat_checkpoint
+            mode = "fx" if isinstance(network, torch.fx.GraphModule) else "eager"
+            self.prepared = Prepared(network, mode, "already QAT-prepared", 0)
+        else:  # validate / test / predict: float, unless a QAT checkpoint's weights arrive (_before_weights_load)
+            self.prepared = None
+        self._preparation_check = pl_module.register_load_state_dict_pre_hook(
+            partial(self._before_weights_load, trainer)
+        )
+
+    def _prepare_for_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
+        if ao.fake_quant_modules(network):
+            raise ValueError(
+                f"`{self.target}` is already QAT-prepared (it has fake-quant modules); preparing it again would "
+                "quantize it twice. To continue a QAT run, give `trainer.fit` a float model and the checkpoint: "
+                "`trainer.fit(MyModule(), ckpt_path=...)`."
+            )
+        self._loaded_from = None
         self._example_inputs = example_inputs(trainer, pl_module)
         self._float_network = cpu_eval_copy(network)
+        self._install(pl_module, network, self.mode)
+
+    def _prepare_like_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]
+    ) -> None:
+        """Validate / test / predict of a QAT checkpoint: prepare the float network as the checkpoint's was."""
+        self._refuse_different_preparation(state)
+        self._loaded_from = str(trainer.ckpt_path)
+        self._example_inputs = checkpoint_io.example_inputs_of(state) or checkpoint_io.module_example_inputs(pl_module)
+        network = pl_module.get_submodule(self.target)
+        self._float_network = cpu_eval_copy(network)
+        self._install(pl_module, network, state["mode"])
+
+    def _install(self, pl_module: pl.LightningModule, network: nn.Module, mode: Mode) -> None:
         self.prepared = prepare_model(
-            network, self.backend, self.mode, self.skip, self._example_inputs, relu6_to_relu=self.relu6_to_relu
+            network, self.backend, mode, self.skip, self._example_inputs, relu6_to_relu=self.relu6_to_relu
         )
         pl_module.set_submodule(self.target, self.prepared.module)
-        self._preparation_check = pl_module.register_load_state_dict_pre_hook(
-            partial(self._check_checkpoint_before_weights, trainer)
-        )
+        self.bn_frozen = self.observers_frozen = False
         rank_zero_info(
             f"QAT: prepared `{self.target}` in {self.prepared.mode} mode ({self.prepared.reason}); "
             f"{self.prepared.num_fused} fused modules, backend {self.backend!r}, skipped {self.skip or 'nothing'}"
@@ -204,8 +251,7 @@ class QATCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._remove_preparation_check()
+        self._remove_preparation_check()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -257,6 +303,14 @@ class QATCallback(Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resume_observers(pl_module)
 
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause_observers(pl_module)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume_observers(pl_module)
+
     # ------------------------------------------------------------------ end of fit
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -285,7 +339,10 @@ class QATCallback(Callback):
     def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out_dir: Path) -> QATReport:
         """The end of fit on global rank 0 (no collectives here): each step below is a method to override."""
         start = time.perf_counter()
-        report = self.convert_network(pl_module)
+        report = self.convert_network(trainer, pl_module)
+        if trainer.fast_dev_run:
+            rank_zero_info("QAT: fast_dev_run: the int8 conversion works; no artifact or report is written.")
+            return report
         self.write_artifact(report, out_dir)  # first: a failure in any later step keeps the int8 model on disk
         self.evaluate_networks(trainer, pl_module, report)
         self.measure_networks(report)
@@ -294,10 +351,11 @@ class QATCallback(Callback):
         self.check_metric_drop(report)
         return report
 
-    def convert_network(self, pl_module: pl.LightningModule) -> QATReport:
-        """Convert a CPU copy of the trained QAT network to int8 (``self.quantized_model``); a report to fill."""
+    def convert_network(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QATReport:
+        """Convert a CPU copy of the trained QAT network (last or best weights) to int8; a report to fill."""
         assert self.prepared is not None
-        self.quantized_model = to_int8(self.network(pl_module), self.prepared.mode, self.backend, self._example_inputs)
+        self._trained_network, converted_from = self._trained_weights(trainer, pl_module)
+        self.quantized_model = to_int8(self._trained_network, self.prepared.mode, self.backend, self._example_inputs)
         return QATReport(
             backend=self.backend,
             mode=self.prepared.mode,
@@ -305,7 +363,25 @@ class QATCallback(Callback):
             quantized_layers=count_quantized_layers(self.quantized_model),
             skipped=list(self.skip),
             stage=self.evaluate,
+            converted_from=converted_from,
+            untrained_float=self.untrained_float,
         )
+
+    def _trained_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
+        """A CPU copy of the QAT network with the weights ``convert`` asks for, and where they come from."""
+        assert self.target is not None
+        network = cpu_eval_copy(self.network(pl_module))
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
+        if self._loaded_from is not None:
+            return network, f"checkpoint: {self._loaded_from}"
+        if self.convert == "last":
+            return network, "last"
+        if not best:
+            rank_zero_warn("QAT: convert='best' but no ModelCheckpoint saved a best checkpoint; converting the last.")
+            return network, "last"
+        weights = checkpoint_io.network_state(checkpoint_io.read_checkpoint(best)["state_dict"], self.target)
+        network.load_state_dict(weights)
+        return network, f"best: {best}"
 
     def write_artifact(self, report: QATReport, out_dir: Path) -> None:
         """Save the int8 TorchScript artifact to ``out_dir`` (unless ``save_artifact=False``)."""
@@ -329,11 +405,12 @@ class QATCallback(Callback):
             return
         assert self._float_network is not None
         assert self.target is not None
+        assert self._trained_network is not None
         assert self.quantized_model is not None
         networks = {"float": self._float_network}
         if self.ptq_baseline:
             networks["ptq"] = self._ptq_network(trainer)
-        qat_copy = cpu_eval_copy(self.network(pl_module))
+        qat_copy = cpu_eval_copy(self._trained_network)
         freeze_for_inference(qat_copy)
         networks |= {"qat": qat_copy, "int8": self.quantized_model}
         progress = trainer.progress_bar_callback is not None
@@ -364,6 +441,9 @@ class QATCallback(Callback):
         """The accuracy guard: warn (or raise, ``on_drop="raise"``) when ``monitor`` drops more than allowed."""
         if self.monitor is None:
             return
+        if report.untrained_float:
+            rank_zero_info("QAT accuracy guard: skipped, the float row is an untrained network (untrained_float=True).")
+            return
         drop = report.metric_drop(self.monitor, self.monitor_mode)
         if drop is None:
             rank_zero_warn(
@@ -385,6 +465,7 @@ class QATCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         # The freeze flags are not state: the schedule derives them from the trainer's restored counters.
+        # The float weights QAT started from keep the report's float row right after a resume or a convert.
         return {
             "version": _STATE_VERSION,
             "backend": self.backend,
@@ -392,6 +473,8 @@ class QATCallback(Callback):
             "module": self.target,
             "skip": list(self.skip),
             "relu6_to_relu": self.relu6_to_relu,
+            "float_state_dict": self._float_network.state_dict() if self._float_network is not None else None,
+            "example_inputs": _storable(self._example_inputs),
         }
 
     @override
@@ -403,6 +486,16 @@ class QATCallback(Callback):
                 f"understands ({_STATE_VERSION}); upgrade lightning-qat to resume from it."
             )
         self._refuse_different_preparation(state_dict)
+        float_state = state_dict.get("float_state_dict")
+        if float_state is not None and self._float_network is not None:
+            self._float_network.load_state_dict(float_state)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.prepared is not None:
+            checkpoint["state_dict"] = checkpoint_io.mark(checkpoint["state_dict"])
 
     def _refuse_different_preparation(self, saved_state: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the first setting that prepared the checkpoint's network differently."""
@@ -414,6 +507,8 @@ class QATCallback(Callback):
         }
         if self.prepared is not None:
             current["mode"] = self.prepared.mode
+        elif self.mode != "auto":
+            current["mode"] = self.mode
         for key, value in current.items():
             saved = saved_state.get(key, value)
             if saved != value:
@@ -422,15 +517,22 @@ class QATCallback(Callback):
                     f"{key}={value!r}. Resume with the same {key}, or start a new fit from the float weights."
                 )
 
-    def _check_checkpoint_before_weights(self, trainer: pl.Trainer, *_: Any) -> None:
-        """Before Lightning loads a checkpoint's weights into the prepared model, compare the QAT configuration.
+    def _before_weights_load(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state_dict: dict[str, Any], *_: Any
+    ) -> None:
+        """Runs when Lightning loads a checkpoint into the LightningModule, before any weight is copied.
 
-        A different skip list or mode changes the model's keys; without this check the user would get Lightning's
-        missing/unexpected-keys error instead of the setting that differs.
+        Drops the QAT checkpoint marker. In validate / test / predict, prepares the float network as the checkpoint's
+        was, so the keys match. On resume, compares the QAT configuration: a different skip list or mode would change
+        the keys, and the user gets the setting that differs instead of Lightning's missing/unexpected-keys error.
         """
-        saved = lightning_internals.loaded_checkpoint(trainer).get("callbacks", {}).get(self.state_key)
-        if saved is not None:
-            self.load_state_dict(saved)
+        checkpoint_io.unmark(state_dict)
+        saved = checkpoint_io.qat_state(lightning_internals.loaded_checkpoint(trainer))
+        if saved is None:
+            return
+        if self.prepared is None:
+            self._prepare_like_checkpoint(trainer, pl_module, saved)
+        self.load_state_dict(saved)
 
     def _remove_preparation_check(self) -> None:
         if self._preparation_check is not None:
@@ -459,7 +561,12 @@ class QATCallback(Callback):
 
     def _pause_observers(self, pl_module: pl.LightningModule) -> None:
         """Observers off for an evaluation loop, which then leaves no trace in the quantization state."""
-        if self.prepared is None or self._paused_observers is not None:
+        if self.prepared is None:
+            if not self._said_float:
+                self._said_float = True
+                rank_zero_info("QAT: the network and checkpoint hold no QAT state: they are evaluated as float.")
+            return
+        if self._paused_observers is not None:
             return
         fake_quants = ao.fake_quant_modules(self.network(pl_module))
         self._paused_observers = [copy.deepcopy(fq.state_dict()) for _, fq in fake_quants]
@@ -486,8 +593,18 @@ class QATCallback(Callback):
             relu6_to_relu=self.relu6_to_relu,
         )
         with ao.engine(self.backend), ao.quiet(), torch.no_grad():
-            for i, batch in enumerate(trainer.train_dataloader):
+            loader = trainer.train_dataloader
+            if loader is None and trainer.datamodule is not None:  # `convert` of a checkpoint: no fit loop
+                loader = trainer.datamodule.train_dataloader()
+            for i, batch in enumerate(loader or ()):
                 if i >= self.ptq_batches:
                     break
                 ptq.module(*cpu_inputs(batch_input(batch)))
         return to_int8(ptq.module, ptq.mode, self.backend, self._example_inputs)
+
+
+def _storable(inputs: tuple[Any, ...]) -> list[Any] | None:
+    """Two rows of the example input, for a checkpoint (``None`` unless every input is a tensor)."""
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        return None
+    return [x[:2].clone() for x in inputs]

@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 _NOTICE = (
@@ -47,6 +46,8 @@ def _silenced() -> Iterator[None]:
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence torch's quantization deprecation warnings, after saying once that we do."""
+    from lightning.pytorch.utilities import rank_zero_info  # here: importing this module checks torch first
+
     global _notice_shown
     with _lock:
         if not _notice_shown:
@@ -56,28 +57,36 @@ def quiet() -> Iterator[None]:
         yield
 
 
-with _silenced():
-    from torch.ao.nn.intrinsic.qat import freeze_bn_stats as _freeze_bn_stats
-    from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
-    from torch.ao.quantization import (
-        DeQuantStub,
-        QConfig,
-        QConfigMapping,
-        QuantStub,
-        get_default_qat_qconfig,
-        get_default_qat_qconfig_mapping,
-        get_default_qconfig,
-        get_default_qconfig_mapping,
-    )
-    from torch.ao.quantization import convert as _eager_convert
-    from torch.ao.quantization import fuse_modules as _fuse_modules
-    from torch.ao.quantization import fuse_modules_qat as _fuse_modules_qat
-    from torch.ao.quantization import prepare as _eager_prepare
-    from torch.ao.quantization import prepare_qat as _eager_prepare_qat
-    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
-    from torch.ao.quantization.quantize_fx import convert_fx as _convert_fx
-    from torch.ao.quantization.quantize_fx import prepare_fx as _prepare_ptq_fx
-    from torch.ao.quantization.quantize_fx import prepare_qat_fx as _prepare_qat_fx
+_TESTED_TORCH = "2.4 to 2.14"
+
+try:
+    with _silenced():
+        from torch.ao.nn.intrinsic.qat import freeze_bn_stats as _freeze_bn_stats
+        from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+        from torch.ao.quantization import (
+            DeQuantStub,
+            QConfig,
+            QConfigMapping,
+            QuantStub,
+            get_default_qat_qconfig,
+            get_default_qat_qconfig_mapping,
+            get_default_qconfig,
+            get_default_qconfig_mapping,
+        )
+        from torch.ao.quantization import convert as _eager_convert
+        from torch.ao.quantization import fuse_modules as _fuse_modules
+        from torch.ao.quantization import fuse_modules_qat as _fuse_modules_qat
+        from torch.ao.quantization import prepare as _eager_prepare
+        from torch.ao.quantization import prepare_qat as _eager_prepare_qat
+        from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+        from torch.ao.quantization.quantize_fx import convert_fx as _convert_fx
+        from torch.ao.quantization.quantize_fx import prepare_fx as _prepare_ptq_fx
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx as _prepare_qat_fx
+except ImportError as err:  # torch removed (part of) its eager/FX quantization stack
+    raise ImportError(
+        f"lightning-qat needs torch.ao.quantization's eager and FX QAT API, tested on torch {_TESTED_TORCH}; "
+        f"torch {torch.__version__} does not provide it ({err}). Install a supported torch: pip install 'torch<2.15'."
+    ) from err
 
 __all__ = [
     "DeQuantStub",

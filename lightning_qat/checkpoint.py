@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_qat import ao
+from lightning_qat import ao, compat
 from lightning_qat.prepare import Prepared, prepare_model
 from lightning_qat.report import QATReport
 
@@ -119,7 +119,7 @@ def load_qat_checkpoint(
     network = model.get_submodule(state["module"])
     inputs = example_inputs_of(state) or module_example_inputs(model)
     prepared = prepare_like(network, state, inputs)
-    model.set_submodule(state["module"], prepared.module)
+    compat.set_submodule(model, state["module"], prepared.module)
     weights = dict(checkpoint["state_dict"])
     unmark(weights)
     model.load_state_dict(weights, strict=True)

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_qat import ao, lightning_internals
+from lightning_qat import ao, compat, lightning_internals
 
 Stage = Literal["val", "test"]
 
@@ -75,12 +75,12 @@ def module_with_network(pl_module: pl.LightningModule, target: str, network: nn.
     The original network is swapped out while copying so it is neither copied nor moved.
     """
     original = pl_module.get_submodule(target)
-    pl_module.set_submodule(target, nn.Identity())
+    compat.set_submodule(pl_module, target, nn.Identity())
     try:
         clone = copy.deepcopy(pl_module)
     finally:
-        pl_module.set_submodule(target, original)
-    clone.set_submodule(target, network)
+        compat.set_submodule(pl_module, target, original)
+    compat.set_submodule(clone, target, network)
     lightning_internals.forget_metric_attributes(clone)  # `self.log(metric)` looks metrics up by id
     # Only global rank 0 evaluates: a torchmetrics sync would wait forever for the other ranks.
     for metric in clone.modules():

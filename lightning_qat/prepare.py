@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
-from lightning_qat import ao
+from lightning_qat import ao, compat
 
 Mode = Literal["auto", "fx", "eager"]
 
@@ -198,7 +198,7 @@ def _prepare_eager(
     for name in skip:
         island = FloatIsland(network.get_submodule(name))
         island.module.qconfig = None
-        network.set_submodule(name, island)
+        compat.set_submodule(network, name, island)
     wrapped = network if has_stubs else EagerQATWrapper(network)
     wrapped.qconfig = ao.qconfig(backend, qat=qat)
     wrapped.train(qat)

@@ -45,7 +45,7 @@ def main() -> None:
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     pl.seed_everything(0)
     net = TinyNet()
-    net.load_state_dict(torch.load(state_path))
+    net.load_state_dict(torch.load(state_path, weights_only=True))
     model = BoringClassifier(net)
     config = yaml.safe_load(CONFIG.read_text())
     qat_kwargs = dict(freeze_bn_after=1, freeze_observers_after=2, latency_repeats=2) | config["qat"]

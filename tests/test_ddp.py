@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning
 import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import pretrained_tiny, trainer_kwargs
+from packaging.version import Version
 
 from lightning_qat import QATCallback
 
@@ -66,5 +68,9 @@ def test_a_failure_on_rank0_reaches_every_rank_instead_of_hanging(tmp_path, floa
     blocked.write_text("a file where the artifact directory should be")
     result = _run_job(tmp_path, float_tiny, qat={"save_dir": str(blocked), "evaluate": None})
     assert result.returncode != 0
-    assert "[rank1]: RuntimeError: QAT finish failed on global rank 0" in result.stderr
+    assert "File exists" in result.stderr  # rank 0's own error
+    if Version(lightning.__version__) >= Version("2.6"):
+        # the other rank was told and raised (only ranks other than 0 raise this message); older Lightning kills the
+        # other processes as soon as rank 0 fails, which ends the job as surely (checked on Lightning 2.4.0)
+        assert "RuntimeError: QAT finish failed on global rank 0" in result.stderr
     assert not list((tmp_path / "out").glob("rank*.json"))

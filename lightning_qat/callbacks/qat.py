@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_qat import ao, lightning_internals
+from lightning_qat import ao, compat, lightning_internals
 from lightning_qat import checkpoint as checkpoint_io
 from lightning_qat.backends import Backend, resolve_backend
 from lightning_qat.choices import check_choice, check_count, check_flag
@@ -206,8 +206,8 @@ class QATCallback(Callback):
             self.prepared = Prepared(network, mode, "already QAT-prepared", 0)
         else:  # validate / test / predict: float, unless a QAT checkpoint's weights arrive (_before_weights_load)
             self.prepared = None
-        self._preparation_check = pl_module.register_load_state_dict_pre_hook(
-            partial(self._before_weights_load, trainer)
+        self._preparation_check = compat.register_load_state_dict_pre_hook(
+            pl_module, partial(self._before_weights_load, trainer)
         )
 
     def _prepare_for_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
@@ -237,7 +237,7 @@ class QATCallback(Callback):
         self.prepared = prepare_model(
             network, self.backend, mode, self.skip, self._example_inputs, relu6_to_relu=self.relu6_to_relu
         )
-        pl_module.set_submodule(self.target, self.prepared.module)
+        compat.set_submodule(pl_module, self.target, self.prepared.module)
         self.bn_frozen = self.observers_frozen = False
         rank_zero_info(
             f"QAT: prepared `{self.target}` in {self.prepared.mode} mode ({self.prepared.reason}); "

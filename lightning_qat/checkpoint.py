@@ -185,6 +185,6 @@ def convert_checkpoint(
         raise NotAQATCheckpointError(
             f"{str(ckpt_path)!r} holds no QATCallback state, so its network is float: there is no QAT model to convert."
         )
-    out_dir = Path(qat.save_dir or trainer.log_dir or trainer.default_root_dir)
+    out_dir = qat.output_dir(trainer)
     qat.report = qat.finish(trainer, model, out_dir)
     return qat.report

@@ -56,12 +56,23 @@ class QATLightningCLI(LightningCLI):
         parser.add_argument("--pretrain.epochs", type=int, default=0, help="float pre-training epochs before QAT")
         parser.add_argument("--pretrain.lr", type=float, default=0.05, help="learning rate of the float pre-training")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        """Parse; an error of the config layer (e.g. an interpolation to a missing key) becomes a usage error."""
+        try:
+            super().parse_arguments(parser, args)
+        except Exception as err:  # noqa: BLE001 - reported to the user as a usage error, nothing ran yet
+            parser.error(f"the configuration could not be parsed: {type(err).__name__}: {' '.join(str(err).split())}")
+
     def instantiate_classes(self) -> None:
-        """Turn errors raised by the configured classes (bad backend, missing checkpoint...) into CLI errors."""
+        """Turn any error raised while building the configured classes into a one-line usage error (exit 2).
+
+        A bad backend, a missing or unsafe checkpoint, a wrong keyword, a size mismatch: all before any training.
+        """
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError) as err:
-            self.parser.error(str(err))
+        except Exception as err:  # noqa: BLE001 - reported to the user as a usage error, nothing ran yet
+            message = " ".join(str(err).split())
+            self.parser.error(f"the configuration could not be instantiated: {type(err).__name__}: {message}")
 
     def _check_ckpt_path(self) -> None:
         """A ``--ckpt_path`` that is not a file stops the run before any work, naming the path."""

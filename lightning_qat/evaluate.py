@@ -99,11 +99,13 @@ def run_evaluation(
     stage: Stage,
     backend: str,
     progress: bool,
+    limit: int | float | None = None,
 ) -> dict[str, float]:
     """Run the user's ``validation_step``/``test_step`` on ``pl_module`` on the CPU with Lightning's own loop.
 
     Data comes from ``trainer``'s datamodule, the dataloaders given to ``fit``, or the module's hooks, re-created
-    so a distributed sampler never hides part of the data. Returns the logged metrics as floats.
+    so a distributed sampler never hides part of the data; ``limit`` batches (default: the trainer's limit). Returns
+    the logged metrics as floats.
     """
     datamodule = trainer.datamodule
     kwargs: dict[str, Any] = {}
@@ -113,7 +115,8 @@ def run_evaluation(
         source = lightning_internals.eval_data_source(trainer, stage)
         if source is not None and not isinstance(source, pl.LightningModule):
             kwargs["dataloaders"] = source
-    limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
+    if limit is None:
+        limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
     previous_dm_trainer = datamodule.trainer if datamodule is not None else None
     with _quiet_lightning():
         eval_trainer = pl.Trainer(

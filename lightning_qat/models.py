@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,20 @@ def load_float_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file holds no state dict.
+        ValueError: if the file holds no state dict, or Python objects that only a full unpickling (which can run
+            code) would load.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{str(path)!r} holds Python objects besides tensors, and loading it would run code from the file; "
+            "lightning-qat only loads weights (torch.load(weights_only=True) refused it: "
+            f"{str(err).splitlines()[0]}). Re-save it with torch.save(model.state_dict(), path)."
+        ) from err
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} holds no state dict (a Lightning .ckpt or torch.save(model.state_dict())).")
@@ -64,7 +73,11 @@ class ImageClassifier(pl.LightningModule):
         if init_checkpoint is not None:
             state = load_float_weights(init_checkpoint)
             prefixed = {k.removeprefix("model."): v for k, v in state.items() if not k.endswith("_acc")}
-            self.model.load_state_dict(prefixed)
+            try:
+                self.model.load_state_dict(prefixed)
+            except RuntimeError as err:
+                detail = " ".join(str(err).split())[:400]
+                raise ValueError(f"init_checkpoint={init_checkpoint!r} does not fit arch={arch!r}: {detail}") from err
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits."""

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning_qat.files import write_text_atomic
+
 ROWS = ("float", "ptq", "qat", "int8")
 MonitorMode = Literal["max", "min"]
 
@@ -30,6 +32,7 @@ class QATReport:
     seconds: float = 0.0
     converted_from: str = "last"
     untrained_float: bool = False
+    status: str = "complete"
 
     @property
     def size_ratio(self) -> float | None:
@@ -75,8 +78,9 @@ class QATReport:
         return ["", *columns], rows
 
     def headline(self) -> str:
-        """How the int8 model was made, in one line."""
-        return (
+        """How the int8 model was made, in one line (the status first while it is not complete)."""
+        status = "" if self.status == "complete" else f"[{self.status}] "
+        return status + (
             f"backend {self.backend}, {self.mode} mode, {self.num_fused} fused modules, "
             f"{self.quantized_layers} quantized layers, skipped: {', '.join(self.skipped) or 'none'}"
         )
@@ -129,8 +133,8 @@ class QATReport:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         json_path, md_path = directory / "qat_report.json", directory / "qat_report.md"
-        json_path.write_text(json.dumps(self.to_dict(), indent=2))
-        md_path.write_text(self.to_markdown())
+        write_text_atomic(json_path, json.dumps(self.to_dict(), indent=2))
+        write_text_atomic(md_path, self.to_markdown())
         return json_path, md_path
 
 

@@ -27,6 +27,13 @@ faulthandler.dump_traceback_later(240, exit=True)
 CONFIG = Path(__file__).parents[1] / "configs" / "ddp_cpu.yaml"
 
 
+class FailingOnRank0(QATCallback):
+    """Fails at the end of fit on global rank 0 only, after the preflight passed on every rank."""
+
+    def write_artifact(self, report, out_dir):
+        raise OSError("simulated disk failure on rank 0")
+
+
 class FreezeRecorder(Callback):
     """Global step at which each rank first trained with BN / observers frozen."""
 
@@ -49,7 +56,8 @@ def main() -> None:
     model = BoringClassifier(net)
     config = yaml.safe_load(CONFIG.read_text())
     qat_kwargs = dict(freeze_bn_after=1, freeze_observers_after=2, latency_repeats=2) | config["qat"]
-    qat = QATCallback(**qat_kwargs | extra.get("qat", {}))
+    callback_class = FailingOnRank0 if extra.get("fail_on_rank0") else QATCallback
+    qat = callback_class(**qat_kwargs | extra.get("qat", {}))
     recorder = FreezeRecorder(qat)
     shipped = {key: config["trainer"][key] for key in ("accelerator", "devices", "strategy")}
     if extra.get("ddp"):

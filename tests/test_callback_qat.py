@@ -1,4 +1,11 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -8,7 +15,7 @@ from conftest import BoringClassifier, TinyNet, UntraceableNet, pretrained_tiny,
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_qat.convert
-from lightning_qat import QATCallback, ao
+from lightning_qat import QATCallback, ao, load_quantized
 from lightning_qat.backends import default_backend
 from lightning_qat.convert import ConversionError
 
@@ -193,11 +200,20 @@ def test_fx_resnet18_end_to_end_on_32px_digits(tmp_path, digits32):
     assert sum(ao.is_quantized_module(m) for m in qat.quantized_model.modules()) >= 20
 
 
-def test_failed_conversion_keeps_qat_model_and_checkpoints(tmp_path, digits8, monkeypatch):
-    def broken(module):
-        raise RuntimeError("simulated converter bug")
+class BreakConverterAfterTraining(Callback):
+    """The converter breaks only after the preflight passed: a failure no check could have seen."""
 
-    monkeypatch.setattr(lightning_qat.convert.ao, "convert_fx", broken)
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+
+    def on_train_end(self, trainer, pl_module):
+        def broken(module):
+            raise RuntimeError("simulated converter bug")
+
+        self.monkeypatch.setattr(lightning_qat.convert.ao, "convert_fx", broken)
+
+
+def test_failed_conversion_keeps_qat_model_and_checkpoints(tmp_path, digits8, monkeypatch):
     qat = QATCallback(evaluate=None)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
     model = BoringClassifier()
@@ -206,7 +222,7 @@ def test_failed_conversion_keeps_qat_model_and_checkpoints(tmp_path, digits8, mo
             tmp_path,
             digits8,
             model=model,
-            callbacks=[qat, ckpt],
+            callbacks=[qat, ckpt, BreakConverterAfterTraining(monkeypatch)],
             max_epochs=1,
             limit_train_batches=2,
             enable_checkpointing=True,
@@ -230,3 +246,48 @@ def test_no_torch_quantization_deprecation_reaches_the_user(tmp_path, digits8):
         )
     leaked = [str(w.message)[:80] for w in caught if "quantiz" in str(w.message).lower()]
     assert leaked == []
+
+
+SIGTERM_JOB = """
+import sys, time
+from pathlib import Path
+import lightning.pytorch as pl
+from conftest import BoringClassifier, trainer_kwargs
+from lightning_qat import QATCallback
+from lightning_qat.data import DigitsDataModule
+
+class SlowEvaluation(QATCallback):
+    def evaluate_networks(self, trainer, pl_module, report):
+        Path(sys.argv[2]).touch()  # the test sends SIGTERM now
+        time.sleep(120)
+        super().evaluate_networks(trainer, pl_module, report)
+
+qat = SlowEvaluation(save_dir=sys.argv[1], latency_repeats=1)
+trainer = pl.Trainer(**trainer_kwargs(".", max_epochs=1, limit_train_batches=2, callbacks=[qat]))
+trainer.fit(BoringClassifier(), datamodule=DigitsDataModule(image_size=8, channels=1))
+"""
+
+
+def test_sigterm_during_the_final_evaluation_exits_nonzero_and_keeps_the_artifact(tmp_path):
+    out, started = tmp_path / "out", tmp_path / "evaluating"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    job = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_JOB, str(out), str(started)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not started.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert started.exists(), job.communicate()[1][-3000:]
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert "EvaluationInterrupted: SIGTERM received during the final QAT evaluation" in stderr
+    report = json.loads((out / "qat_report.json").read_text())
+    assert report["status"].startswith("failed during evaluation (EvaluationInterrupted")
+    assert report["artifact"] == str(out / "model_int8.pt")
+    assert load_quantized(out / "model_int8.pt") is not None

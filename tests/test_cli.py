@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torchvision
 import yaml
 from conftest import trainer_kwargs
 
@@ -172,3 +173,45 @@ def test_cli_fast_dev_run_checks_the_conversion_and_writes_nothing(tmp_path):
     assert "fast_dev_run: the int8 conversion works" in result.stderr + result.stdout
     assert not list(tmp_path.rglob("model_int8.pt"))
     assert not list(tmp_path.rglob("qat_report.*"))
+
+
+def _evil_pickle(path, marker):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {"w": Payload()}}, f)
+
+
+@pytest.mark.parametrize(
+    ("case", "named"),
+    [
+        ("size mismatch", "init_checkpoint="),
+        ("type error", "TypeError"),
+        ("missing interpolation key", "full_key: fit.model.lr"),
+        ("malicious pickle", "would run code"),
+    ],
+)
+def test_cli_configuration_errors_are_one_usage_line_before_any_training(tmp_path, case, named):
+    marker = tmp_path / "pwned"
+    if case == "size mismatch":
+        torch.save(torchvision.models.mobilenet_v3_small(num_classes=7).state_dict(), tmp_path / "seven.pt")
+        arg = f"--model.init_checkpoint={tmp_path / 'seven.pt'}"
+    elif case == "type error":
+        arg = '--model.arch_kwargs={"width_mult": "wide"}'
+    elif case == "missing interpolation key":
+        arg = "--model.lr=${..nope}"
+    else:
+        _evil_pickle(tmp_path / "evil.pt", marker)
+        arg = f"--model.init_checkpoint={tmp_path / 'evil.pt'}"
+    result = _cli(tmp_path, arg)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert named in error_lines[0]
+    assert not (tmp_path / "outputs").exists()
+    assert not marker.exists()

@@ -64,13 +64,20 @@ def test_ddp_ranks_share_qparams_and_freeze_steps_and_rank0_alone_converts(tmp_p
 
 
 def test_a_failure_on_rank0_reaches_every_rank_instead_of_hanging(tmp_path, float_tiny):
-    blocked = tmp_path / "not_a_directory"
-    blocked.write_text("a file where the artifact directory should be")
-    result = _run_job(tmp_path, float_tiny, qat={"save_dir": str(blocked), "evaluate": None})
+    result = _run_job(tmp_path, float_tiny, fail_on_rank0=True, qat={"evaluate": None})
     assert result.returncode != 0
-    assert "File exists" in result.stderr  # rank 0's own error
+    assert "simulated disk failure on rank 0" in result.stderr  # rank 0's own error
     if Version(lightning.__version__) >= Version("2.6"):
         # the other rank was told and raised (only ranks other than 0 raise this message); older Lightning kills the
         # other processes as soon as rank 0 fails, which ends the job as surely (checked on Lightning 2.4.0)
         assert "RuntimeError: QAT finish failed on global rank 0" in result.stderr
+    assert not list((tmp_path / "out").glob("rank*.json"))
+
+
+def test_a_preflight_failure_stops_every_rank_in_setup(tmp_path, float_tiny):
+    blocked = tmp_path / "not_a_directory"
+    blocked.write_text("a file where the artifact directory should be")
+    result = _run_job(tmp_path, float_tiny, qat={"save_dir": str(blocked), "evaluate": None})
+    assert result.returncode != 0
+    assert "is not a writable directory" in result.stderr
     assert not list((tmp_path / "out").glob("rank*.json"))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_qat import ao, compat, lightning_internals
+from lightning_qat import ao, compat, files, lightning_internals, preflight
 from lightning_qat import checkpoint as checkpoint_io
 from lightning_qat.backends import Backend, resolve_backend
 from lightning_qat.choices import check_choice, check_count, check_flag
@@ -80,6 +83,9 @@ class QATCallback(Callback):
             of the trainer's ``ModelCheckpoint``; the last weights when it has none).
         untrained_float: the network QAT starts from is untrained (random weights): the report marks its float row
             so, and the accuracy guard does not compare against it.
+        overwrite: let a run write into a ``save_dir`` that already holds an earlier run's artifact or report
+            (refused by default, before training). With no logger and no ``save_dir``, every run gets a fresh
+            ``default_root_dir/qat/version_N``.
 
     Raises:
         ValueError: for any argument outside the values listed above.
@@ -124,6 +130,7 @@ class QATCallback(Callback):
         latency_repeats: int = 20,
         convert: ConvertFrom = "last",
         untrained_float: bool = False,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.backend = resolve_backend(backend)
@@ -150,6 +157,7 @@ class QATCallback(Callback):
             ("ptq_baseline", ptq_baseline),
             ("sync_observers", sync_observers),
             ("untrained_float", untrained_float),
+            ("overwrite", overwrite),
         ):
             check_flag(name, flag)
         check_count("ptq_batches", ptq_batches)
@@ -174,6 +182,7 @@ class QATCallback(Callback):
         self.latency_repeats = latency_repeats
         self.convert = convert
         self.untrained_float = untrained_float
+        self.overwrite = overwrite
 
         self.target: str | None = None
         self.prepared: Prepared | None = None
@@ -190,6 +199,7 @@ class QATCallback(Callback):
         self._said_float = False
         self._trained_network: nn.Module | None = None
         self._loaded_from: str | None = None
+        self._out_dir: Path | None = None
 
     # ------------------------------------------------------------------ set-up
     @override
@@ -217,10 +227,59 @@ class QATCallback(Callback):
                 "quantize it twice. To continue a QAT run, give `trainer.fit` a float model and the checkpoint: "
                 "`trainer.fit(MyModule(), ckpt_path=...)`."
             )
+        preflight.check_precision(trainer)
+        preflight.check_evaluation(trainer, pl_module, self.evaluate)
+        network = preflight.unwrap_compiled(network, self.target)
         self._loaded_from = None
         self._example_inputs = example_inputs(trainer, pl_module)
+        preflight.check_example(network, self._example_inputs, str(self.target))
         self._float_network = cpu_eval_copy(network)
         self._install(pl_module, network, self.mode)
+        self.run_preflight(trainer, pl_module)
+
+    def run_preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What would fail at the end of fit, checked now: conversion, artifact tracing, output dir, evaluation.
+
+        Every rank runs it (the same checks on the same network), so a failure stops every rank in `setup`.
+        """
+        assert self.prepared is not None
+        start = time.perf_counter()
+        quantized = preflight.check_conversion(
+            self.prepared.module, self.prepared.mode, self.backend, self._example_inputs, str(self.target)
+        )
+        if not trainer.fast_dev_run:
+            self._out_dir = self.output_dir(trainer)
+        if self.evaluate is not None:
+            clone = module_with_network(pl_module, str(self.target), quantized)
+            try:
+                run_evaluation(trainer, clone, self.evaluate, self.backend, progress=False, limit=1)
+            except Exception as err:
+                step = "validation_step" if self.evaluate == "val" else "test_step"
+                raise preflight.PreflightError(
+                    f"Your `{step}` fails on the int8 network, as the final evaluation would run it: "
+                    f"{type(err).__name__}: {err}. Reach the network only through its forward (e.g. `self(x)`), or "
+                    "pass evaluate=None."
+                ) from err
+        rank_zero_info(
+            f"QAT: preflight passed in {time.perf_counter() - start:.2f} s (int8 conversion and evaluation)."
+        )
+
+    def output_dir(self, trainer: pl.Trainer) -> Path:
+        """Where the artifact and report go, checked writable and free of an earlier run's files; same on all ranks."""
+        if self.save_dir is not None:
+            out_dir, what = Path(self.save_dir), "save_dir"
+        elif trainer.logger is not None:
+            out_dir, what = Path(trainer.log_dir or trainer.default_root_dir), "the logger's log_dir"
+        else:  # no logger: a fresh versioned directory, as Lightning's loggers make
+            fresh = files.next_version_dir(Path(trainer.default_root_dir) / "qat") if trainer.is_global_zero else None
+            out_dir, what = Path(trainer.strategy.broadcast(fresh, src=0)), "default_root_dir"
+        files.check_writable(out_dir, what)
+        earlier = [name for name in ("model_int8.pt", "qat_report.json") if (out_dir / name).exists()]
+        if earlier and not self.overwrite:
+            raise preflight.PreflightError(
+                f"{out_dir} already holds an earlier run's {earlier}: pass another save_dir, or overwrite=True."
+            )
+        return out_dir
 
     def _prepare_like_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]
@@ -318,8 +377,7 @@ class QATCallback(Callback):
             return
         failure: Exception | None = None
         report: QATReport | None = None
-        # `trainer.log_dir` is a collective (a broadcast from rank 0): every rank asks, before rank 0 goes alone.
-        out_dir = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
+        out_dir = self._out_dir or Path(trainer.default_root_dir)  # resolved (and checked) in setup, on every rank
         if trainer.is_global_zero:
             try:
                 report = self.finish(trainer, pl_module, out_dir)
@@ -344,8 +402,17 @@ class QATCallback(Callback):
             rank_zero_info("QAT: fast_dev_run: the int8 conversion works; no artifact or report is written.")
             return report
         self.write_artifact(report, out_dir)  # first: a failure in any later step keeps the int8 model on disk
-        self.evaluate_networks(trainer, pl_module, report)
-        self.measure_networks(report)
+        report.status = "evaluating"
+        report.save(out_dir)  # says so until the evaluation is done
+        try:
+            with _sigterm_raises():
+                self.evaluate_networks(trainer, pl_module, report)
+                self.measure_networks(report)
+        except BaseException as err:
+            report.status = f"failed during evaluation ({type(err).__name__}: {err}); the int8 artifact is saved"
+            report.save(out_dir)
+            raise
+        report.status = "complete"
         report.seconds = time.perf_counter() - start
         self.write_report(trainer, report, out_dir)
         self.check_metric_drop(report)
@@ -608,3 +675,30 @@ def _storable(inputs: tuple[Any, ...]) -> list[Any] | None:
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
         return None
     return [x[:2].clone() for x in inputs]
+
+
+class EvaluationInterrupted(RuntimeError):
+    """SIGTERM arrived during the final evaluation; the int8 artifact is already on disk."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`EvaluationInterrupted` (after the handler installed before).
+
+    So the run ends non-zero, with the report saying why, instead of finishing as if nothing happened.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        raise EvaluationInterrupted("SIGTERM received during the final QAT evaluation")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,114 @@
+"""Checks run in ``setup``, before the first optimizer step, so that what fails at the end of fit fails in seconds.
+
+Each check raises :class:`PreflightError` (a ``ValueError``) naming what to change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from lightning_qat import ao, lightning_internals
+from lightning_qat.convert import ConversionError, cpu_eval_copy, to_int8, to_torchscript
+
+SUPPORTED_PRECISIONS = ("32-true", "32", 32)
+
+
+class PreflightError(ValueError):
+    """The QAT run would fail later (at fit end, or at the first step); the message names the fix."""
+
+
+def check_precision(trainer: pl.Trainer) -> None:
+    """Fake quantization and the fused Conv-BN QAT modules run in float32 only."""
+    precision = trainer.precision
+    if precision not in SUPPORTED_PRECISIONS:
+        raise PreflightError(
+            f"Trainer(precision={precision!r}) cannot train a QAT network: fake quantization and the fused Conv-BN "
+            "QAT modules run in float32 only. Use Trainer(precision='32-true') for the QAT fit (the int8 model "
+            "is as fast either way)."
+        )
+
+
+def unwrap_compiled(network: nn.Module, name: str) -> nn.Module:
+    """The original module of a ``torch.compile``d network (QAT prepares that one), else ``network`` itself."""
+    original = getattr(network, "_orig_mod", None)
+    if isinstance(network, torch._dynamo.eval_frame.OptimizedModule) and isinstance(original, nn.Module):
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"QAT: `{name}` is torch.compile'd; QAT prepares and trains its original module uncompiled (the "
+            "fake-quant network changes the graph). Compile after QAT, or compile the int8 artifact's consumer."
+        )
+        return original
+    return network
+
+
+def check_evaluation(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str | None) -> None:
+    """The final evaluation the user asked for has its step method and data."""
+    if stage is None:
+        return
+    step, hook = ("validation_step", "val_dataloader") if stage == "val" else ("test_step", "test_dataloader")
+    if not is_overridden(step, pl_module):
+        raise PreflightError(
+            f"QATCallback(evaluate={stage!r}) evaluates float / QAT / int8 with your `{step}`, but "
+            f"{type(pl_module).__name__} has none: define `{step}`, or pass evaluate="
+            f"{'test' if stage == 'val' else 'val'!r} or evaluate=None."
+        )
+    datamodule = trainer.datamodule
+    has_data = (
+        (datamodule is not None and is_overridden(hook, datamodule))
+        or is_overridden(hook, pl_module)
+        or (stage == "val" and lightning_internals.eval_data_source(trainer, "val") is not None)
+    )
+    if not has_data:
+        raise PreflightError(
+            f"QATCallback(evaluate={stage!r}) needs {stage} data for the final evaluation, but the datamodule, the "
+            f"module and `fit` give no `{hook}`: add one, or pass evaluate=None."
+        )
+
+
+def check_example(network: nn.Module, example_inputs: tuple[Any, ...], name: str, prepared: bool = False) -> None:
+    """Run the example input through (a CPU copy of) ``network``; ``network`` itself is not touched."""
+    probe = cpu_eval_copy(network)
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+    try:
+        with ao.quiet(), torch.no_grad():
+            probe(*example_inputs)
+    except Exception as err:
+        raise PreflightError(
+            f"The example input (shapes {shapes}) does not run through the {'prepared ' if prepared else ''}`{name}`: "
+            f"{type(err).__name__}: {err}. Set `example_input_array` on your LightningModule to the network's input "
+            "(a tuple for several positional inputs), or pass `module=` naming the network your batch feeds."
+        ) from err
+
+
+def check_conversion(
+    network: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...], name: str
+) -> nn.Module:
+    """Run the example input through a copy of the freshly prepared network, convert the copy to int8 and trace it.
+
+    Returns the int8 copy. ``network`` itself is not touched (its observers see nothing).
+    """
+    check_example(network, example_inputs, name, prepared=True)
+    probe = cpu_eval_copy(network)
+    with ao.quiet(), torch.no_grad():
+        probe(*example_inputs)  # the observers of the copy see the example once, as after a first training step
+    try:
+        quantized = to_int8(probe, mode, backend, example_inputs)
+    except ConversionError as err:
+        raise PreflightError(
+            f"`{name}` trains, but its int8 conversion would fail at the end of fit: {err} Fix it before training "
+            "(see the hint), or `skip=` the submodule that cannot be quantized."
+        ) from err
+    try:
+        to_torchscript(quantized, backend, example_inputs)
+    except Exception as err:
+        raise PreflightError(
+            f"The int8 `{name}` cannot be traced to TorchScript for the artifact: {type(err).__name__}: {err}. "
+            "Return tensors (or tuples of tensors) from the network, or pass save_artifact=False."
+        ) from err
+    return quantized

@@ -1,0 +1,169 @@
+"""Each case here used to train to the end and then fail; now it stops in `setup`, before any training step."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import BoringClassifier, TinyNet, trainer_kwargs
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_qat import QATCallback
+from lightning_qat.preflight import PreflightError
+
+
+class StepCounter(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps += 1
+
+
+class DictOutputNet(TinyNet):
+    def forward(self, x):
+        return {"logits": super().forward(x)}
+
+
+class DictOutputClassifier(BoringClassifier):
+    def __init__(self):
+        super().__init__(DictOutputNet())
+
+    def forward(self, x):
+        return self.net(x)["logits"]
+
+
+class TwoInputNet(nn.Module):
+    """Image plus a metadata vector: the batch's first element alone is not its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = TinyNet()
+        self.meta = nn.Linear(3, 10)
+
+    def forward(self, x, meta):
+        return self.image(x) + self.meta(meta)
+
+
+class TwoInputClassifier(BoringClassifier):
+    def __init__(self):
+        super().__init__(TwoInputNet())
+
+    def forward(self, x):
+        return self.net(x, torch.zeros(x.shape[0], 3))
+
+
+class EagerAddNet(TinyNet):
+    """Untraceable (data-dependent branch), so eager mode; its `x + x` cannot run on quantized tensors."""
+
+    def forward(self, x):
+        x = self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+        if x.shape[-1] > 2:
+            x = x + x
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc2(self.relu3(self.fc1(x)))
+
+
+class EagerAddClassifier(BoringClassifier):
+    def __init__(self):
+        super().__init__(EagerAddNet())
+
+
+class NoValidationStep(BoringClassifier):
+    validation_step = pl.LightningModule.validation_step
+
+
+class ReadsWeightInValidation(BoringClassifier):
+    def validation_step(self, batch, batch_idx):
+        self.log("fc2_norm", self.net.fc2.weight.norm())  # a method on the int8 Linear, not a tensor
+        return super().validation_step(batch, batch_idx)
+
+
+class NoTestData(pl.LightningDataModule):
+    def __init__(self, dm):
+        super().__init__()
+        self.dm = dm
+
+    def train_dataloader(self):
+        return self.dm.train_dataloader()
+
+    def val_dataloader(self):
+        return self.dm.val_dataloader()
+
+
+CASES = {
+    "dict output": (DictOutputClassifier, {}, {}, r"cannot be traced to TorchScript.*Return tensors"),
+    "two inputs": (TwoInputClassifier, {}, {}, r"example input \(shapes \[\(64, 1, 8, 8\)\]\).*example_input_array"),
+    "eager x + x": (EagerAddClassifier, {}, {}, r"conversion would fail.*QuantizedCPU.*FloatFunctional"),
+    "no validation_step": (NoValidationStep, {}, {}, r"evaluate='val'.*has none: define `validation_step`"),
+    "no test data": (BoringClassifier, {"evaluate": "test"}, {}, r"needs test data.*test_dataloader"),
+    "validation_step reads a weight": (ReadsWeightInValidation, {}, {}, r"`validation_step` fails on the int8"),
+    "bf16-mixed": (BoringClassifier, {}, {"precision": "bf16-mixed"}, r"precision='bf16-mixed'.*'32-true'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_late_failures_now_stop_in_setup_with_the_fix(tmp_path, digits8, case):
+    model_fn, qat_kwargs, extra, match = CASES[case]
+    counter = StepCounter()
+    datamodule = NoTestData(digits8) if case == "no test data" else digits8
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, callbacks=[QATCallback(**qat_kwargs), counter]) | extra
+    )
+    with pytest.raises(PreflightError, match=match):
+        trainer.fit(model_fn(), datamodule=datamodule)
+    assert counter.steps == 0
+
+
+@pytest.mark.parametrize("save_dir", ["file", "unwritable"])
+def test_a_save_dir_that_cannot_take_the_artifact_stops_in_setup(tmp_path, digits8, save_dir):
+    target = tmp_path / "out"
+    if save_dir == "file":
+        target.write_text("a file, not a directory")
+    else:
+        target.mkdir()
+        target.chmod(0o500)
+        if (target / "probe").touch() is None and (target / "probe").exists():  # root ignores permissions
+            pytest.skip("running as root: permissions do not stop writes")
+    counter = StepCounter()
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=1, callbacks=[QATCallback(save_dir=str(target)), counter])
+    )
+    with pytest.raises(ValueError, match=r"save_dir=.*out' is not a writable directory"):
+        trainer.fit(BoringClassifier(), datamodule=digits8)
+    assert counter.steps == 0
+
+
+def test_a_compiled_network_is_prepared_through_its_original_module(tmp_path, digits8):
+    model = BoringClassifier(torch.compile(TinyNet()))
+    qat = QATCallback(evaluate=None, save_artifact=False, latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat]))
+    with pytest.warns(UserWarning, match="torch.compile'd; QAT prepares and trains its original module"):
+        trainer.fit(model, datamodule=digits8)
+    assert qat.prepared.mode == "fx"
+    assert isinstance(model.net, torch.fx.GraphModule)
+    assert qat.quantized_model is not None
+
+
+def test_two_runs_without_a_logger_keep_both_artifacts(tmp_path, digits8):
+    paths = []
+    for _ in range(2):
+        qat = QATCallback(evaluate=None, latency_repeats=1)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[qat]))
+        trainer.fit(BoringClassifier(), datamodule=digits8)
+        paths.append(qat.artifact_path)
+    assert paths == [tmp_path / "qat" / "version_0" / "model_int8.pt", tmp_path / "qat" / "version_1" / "model_int8.pt"]
+    assert all(p.is_file() for p in paths)
+
+
+def test_reusing_a_save_dir_is_refused_before_training_unless_overwrite(tmp_path, digits8):
+    def fit(**kwargs):
+        qat = QATCallback(evaluate=None, latency_repeats=1, save_dir=str(tmp_path / "out"), **kwargs)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[qat]))
+        trainer.fit(BoringClassifier(), datamodule=digits8)
+        return qat
+
+    first = fit().artifact_path.read_bytes()
+    with pytest.raises(PreflightError, match=r"already holds an earlier run's \['model_int8.pt', 'qat_report.json'\]"):
+        fit()
+    assert (tmp_path / "out" / "model_int8.pt").read_bytes() == first
+    assert fit(overwrite=True).artifact_path.is_file()

@@ -12,8 +12,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_qat.callbacks.qat import QATCallback
 from lightning_qat.checkpoint import convert_checkpoint
-from lightning_qat.data import DigitsDataModule
-from lightning_qat.models import ImageClassifier
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -40,9 +38,12 @@ class QATTrainer(Trainer):
 class QATLightningCLI(LightningCLI):
     """LightningCLI with a ``qat`` group (every :class:`QATCallback` argument) and an optional float pre-training.
 
-    ``--pretrain.epochs N`` (with ``--pretrain.lr``) trains the float model for N epochs with a separate trainer
-    before the QAT fit starts, the usual recipe (train float, then QAT-fine-tune at a low learning rate) in one
-    command. ``--model.init_checkpoint`` starts from float weights you already have instead.
+    Any LightningModule and LightningDataModule by ``class_path`` (the default config names the embedded
+    ``ImageClassifier`` and ``DigitsDataModule``). ``--pretrain.epochs N`` trains the float model for N epochs with a
+    separate trainer before the QAT fit starts, the usual recipe (train float, then QAT-fine-tune at a low learning
+    rate) in one command; it needs only the module's own ``configure_optimizers``, and ``--pretrain.lr`` sets the
+    module's ``lr`` hyperparameter for that stage when it has one. ``--model.init_checkpoint`` or ``--model.weights``
+    start from float weights you already have instead.
     """
 
     @staticmethod
@@ -54,7 +55,12 @@ class QATLightningCLI(LightningCLI):
         """Add ``--qat.*`` and ``--pretrain.*``."""
         parser.add_lightning_class_args(QATCallback, "qat")
         parser.add_argument("--pretrain.epochs", type=int, default=0, help="float pre-training epochs before QAT")
-        parser.add_argument("--pretrain.lr", type=float, default=0.05, help="learning rate of the float pre-training")
+        parser.add_argument(
+            "--pretrain.lr",
+            type=float | None,
+            default=None,
+            help="learning rate of the float pre-training (the model's `lr` hyperparameter; None: the model's own)",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
         """Parse; an error of the config layer (e.g. an interpolation to a missing key) becomes a usage error."""
@@ -80,25 +86,47 @@ class QATLightningCLI(LightningCLI):
         if ckpt_path and ckpt_path not in ("best", "last", "hpc", "registry") and not Path(ckpt_path).is_file():
             self.parser.error(f"--ckpt_path={ckpt_path}: no such checkpoint file.")
 
-    before_validate = before_test = before_predict = before_convert = _check_ckpt_path
+    def _check_class_count(self) -> None:
+        """A data module with ``num_classes`` (e.g. image folders) and a model with another ``num_classes`` disagree."""
+        data_classes = getattr(self.datamodule, "num_classes", None)
+        model_classes = getattr(self.model.hparams, "num_classes", None)
+        if isinstance(data_classes, int) and isinstance(model_classes, int) and data_classes != model_classes:
+            self.parser.error(
+                f"the data has {data_classes} classes but --model.num_classes={model_classes}: set "
+                f"--model.num_classes={data_classes}."
+            )
+
+    def _before_run(self) -> None:
+        self._check_ckpt_path()
+        self._check_class_count()
+
+    before_validate = before_test = before_predict = before_convert = _before_run
 
     def before_fit(self) -> None:
         """Float pre-training, when ``--pretrain.epochs`` > 0 and the fit is not a resume."""
-        self._check_ckpt_path()
+        self._before_run()
         config = self.config[self.subcommand]
         pretrain = config.pretrain
         if config.get("ckpt_path"):
             if pretrain.epochs > 0:
                 rank_zero_info("Resuming from --ckpt_path: the float pre-training (--pretrain.epochs) is skipped.")
             return
+        hparams = self.model.hparams
         if pretrain.epochs <= 0:
-            if getattr(self.model.hparams, "init_checkpoint", "given") is None:
+            if hparams.get("init_checkpoint", "given") is None and hparams.get("weights", "given") is None:
                 qat = next(cb for cb in self.trainer.callbacks if isinstance(cb, QATCallback))
                 qat.untrained_float = True  # QAT starts from random weights: no float baseline to guard against
             return
-        rank_zero_info(f"Float pre-training: {pretrain.epochs} epochs at lr {pretrain.lr} before QAT.")
-        qat_lr = self.model.hparams.lr
-        self.model.hparams.lr = pretrain.lr
+        qat_lr = hparams.get("lr")
+        if pretrain.lr is not None and qat_lr is None:
+            rank_zero_info(
+                f"--pretrain.lr={pretrain.lr} is not applied: {type(self.model).__name__} has no `lr` hyperparameter, "
+                "so its own configure_optimizers sets the pre-training learning rate."
+            )
+        lr = pretrain.lr if pretrain.lr is not None and qat_lr is not None else qat_lr
+        rank_zero_info(f"Float pre-training: {pretrain.epochs} epochs at lr {lr} before QAT.")
+        if qat_lr is not None:
+            hparams.lr = lr
         trainer = Trainer(
             max_epochs=pretrain.epochs,
             accelerator=self.trainer.accelerator,
@@ -109,15 +137,18 @@ class QATLightningCLI(LightningCLI):
             default_root_dir=self.trainer.default_root_dir,
         )
         trainer.fit(self.model, datamodule=copy.copy(self.datamodule))
-        self.model.hparams.lr = qat_lr
+        if qat_lr is not None:
+            hparams.lr = qat_lr
         self.model.trainer = None
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-qat`` console script."""
     QATLightningCLI(
-        ImageClassifier,
-        DigitsDataModule,
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         trainer_class=QATTrainer,
         parser_kwargs={
             "parser_mode": "omegaconf+",

@@ -65,7 +65,18 @@ class DigitsDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) with a sum < 1."
             )
-        self.save_hyperparameters()
+        # explicit, so a subclass with other __init__ arguments keeps these (Lightning reads the outermost frame)
+        self.save_hyperparameters(
+            {
+                "image_size": image_size,
+                "channels": channels,
+                "batch_size": batch_size,
+                "num_workers": num_workers,
+                "val_fraction": val_fraction,
+                "test_fraction": test_fraction,
+                "seed": seed,
+            }
+        )
         self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torchvision
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -38,6 +39,54 @@ def load_float_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def pretrained_state_dict(arch: str, weights: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision's ``weights`` (``"IMAGENET1K_V1"``, ``"DEFAULT"``...) for ``arch``, offline.
+
+    Read from the torch hub cache (``$TORCH_HOME/hub/checkpoints``, where torchvision keeps downloads); nothing is
+    downloaded.
+
+    Raises:
+        ValueError: if ``weights`` is not one of ``arch``'s weight names.
+        FileNotFoundError: if the file is not in the cache, naming the file, its URL and where to put it.
+    """
+    enum = torchvision.models.get_model_weights(arch)
+    names = [w.name for w in enum]
+    try:
+        entry = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except KeyError:
+        raise ValueError(
+            f"weights={weights!r} is not a weight of {arch}; choose one of {['DEFAULT', *names]}."
+        ) from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights={weights!r} ({arch} {entry.name}) needs {path.name}, which is not in the torch hub cache: "
+            f"download {entry.url} and put it at {path} (no download is attempted)."
+        )
+    return load_float_weights(path)
+
+
+def load_backbone(network: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``state`` into ``network``, except entries of another shape (a head for another class count).
+
+    Those keep their fresh initialisation; their names are returned.
+
+    Raises:
+        ValueError: if ``state`` does not fit ``network`` beyond differently shaped entries (another architecture).
+    """
+    own = network.state_dict()
+    replaced = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    kept = {k: v for k, v in state.items() if k not in replaced}
+    result = network.load_state_dict(kept, strict=False)
+    missing = [k for k in result.missing_keys if k not in replaced]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"the weights do not fit {type(network).__name__}: missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]} (first 5 of each); is it another architecture?"
+        )
+    return replaced
+
+
 class ImageClassifier(pl.LightningModule):
     """A torchvision classification architecture (``weights=None``) with cross-entropy and accuracy metrics.
 
@@ -47,8 +96,11 @@ class ImageClassifier(pl.LightningModule):
         lr: learning rate of SGD with momentum 0.9 and a cosine schedule over the fit.
         weight_decay: SGD weight decay.
         arch_kwargs: extra keyword arguments of the architecture (``{"width_mult": 0.5}`` for mobilenet_v2).
+        weights: torchvision's pretrained weights for ``arch`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``...), read offline
+            from the torch hub cache; a head for another ``num_classes`` is re-initialised.
         init_checkpoint: float weights to start from: a Lightning ``.ckpt`` of this class or a ``state_dict`` file
-            of the network (``model.`` prefixes are handled), the fine-tuning starting point.
+            of the network (``model.`` prefixes are handled), the fine-tuning starting point; a head for another
+            class count is re-initialised (the message names the replaced keys).
     """
 
     def __init__(
@@ -58,26 +110,40 @@ class ImageClassifier(pl.LightningModule):
         lr: float = 0.05,
         weight_decay: float = 5e-4,
         arch_kwargs: dict[str, Any] | None = None,
+        weights: str | None = None,
         init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         available = torchvision.models.list_models(torchvision.models)
         if arch not in available:
             raise ValueError(f"arch={arch!r} is not a torchvision classification model; choose one of {available}.")
+        if "weights" in (arch_kwargs or {}):
+            raise ValueError(
+                f"arch_kwargs={arch_kwargs!r}: give pretrained weights as weights=..., not in arch_kwargs."
+            )
         self.save_hyperparameters()
         self.model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **(arch_kwargs or {}))
+        if weights is not None:
+            self._load_float(pretrained_state_dict(arch, weights), f"weights={weights!r}")
         self.criterion = torch.nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         if init_checkpoint is not None:
             state = load_float_weights(init_checkpoint)
-            prefixed = {k.removeprefix("model."): v for k, v in state.items() if not k.endswith("_acc")}
-            try:
-                self.model.load_state_dict(prefixed)
-            except RuntimeError as err:
-                detail = " ".join(str(err).split())[:400]
-                raise ValueError(f"init_checkpoint={init_checkpoint!r} does not fit arch={arch!r}: {detail}") from err
+            network_state = {k.removeprefix("model."): v for k, v in state.items() if not k.endswith("_acc")}
+            self._load_float(network_state, f"init_checkpoint={init_checkpoint!r}")
+
+    def _load_float(self, state: dict[str, torch.Tensor], source: str) -> None:
+        try:
+            replaced = load_backbone(self.model, state)
+        except ValueError as err:
+            raise ValueError(f"{source} does not fit arch={self.hparams.arch!r}: {err}") from err
+        if replaced:
+            rank_zero_info(
+                f"{source}: loaded; {replaced} had another shape (a head for another class count) and were "
+                f"re-initialised for num_classes={self.hparams.num_classes}."
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits."""

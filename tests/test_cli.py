@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_cli_runs_end_to_end_and_applies_dotted_overrides(tmp_path):
     assert (run_dir / "model_int8.pt").is_file()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["qat"]["backend"] == "fbgemm"
-    assert config["model"]["arch"] == "mobilenet_v3_small"
+    assert config["model"]["init_args"]["arch"] == "mobilenet_v3_small"
     assert "int8/val_acc" in (run_dir / "metrics.csv").read_text()
 
 
@@ -117,6 +118,8 @@ def test_every_shipped_config_parses_to_its_own_values(tmp_path, path):
             continue  # an interpolation: resolved, so not equal to its text
         resolved = printed
         for key in keys:
+            if key not in resolved and "init_args" in resolved:  # `model: {arch: ...}` is short for init_args
+                resolved = resolved["init_args"]
             resolved = resolved[key]
         assert resolved == value, keys
         checked += 1
@@ -189,18 +192,18 @@ def _evil_pickle(path, marker):
 @pytest.mark.parametrize(
     ("case", "named"),
     [
-        ("size mismatch", "init_checkpoint="),
-        ("type error", "TypeError"),
-        ("missing interpolation key", "full_key: fit.model.lr"),
+        ("another architecture", "does not fit arch='mobilenet_v3_small'"),
+        ("wrong type", "arch_kwargs={'width_mult': 'wide'}"),
+        ("missing interpolation key", "Interpolation key '..nope' not found"),
         ("malicious pickle", "would run code"),
     ],
 )
 def test_cli_configuration_errors_are_one_usage_line_before_any_training(tmp_path, case, named):
     marker = tmp_path / "pwned"
-    if case == "size mismatch":
-        torch.save(torchvision.models.mobilenet_v3_small(num_classes=7).state_dict(), tmp_path / "seven.pt")
-        arg = f"--model.init_checkpoint={tmp_path / 'seven.pt'}"
-    elif case == "type error":
+    if case == "another architecture":
+        torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "resnet18.pt")
+        arg = f"--model.init_checkpoint={tmp_path / 'resnet18.pt'}"
+    elif case == "wrong type":
         arg = '--model.arch_kwargs={"width_mult": "wide"}'
     elif case == "missing interpolation key":
         arg = "--model.lr=${..nope}"
@@ -215,3 +218,145 @@ def test_cli_configuration_errors_are_one_usage_line_before_any_training(tmp_pat
     assert named in error_lines[0]
     assert not (tmp_path / "outputs").exists()
     assert not marker.exists()
+
+
+MY_PACKAGE = """
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from lightning_qat.data import DigitsDataModule
+
+
+class MyModule(pl.LightningModule):
+    def __init__(self, hidden: int = 32, lr: float = 0.01):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 10),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class MyData(DigitsDataModule):
+    def __init__(self, batch_size: int = 64):
+        super().__init__(image_size=8, channels=1, batch_size=batch_size)
+"""
+
+SHORT = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false"]
+SHORT += ["--qat.max_metric_drop=null", "--qat.latency_repeats=2", "--qat.ptq_baseline=false"]
+
+
+@pytest.mark.parametrize("how", ["command line", "yaml"])
+def test_cli_runs_your_own_module_and_data_by_class_path(tmp_path, how):
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text(MY_PACKAGE)
+    if how == "yaml":
+        config = (
+            "model:\n  class_path: mypkg.MyModule\n  init_args:\n    hidden: 8\ndata:\n  class_path: mypkg.MyData\n"
+        )
+        (tmp_path / "my.yaml").write_text(config)
+        args = ["--config=my.yaml"]
+    else:
+        args = ["--model=mypkg.MyModule", "--model.hidden=8", "--data=mypkg.MyData"]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "lightning_qat", "fit", *args, *SHORT, "--pretrain.epochs=1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "qat" / "version_0"
+    report = json.loads((run_dir / "qat_report.json").read_text())
+    assert set(report["metrics"]) == {"float", "qat", "int8"}
+    assert (run_dir / "model_int8.pt").is_file()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"] == {"class_path": "mypkg.MyModule", "init_args": {"hidden": 8, "lr": 0.005}}
+    assert "Float pre-training: 1 epochs" in result.stderr + result.stdout
+
+
+def _digits_folders(root):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for n, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / ("val" if n % 5 == 0 else "train") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype("uint8")).save(folder / f"{n}.png")
+
+
+RECIPE = Path(__file__).parents[1] / "configs" / "finetune_imagefolder.yaml"
+RECIPE_TINY = [
+    "--data.root=images",
+    "--data.image_size=32",
+    "--data.resize_size=null",
+    "--data.num_workers=0",
+    "--data.persistent_workers=false",
+    "--trainer.max_epochs=2",
+    "--trainer.enable_progress_bar=false",
+    "--pretrain.epochs=2",
+    "--qat.freeze_bn_after=1",
+    "--qat.freeze_observers_after=1",
+    "--qat.max_metric_drop=null",
+    "--qat.latency_repeats=2",
+]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    _digits_folders(root / "images")
+    # the "pretrained" ImageNet weights, where torchvision's cache keeps them (the test's own: no download here)
+    (root / "torch_home" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(
+        torchvision.models.resnet18(num_classes=1000).state_dict(),
+        root / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth",
+    )
+    return root
+
+
+def _recipe(root, *args):
+    env = os.environ | {"TORCH_HOME": str(root / "torch_home")}
+    cmd = [sys.executable, "-m", "lightning_qat", "fit", f"--config={RECIPE}", *RECIPE_TINY, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=900)
+
+
+def test_the_image_folder_recipe_fine_tunes_pretrained_weights_to_int8(image_folder):
+    result = _recipe(image_folder, "--model.num_classes=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "re-initialised for num_classes=10" in result.stderr + result.stdout  # the ImageNet head was replaced
+    report = json.loads((image_folder / "outputs" / "qat" / "version_0" / "qat_report.json").read_text())
+    assert report["metrics"]["int8"]["val_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert report["status"] == "complete"
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--data.root=nowhere", "--model.num_classes=10"], "No train folder at nowhere/train"),
+        (["--model.num_classes=7"], "the data has 10 classes but --model.num_classes=7"),
+        (["--model.num_classes=10", "--model.arch=resnet34"], "needs resnet34-b627a593.pth"),
+    ],
+    ids=["bad folder", "class count", "missing weights"],
+)
+def test_the_image_folder_recipe_errors_are_one_line_before_any_work(image_folder, args, named):
+    before = set((image_folder / "outputs").rglob("*")) if (image_folder / "outputs").exists() else set()
+    result = _recipe(image_folder, *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert named in error_lines[0]
+    after = set((image_folder / "outputs").rglob("*")) if (image_folder / "outputs").exists() else set()
+    assert after == before

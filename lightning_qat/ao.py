@@ -79,6 +79,7 @@ try:
         from torch.ao.quantization import prepare as _eager_prepare
         from torch.ao.quantization import prepare_qat as _eager_prepare_qat
         from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+        from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
         from torch.ao.quantization.quantize_fx import convert_fx as _convert_fx
         from torch.ao.quantization.quantize_fx import prepare_fx as _prepare_ptq_fx
         from torch.ao.quantization.quantize_fx import prepare_qat_fx as _prepare_qat_fx
@@ -138,13 +139,21 @@ def qconfig_mapping(backend: str, skip: Sequence[str] = (), qat: bool = True) ->
 
 
 def prepare_fx(
-    module: nn.Module, mapping: QConfigMapping, example_inputs: tuple[Any, ...], qat: bool = True
+    module: nn.Module,
+    mapping: QConfigMapping,
+    example_inputs: tuple[Any, ...],
+    qat: bool = True,
+    leaf_classes: Sequence[type[nn.Module]] = (),
 ) -> nn.Module:
-    """Symbolically trace, fuse and insert fake-quant (QAT) or observers (post-training), FX graph mode."""
+    """Symbolically trace, fuse and insert fake-quant (QAT) or observers (post-training), FX graph mode.
+
+    ``leaf_classes`` are not traced into: they stay modules (in float), called as such.
+    """
+    config = PrepareCustomConfig().set_non_traceable_module_classes(list(leaf_classes))
     with quiet():
         if qat:
-            return _prepare_qat_fx(module, mapping, example_inputs=example_inputs)
-        return _prepare_ptq_fx(module, mapping, example_inputs=example_inputs)
+            return _prepare_qat_fx(module, mapping, example_inputs=example_inputs, prepare_custom_config=config)
+        return _prepare_ptq_fx(module, mapping, example_inputs=example_inputs, prepare_custom_config=config)
 
 
 def prepare_eager(module: nn.Module, qat: bool = True) -> nn.Module:

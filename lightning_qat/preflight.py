@@ -86,6 +86,43 @@ def check_example(network: nn.Module, example_inputs: tuple[Any, ...], name: str
         ) from err
 
 
+def check_eval_is_deterministic(
+    float_network: nn.Module, prepared: nn.Module, example_inputs: tuple[Any, ...], name: str
+) -> None:
+    """A float network that is deterministic in ``eval()`` stays so once prepared (observers off).
+
+    Tracing runs in training mode: a function that takes ``self.training`` as an argument and is traced *into*
+    (instead of called as a module) keeps ``training=True`` in the graph, and the QAT and int8 networks would drop
+    activations at random in evaluation.
+    """
+    networks = {"float": cpu_eval_copy(float_network), "prepared": cpu_eval_copy(prepared)}
+    same = {}
+    with ao.quiet(), torch.no_grad():
+        networks["prepared"](*example_inputs)  # the observers see data once, else fake-quant rounds much to zero
+        ao.set_observers(networks["prepared"], False)
+        for key, network in networks.items():
+            torch.manual_seed(0)
+            first = network(*example_inputs)
+            torch.manual_seed(1)
+            same[key] = _equal(first, network(*example_inputs))
+    if same["float"] and not same["prepared"]:
+        raise PreflightError(
+            f"The prepared `{name}` is random in eval() though the float one is not: a dropout-like function traced "
+            "with training=True (e.g. torchvision.ops.stochastic_depth or F.dropout called through a helper). Use "
+            "the module (torchvision.ops.StochasticDepth, nn.Dropout) in forward, or mode='eager'."
+        )
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
 def check_conversion(
     network: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...], name: str
 ) -> nn.Module:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
@@ -224,6 +227,52 @@ def replace_relu6(network: nn.Module, skip: Sequence[str] = ()) -> int:
     return count
 
 
+# Modules whose forward passes `self.training` to a function: traced, FX would bake the flag in as a constant.
+_TRAIN_EVAL_LEAVES: tuple[type[nn.Module], ...] = (torchvision.ops.StochasticDepth,)
+
+# Functionals whose behaviour depends on a training flag: (function, module class, argument names of the module).
+_TRAIN_EVAL_FUNCTIONS: tuple[tuple[Any, type[nn.Module], tuple[str, ...]], ...] = (
+    (F.dropout, nn.Dropout, ("p",)),
+    (F.dropout1d, nn.Dropout1d, ("p",)),
+    (F.dropout2d, nn.Dropout2d, ("p",)),
+    (F.dropout3d, nn.Dropout3d, ("p",)),
+    (F.alpha_dropout, nn.AlphaDropout, ("p",)),
+    (F.feature_alpha_dropout, nn.FeatureAlphaDropout, ("p",)),
+    (torchvision.ops.stochastic_depth, torchvision.ops.StochasticDepth, ("p", "mode")),
+)
+
+
+def make_train_eval_calls_follow_the_mode(graph_module: torch.fx.GraphModule) -> int:
+    """Replace each traced dropout-like function call by its module, so ``eval()`` turns it off again.
+
+    Tracing happens in training mode, so ``F.dropout(x, p, self.training)`` is recorded with ``training=True``
+    as a constant: the prepared network, the int8 model and the artifact would drop activations at random in
+    evaluation. A call traced with ``training=False`` stays as it is (it does nothing in either mode). Returns how
+    many calls were replaced.
+    """
+    replaced = 0
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        match = next((m for m in _TRAIN_EVAL_FUNCTIONS if node.op == "call_function" and node.target is m[0]), None)
+        if match is None:
+            continue
+        function, module_class, names = match
+        bound = inspect.signature(function).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        if bound.arguments.get("training") is False:
+            continue
+        name = f"qat_{module_class.__name__.lower()}_{replaced}"
+        graph_module.add_submodule(name, module_class(*(bound.arguments[n] for n in names)))
+        with graph.inserting_before(node):
+            call = graph.call_module(name, (bound.arguments["input"],))
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        graph_module.recompile()
+    return replaced
+
+
 def prepare_model(
     network: nn.Module,
     backend: str,
@@ -247,7 +296,8 @@ def prepare_model(
     with ao.engine(backend):
         if mode in ("auto", "fx"):
             try:
-                prepared = ao.prepare_fx(network, ao.qconfig_mapping(backend, skip, qat), example_inputs, qat)
+                mapping = ao.qconfig_mapping(backend, skip, qat)
+                prepared = ao.prepare_fx(network, mapping, example_inputs, qat, leaf_classes=_TRAIN_EVAL_LEAVES)
             except Exception as err:  # noqa: BLE001 - any tracing failure means "not traceable"
                 if mode == "fx":
                     raise RuntimeError(
@@ -257,6 +307,7 @@ def prepare_model(
                 reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             else:
                 reason = "requested" if mode == "fx" else "the network is symbolically traceable"
+                make_train_eval_calls_follow_the_mode(prepared)
                 return Prepared(prepared, "fx", reason, _count_fused(prepared), replaced)
         else:
             reason = "requested"

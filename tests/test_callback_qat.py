@@ -291,3 +291,10 @@ def test_sigterm_during_the_final_evaluation_exits_nonzero_and_keeps_the_artifac
     assert report["status"].startswith("failed during evaluation (EvaluationInterrupted")
     assert report["artifact"] == str(out / "model_int8.pt")
     assert load_quantized(out / "model_int8.pt") is not None
+
+
+def test_a_single_epoch_run_freezes_on_the_default_fractions_of_its_steps(tmp_path, digits8):
+    recorder = FlagRecorder()
+    qat = QATCallback(evaluate=None, save_artifact=False)
+    _fit(tmp_path, digits8, callbacks=[qat, recorder], max_epochs=1, limit_train_batches=8)
+    assert recorder.steps == [(s, s >= 4, s < 6) for s in range(8)]

@@ -4,6 +4,7 @@ import torchvision
 from conftest import SelfFusingNet, TinyNet, UntraceableNet
 from torch.ao.nn.intrinsic import qat as nniqat
 
+import lightning_qat
 from lightning_qat import ao
 from lightning_qat.prepare import (
     EagerQATWrapper,
@@ -122,3 +123,39 @@ def test_replace_relu6_leaves_skipped_submodules_alone():
     net = torch.nn.Sequential(torch.nn.ReLU6(), torch.nn.Sequential(torch.nn.ReLU6()))
     assert replace_relu6(net, skip=["1"]) == 1
     assert [type(m) for m in (net[0], net[1][0])] == [torch.nn.ReLU, torch.nn.ReLU6]
+
+
+class StochasticBlock(torch.nn.Module):
+    """Stochastic depth as torchvision's networks use it (a module) and a functional dropout on self.training."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.drop_path = torchvision.ops.StochasticDepth(0.5, "row")
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = x + self.drop_path(self.conv2(x))
+        x = torch.nn.functional.dropout(x, 0.3, self.training)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_dropout_and_stochastic_depth_follow_train_and_eval_in_qat_int8_and_artifact(tmp_path):
+    from lightning_qat.convert import save_torchscript, to_int8
+
+    x = torch.randn(16, 3, 8, 8)
+    prepared = prepare_model(StochasticBlock(), "x86", "fx", [], (x,)).module
+    with torch.no_grad():
+        prepared.train()
+        assert not torch.equal(prepared(x), prepared(x))  # training: random, as in float
+        ao.set_observers(prepared, False)
+        prepared.eval()
+        assert torch.equal(prepared(x), prepared(x))
+    int8 = to_int8(prepared, "fx", "x86", (x,))
+    artifact = save_torchscript(int8, tmp_path / "m.pt", "x86", (x,))
+    with torch.no_grad(), ao.quiet():
+        assert torch.equal(int8(x), int8(x))
+        assert torch.equal(lightning_qat.load_quantized(artifact)(x), int8(x))

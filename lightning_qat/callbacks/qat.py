@@ -36,7 +36,7 @@ from lightning_qat.evaluate import (
 from lightning_qat.inputs import batch_input, batch_size, cpu_inputs, example_inputs
 from lightning_qat.prepare import Mode, Prepared, find_target, prepare_model
 from lightning_qat.report import MonitorMode, QATReport
-from lightning_qat.schedule import FreezeSchedule, Interval, check_after, resolve_after
+from lightning_qat.schedule import FreezeSchedule, Interval, build_schedule, check_after
 from lightning_qat.sync import all_reduce_observers
 
 OnDrop = Literal["warn", "raise"]
@@ -243,7 +243,11 @@ class QATCallback(Callback):
         Every rank runs it (the same checks on the same network), so a failure stops every rank in `setup`.
         """
         assert self.prepared is not None
+        assert self._float_network is not None
         start = time.perf_counter()
+        preflight.check_eval_is_deterministic(
+            self._float_network, self.prepared.module, self._example_inputs, str(self.target)
+        )
         quantized = preflight.check_conversion(
             self.prepared.module, self.prepared.mode, self.backend, self._example_inputs, str(self.target)
         )
@@ -314,26 +318,30 @@ class QATCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.interval == "epoch":
-            total = trainer.max_epochs
-        else:
-            total = trainer.max_steps if trainer.max_steps != -1 else int(trainer.estimated_stepping_batches)
-        self._schedule = FreezeSchedule(
+        self._schedule, notes, warnings = build_schedule(
             self.interval,
-            resolve_after("freeze_bn_after", self.freeze_bn_after, total, self.interval),
-            resolve_after("freeze_observers_after", self.freeze_observers_after, total, self.interval),
+            self.freeze_bn_after,
+            self.freeze_observers_after,
+            trainer.max_epochs,
+            trainer.max_steps,
+            trainer.estimated_stepping_batches,
         )
+        for note in notes:
+            rank_zero_info(note)
+        for warning in warnings:
+            rank_zero_warn(warning)
 
     # ------------------------------------------------------------------ training
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._apply_schedule(pl_module, trainer.current_epoch if self.interval == "epoch" else trainer.global_step)
+        if self._schedule is not None and self._schedule.interval == "epoch":
+            self._apply_schedule(pl_module, trainer.current_epoch)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.interval == "step":
+        if self._schedule is not None and self._schedule.interval == "step":
             self._apply_schedule(pl_module, trainer.global_step)
 
     @override
@@ -620,11 +628,13 @@ class QATCallback(Callback):
         if freeze_bn and not self.bn_frozen:
             ao.freeze_bn_stats(network)
             self.bn_frozen = True
-            rank_zero_info(f"QAT: BatchNorm statistics frozen at {self.interval} {counter}.")
+            rank_zero_info(f"QAT: BatchNorm statistics frozen at {self._schedule.interval} {counter}.")
         if freeze_observers and not self.observers_frozen:
             ao.set_observers(network, False)
             self.observers_frozen = True
-            rank_zero_info(f"QAT: observers frozen at {self.interval} {counter}; quantization parameters fixed.")
+            rank_zero_info(
+                f"QAT: observers frozen at {self._schedule.interval} {counter}; quantization parameters fixed."
+            )
 
     def _pause_observers(self, pl_module: pl.LightningModule) -> None:
         """Observers off for an evaluation loop, which then leaves no trace in the quantization state."""

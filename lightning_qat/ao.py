@@ -61,13 +61,14 @@ _TESTED_TORCH = "2.4 to 2.14"
 
 try:
     with _silenced():
-        from torch.ao.nn.intrinsic.qat import freeze_bn_stats as _freeze_bn_stats
         from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
         from torch.ao.quantization import (
             DeQuantStub,
             QConfig,
             QConfigMapping,
             QuantStub,
+            default_embedding_qat_qconfig,
+            float_qparams_weight_only_qconfig,
             get_default_qat_qconfig,
             get_default_qat_qconfig_mapping,
             get_default_qconfig,
@@ -130,9 +131,14 @@ def qconfig(backend: str, qat: bool = True) -> QConfig:
 
 
 def qconfig_mapping(backend: str, skip: Sequence[str] = (), qat: bool = True) -> QConfigMapping:
-    """The backend's default FX mapping (QAT or post-training), with ``skip`` module names kept in float."""
+    """The backend's default FX mapping (QAT or post-training), with ``skip`` module names kept in float.
+
+    ``nn.Embedding`` gets torch's weight-only qconfig (float qparams per row; its input is integer token ids).
+    """
     with quiet():
         mapping = get_default_qat_qconfig_mapping(backend) if qat else get_default_qconfig_mapping(backend)
+        embedding = default_embedding_qat_qconfig if qat else float_qparams_weight_only_qconfig
+    mapping.set_object_type(nn.Embedding, embedding)
     for name in skip:
         mapping.set_module_name(name, None)
     return mapping
@@ -194,9 +200,31 @@ def set_observers(module: nn.Module, enabled: bool) -> None:
 
 
 def freeze_bn_stats(module: nn.Module) -> None:
-    """Freeze the BatchNorm statistics of every fused Conv-BN QAT module."""
+    """Freeze the statistics of every BatchNorm in ``module``: they stop moving and normalize from now on.
+
+    Fused Conv-BN(-ReLU) and Linear-BN QAT modules switch to their running statistics (torch's ``freeze_bn_stats``);
+    standalone BatchNorm layers run in eval mode from their next forward on, whatever ``train()`` says later.
+    """
+    fused = [m for m in module.modules() if _is_fused_bn(m)]
     with quiet():
-        module.apply(_freeze_bn_stats)
+        for m in fused:
+            m.freeze_bn_stats()
+    inside_fused = {id(m.bn) for m in fused}
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inside_fused:
+            if not getattr(m, "_lightning_qat_frozen", False):
+                m.register_forward_pre_hook(_batch_norm_in_eval)
+                m._lightning_qat_frozen = True
+            m.training = False
+
+
+def _is_fused_bn(module: nn.Module) -> bool:
+    """A fused Conv-BN or Linear-BN QAT module (it has a ``bn`` and can freeze it)."""
+    return callable(getattr(module, "freeze_bn_stats", None)) and isinstance(getattr(module, "bn", None), nn.Module)
+
+
+def _batch_norm_in_eval(module: nn.Module, args: tuple[Any, ...]) -> None:
+    module.training = False  # a frozen standalone BatchNorm: running statistics, whatever train() set
 
 
 def is_conv_bn_qat(module: nn.Module) -> bool:

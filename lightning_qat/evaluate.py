@@ -32,8 +32,26 @@ def serialized_size(network: nn.Module) -> int:
 
 
 def count_quantized_layers(network: nn.Module) -> int:
-    """Number of converted int8 modules with weights (conv, linear, fused variants)."""
-    return sum(ao.is_quantized_module(m) and hasattr(m, "weight") for m in network.modules())
+    """Quantized ops of a converted network: int8 modules with weights and, in FX graphs, int8 functional ops."""
+    modules = sum(ao.is_quantized_module(m) and hasattr(m, "weight") for m in network.modules())
+    functions = 0
+    if isinstance(network, torch.fx.GraphModule):
+        functions = sum(
+            node.op == "call_function" and str(node.target).startswith("quantized.") for node in network.graph.nodes
+        )
+    return modules + functions
+
+
+def float_parameters(network: nn.Module) -> dict[str, int]:
+    """Float parameters left in a converted network, by module type (what int8 does not cover)."""
+    counts: dict[str, int] = {}
+    for module in network.modules():
+        if ao.is_quantized_module(module):
+            continue
+        n = sum(p.numel() for p in module.parameters(recurse=False))
+        if n:
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + n
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def measure_latency(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -43,6 +44,7 @@ class Prepared:
     reason: str
     num_fused: int
     relu6_replaced: int = 0
+    shared: list[str] = field(default_factory=list)
 
 
 class FloatIsland(nn.Module):
@@ -57,6 +59,22 @@ class FloatIsland(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the float module on dequantized input and quantize its output again."""
         return self.quant(self.module(self.dequant(x)))
+
+
+class Unfused(nn.Module):
+    """Keeps a module out of FX fusion and quantization: FX does not trace into it, so it runs in float.
+
+    For skipped modules (``skip=``) and for modules with weights that the forward calls at several places: FX would
+    fuse the BatchNorm of one call site into the shared module and use that fused module at every call site.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped module."""
+        return self.module(*args, **kwargs)
 
 
 class EagerQATWrapper(nn.Module):
@@ -273,6 +291,64 @@ def make_train_eval_calls_follow_the_mode(graph_module: torch.fx.GraphModule) ->
     return replaced
 
 
+class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaf_classes: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaf_classes = leaf_classes
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, self.leaf_classes) or super().is_leaf_module(module, qualified_name)
+
+
+def shared_stateful_modules(network: nn.Module, leaf_classes: tuple[type[nn.Module], ...] = ()) -> list[str]:
+    """Names of modules with parameters or buffers that ``network``'s traced forward calls more than once."""
+    graph = _LeafTracer(leaf_classes).trace(network)
+    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
+    return sorted(name for name, count in calls.items() if count > 1 and _has_state(network.get_submodule(name)))
+
+
+def _has_state(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
+
+
+def float_islands(network: nn.Module) -> list[str]:
+    """Names of the submodules kept in float in a prepared or converted network (skipped or shared)."""
+    prefix = "module." if isinstance(network, EagerQATWrapper) else ""
+    return [
+        name.removeprefix(prefix)
+        for name, module in network.named_modules()
+        if isinstance(module, (Unfused, FloatIsland))
+    ]
+
+
+def _prepare_fx(
+    network: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
+) -> tuple[nn.Module, list[str]]:
+    """FX preparation, skipped and shared stateful modules wrapped in :class:`Unfused`.
+
+    On a failure the wrappers are removed again, for the eager fallback.
+    """
+    leaves = (*_TRAIN_EVAL_LEAVES, Unfused)
+    shared = [name for name in shared_stateful_modules(network, leaves) if not any(_within(name, s) for s in skip)]
+    islands = sorted(set(skip) | set(shared))
+    originals = {name: network.get_submodule(name) for name in islands}
+    for name in islands:
+        compat.set_submodule(network, name, Unfused(originals[name]))
+    try:
+        mapping = ao.qconfig_mapping(backend, (), qat)
+        prepared = ao.prepare_fx(network, mapping, example_inputs, qat, leaf_classes=leaves)
+    except Exception:
+        for name in reversed(islands):
+            compat.set_submodule(network, name, originals[name])
+        raise
+    make_train_eval_calls_follow_the_mode(prepared)
+    return prepared, shared
+
+
+def _within(name: str, ancestor: str) -> bool:
+    return name == ancestor or name.startswith(f"{ancestor}.")
+
+
 def prepare_model(
     network: nn.Module,
     backend: str,
@@ -296,8 +372,7 @@ def prepare_model(
     with ao.engine(backend):
         if mode in ("auto", "fx"):
             try:
-                mapping = ao.qconfig_mapping(backend, skip, qat)
-                prepared = ao.prepare_fx(network, mapping, example_inputs, qat, leaf_classes=_TRAIN_EVAL_LEAVES)
+                prepared, shared = _prepare_fx(network, backend, skip, example_inputs, qat)
             except Exception as err:  # noqa: BLE001 - any tracing failure means "not traceable"
                 if mode == "fx":
                     raise RuntimeError(
@@ -307,8 +382,7 @@ def prepare_model(
                 reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             else:
                 reason = "requested" if mode == "fx" else "the network is symbolically traceable"
-                make_train_eval_calls_follow_the_mode(prepared)
-                return Prepared(prepared, "fx", reason, _count_fused(prepared), replaced)
+                return Prepared(prepared, "fx", reason, _count_fused(prepared), replaced, shared)
         else:
             reason = "requested"
         prepared = _prepare_eager(network, backend, skip, example_inputs, qat)

@@ -33,6 +33,8 @@ class QATReport:
     converted_from: str = "last"
     untrained_float: bool = False
     status: str = "complete"
+    float_params: dict[str, int] = field(default_factory=dict)
+    network_params: int = 0
 
     @property
     def size_ratio(self) -> float | None:
@@ -88,6 +90,17 @@ class QATReport:
     def summary(self) -> list[str]:
         """The ratios and where the artifact is, one sentence each."""
         lines = []
+        if self.speedup is not None and self.speedup < 1:
+            lines.append(
+                f"SLOWER THAN FLOAT: int8 runs at {self.speedup:.2f}x the float speed on this input: try another "
+                "backend, skip= the layers around float-only ops, or keep the float model"
+            )
+        if self.quantized_layers == 0:
+            lines.append("nothing was quantized: the int8 model is the float network between quantize and dequantize")
+        if self.float_params and self.network_params:
+            kept = sum(self.float_params.values())
+            parts = ", ".join(f"{name} {count:,}" for name, count in self.float_params.items())
+            lines.append(f"kept in float: {kept / self.network_params:.1%} of the parameters ({parts})")
         if self.untrained_float:
             lines.append("the float row is the untrained network QAT started from: not a baseline to compare with")
         if self.converted_from != "last":
@@ -103,7 +116,8 @@ class QATReport:
     def to_markdown(self) -> str:
         """The report as a markdown document."""
         header, rows = self.table()
-        lines = ["# QAT report", "", self.headline(), ""]
+        slower = [f"**{line}**" for line in self.summary() if line.startswith("SLOWER")]
+        lines = ["# QAT report", "", *slower, *([""] if slower else []), self.headline(), ""]
         if rows:
             lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
             lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -11,6 +11,7 @@ from lightning_qat.prepare import (
     check_skip,
     find_fusion_groups,
     find_target,
+    float_islands,
     prepare_model,
     replace_relu6,
 )
@@ -69,9 +70,11 @@ def test_fusion_discovery_never_fuses_a_shared_relu():
 
 def test_skip_keeps_modules_float_in_both_modes():
     fx = prepare_model(TinyNet(), "x86", "fx", ["fc2"], EXAMPLE8)
-    assert type(fx.module.fc2) is torch.nn.Linear
+    assert type(fx.module.fc2.module) is torch.nn.Linear
+    assert float_islands(fx.module) == ["fc2"]
     eager = prepare_model(UntraceableNet(), "x86", "eager", ["fc2"], EXAMPLE8)
     assert type(eager.module.module.fc2.module) is torch.nn.Linear
+    assert float_islands(eager.module) == ["fc2"]
 
 
 def test_unknown_skip_name_lists_close_matches():

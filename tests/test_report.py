@@ -72,3 +72,10 @@ def test_metric_drop_is_positive_when_int8_is_worse(mode, expected):
     report = _report(metrics={"float": {"m": 0.95}, "int8": {"m": 0.9}})
     assert report.metric_drop("m", mode) == expected
     assert report.metric_drop("other", mode) is None
+
+
+def test_an_int8_model_slower_than_float_is_said_first():
+    report = _report(**MEASURED | {"latency_ms": {"float": 2.0, "int8": 4.0}})
+    assert report.summary()[0].startswith("SLOWER THAN FLOAT: int8 runs at 0.50x the float speed")
+    assert report.to_markdown().splitlines()[2].startswith("**SLOWER THAN FLOAT")
+    assert not any("SLOWER" in line for line in _report(**MEASURED).summary())

@@ -28,13 +28,14 @@ from lightning_qat.convert import cpu_eval_copy, freeze_for_inference, save_torc
 from lightning_qat.evaluate import (
     Stage,
     count_quantized_layers,
+    float_parameters,
     measure_latency,
     module_with_network,
     run_evaluation,
     serialized_size,
 )
 from lightning_qat.inputs import batch_input, batch_size, cpu_inputs, example_inputs
-from lightning_qat.prepare import Mode, Prepared, find_target, prepare_model
+from lightning_qat.prepare import Mode, Prepared, find_target, float_islands, prepare_model
 from lightning_qat.report import MonitorMode, QATReport
 from lightning_qat.schedule import FreezeSchedule, Interval, build_schedule, check_after
 from lightning_qat.sync import all_reduce_observers
@@ -302,6 +303,16 @@ class QATCallback(Callback):
         )
         compat.set_submodule(pl_module, self.target, self.prepared.module)
         self.bn_frozen = self.observers_frozen = False
+        if self.prepared.shared:
+            rank_zero_info(
+                f"QAT: {self.prepared.shared} are called at several places in `{self.target}`'s forward; they stay "
+                "float and unfused (fusing one call site's BatchNorm into them would change the others)."
+            )
+        if not any(hasattr(m, "weight_fake_quant") for m in self.prepared.module.modules()):
+            rank_zero_warn(
+                f"QAT: nothing in `{self.target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
+                "int8 model would be no smaller and no faster than the float one."
+            )
         rank_zero_info(
             f"QAT: prepared `{self.target}` in {self.prepared.mode} mode ({self.prepared.reason}); "
             f"{self.prepared.num_fused} fused modules, backend {self.backend!r}, skipped {self.skip or 'nothing'}"
@@ -436,10 +447,12 @@ class QATCallback(Callback):
             mode=self.prepared.mode,
             num_fused=self.prepared.num_fused,
             quantized_layers=count_quantized_layers(self.quantized_model),
-            skipped=list(self.skip),
+            skipped=float_islands(self.quantized_model),
             stage=self.evaluate,
             converted_from=converted_from,
             untrained_float=self.untrained_float,
+            float_params=float_parameters(self.quantized_model),
+            network_params=sum(p.numel() for p in self._trained_network.parameters()),
         )
 
     def _trained_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:

@@ -1,0 +1,257 @@
+"""Every feature over a zoo of network shapes users bring, trained a few steps on digits (1x8x8 images)."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchvision
+from conftest import BoringClassifier, TinyNet, UntraceableNet, trainer_kwargs
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_qat import QATCallback, ao, load_quantized
+from lightning_qat.prepare import prepare_model
+
+
+class LinearBnMLP(nn.Module):
+    """Linear-BatchNorm1d-ReLU blocks (FX fuses them into LinearBn1d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn1, self.relu1 = nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU()
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc2(self.relu1(self.bn1(self.fc1(x.flatten(1)))))
+
+
+class StandaloneBn(nn.Module):
+    """A BatchNorm no conv precedes (after a residual add): it stays a BatchNorm of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.bn(x + self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class Conv1dNet(nn.Module):
+    """The image read as a 1-channel sequence of 64 values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv1d(1, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.bn(self.conv(x.flatten(1).unsqueeze(1)))).mean(2))
+
+
+class StochasticNet(nn.Module):
+    """Stochastic depth (as torchvision's networks use it) and a functional dropout on self.training."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.drop_path = torchvision.ops.StochasticDepth(0.2, "row")
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = x + self.drop_path(self.conv2(x))
+        return self.fc(nn.functional.dropout(x.mean((2, 3)), 0.1, self.training))
+
+
+class NormGeluBlock(nn.Module):
+    """LayerNorm and GELU, which stay float, around quantized Linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.norm(self.fc1(x.flatten(1)))))
+
+
+class SharedConv(nn.Module):
+    """One Conv2d called twice, each call followed by its own BatchNorm: FX must not fuse bn1 into both."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn1(self.conv(x))) + torch.relu(self.bn2(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def to_token_ids(x):
+    """The 17 grey levels of the digits' pixels as token ids (integer input of shape (N, 64))."""
+    return ((x * 0.4 + 0.3) * 16).round().clamp(0, 16).long().flatten(1)
+
+
+class TokenNet(nn.Module):
+    """Token ids (int64) through an Embedding and a Linear: the integer input must never be fake-quantized."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(17, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, ids):
+        return self.fc(self.embedding(ids).mean(1))
+
+
+class TokenClassifier(BoringClassifier):
+    """Feeds the network token ids made from the images; tells QAT its input with `example_input_array`."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.example_input_array = torch.randint(0, 17, (2, 64))
+
+    def forward(self, x):
+        return self.net(to_token_ids(x))
+
+
+CLASSIFIER = {"token ids + embedding": TokenClassifier}  # the others: BoringClassifier, images in
+NETWORK_INPUT = {"token ids + embedding": to_token_ids}
+
+ZOO = {
+    "token ids + embedding": TokenNet,
+    "shared conv": SharedConv,
+    "cnn": TinyNet,
+    "untraceable cnn (eager)": UntraceableNet,
+    "linear-bn1d mlp": LinearBnMLP,
+    "standalone bn": StandaloneBn,
+    "conv1d": Conv1dNet,
+    "stochastic depth + dropout": StochasticNet,
+    "layernorm + gelu": NormGeluBlock,
+}
+
+
+class BatchNormWatcher(Callback):
+    """Snapshots every BatchNorm statistic when the BN freeze is in force, then checks nothing moved."""
+
+    def __init__(self, qat):
+        self.qat, self.snapshot, self.checked_steps = qat, None, 0
+
+    @staticmethod
+    def _stats(net):
+        return {k: v.clone() for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.qat.bn_frozen and self.snapshot is None:
+            self.snapshot = self._stats(pl_module.net)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.snapshot is not None:
+            after = self._stats(pl_module.net)
+            assert after.keys() == self.snapshot.keys()
+            moved = [k for k in after if not torch.equal(after[k], self.snapshot[k])]
+            assert moved == [], f"moved after the BN freeze: {moved}"
+            self.checked_steps += 1
+
+
+@pytest.mark.parametrize("shape", list(ZOO))
+def test_every_shape_trains_freezes_converts_and_reloads(tmp_path, digits8, shape):
+    pl.seed_everything(0)
+    net = ZOO[shape]()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    float_trainer = pl.Trainer(**trainer_kwargs(tmp_path / "float", max_epochs=2))
+    classifier = CLASSIFIER.get(shape, BoringClassifier)
+    float_trainer.fit(classifier(net), datamodule=digits8)  # QAT fine-tunes a trained float network
+    qat = QATCallback(interval="step", freeze_bn_after=3, freeze_observers_after=5, evaluate=None, latency_repeats=1)
+    watcher = BatchNormWatcher(qat)
+    model = classifier(net)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, callbacks=[qat, watcher]))
+    trainer.fit(model, datamodule=digits8)
+
+    assert watcher.checked_steps == 5  # steps 3..7 ran with the BN freeze in force
+    assert bool(watcher.snapshot) == has_bn  # ... and every BatchNorm statistic stood still
+    x, _ = digits8.splits["val"].tensors
+    x = NETWORK_INPUT.get(shape, lambda images: images)(x)
+    qat_net = model.net.eval()
+    ao.set_observers(qat_net, False)
+    with torch.no_grad(), ao.quiet():
+        qat_out, int8_out = qat_net(x), qat.quantized_model(x)
+        assert torch.equal(qat.quantized_model(x), int8_out)  # eval is deterministic
+        assert torch.equal(load_quantized(qat.artifact_path)(x), int8_out)
+    agreement = (qat_out.argmax(1) == int8_out.argmax(1)).float().mean().item()
+    assert agreement >= 0.95, agreement
+
+
+def _float_equivalence_error(net: nn.Module, x: torch.Tensor) -> float:
+    """Max abs difference between the float network and its freshly prepared copy with fake-quant off, in eval."""
+    pl.seed_everything(0)
+    net.train()
+    with torch.no_grad():
+        for module in net.modules():  # every BatchNorm its own affine parameters, so none can stand for another
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+        for chunk in x.split(64):
+            net(chunk)  # BatchNorm statistics that are not the initial ones
+    reference = copy.deepcopy(net).eval()
+    prepared = prepare_model(net, "x86", "auto", [], (x[:2],)).module
+    prepared.apply(torch.ao.quantization.disable_fake_quant)
+    prepared.eval()
+    with torch.no_grad():
+        return (prepared(x) - reference(x)).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", list(ZOO))
+def test_preparing_changes_nothing_but_the_fake_quantization(digits8, shape):
+    """Fusion only where it is equivalent: with fake-quant off, the prepared network is the float network."""
+    x, _ = digits8.splits["train"].tensors
+    x = NETWORK_INPUT.get(shape, lambda images: images)(x)
+    assert _float_equivalence_error(ZOO[shape](), x[:256]) <= 1e-5
+
+
+def test_skipping_a_fused_member_keeps_it_float_and_unfused(tmp_path, digits8):
+    qat = QATCallback(skip=["bn1"], evaluate=None, latency_repeats=1, freeze_bn_after=1, freeze_observers_after=1)
+    model = BoringClassifier(TinyNet())
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[qat])).fit(model, digits8)
+    int8 = qat.quantized_model
+    assert type(int8.bn1.module) is nn.BatchNorm2d  # float, not folded into conv1
+    assert type(int8.conv1).__name__ == "Conv2d"  # quantized, but no longer ConvReLU2d with bn1 folded in
+    assert ao.is_quantized_module(int8.conv1)
+    assert qat.report.skipped == ["bn1"]  # read back from the int8 model
+
+
+class NoWeights(nn.Module):
+    """A learnable scale on pooled pixels: nothing Conv/Linear-like to quantize."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return nn.functional.adaptive_avg_pool2d(x, (1, 10)).flatten(1) * self.scale
+
+
+def test_a_network_with_nothing_to_quantize_says_so_at_setup(tmp_path, digits8):
+    qat = QATCallback(evaluate=None, latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=1, callbacks=[qat]))
+    with pytest.warns(UserWarning, match=r"nothing in `net` is quantizable"):
+        trainer.fit(BoringClassifier(NoWeights()), digits8)
+    assert not any(ao.is_quantized_module(m) and hasattr(m, "weight") for m in qat.quantized_model.modules())
+
+
+def test_the_report_lists_what_stays_float(tmp_path, digits8):
+    qat = QATCallback(skip=["fc2"], evaluate=None, latency_repeats=1, freeze_bn_after=1, freeze_observers_after=1)
+    model = BoringClassifier(NormGeluBlock())
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[qat])).fit(model, digits8)
+    assert qat.report.float_params == {"Linear": 650}  # fc2: 64 x 10 + 10
+    assert qat.report.network_params == sum(p.numel() for p in NormGeluBlock().parameters())
+    assert "kept in float: 13.2% of the parameters (Linear 650)" in qat.report.summary()  # of 4,938

@@ -3,7 +3,6 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-import torchvision
 from conftest import BoringClassifier, TinyNet, trainer_kwargs
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -170,24 +169,29 @@ def test_reusing_a_save_dir_is_refused_before_training_unless_overwrite(tmp_path
     assert fit(overwrite=True).artifact_path.is_file()
 
 
-class TracedIntoStochasticDepth(BoringClassifier):
-    """Calls torchvision's stochastic_depth function on self.training: FX traces into it with training=True."""
-
-    def __init__(self):
-        super().__init__(StochasticFunctionNet())
+def drop_rows(x, p, training):
+    """A hand-written stochastic depth on a Python bool: FX traces into it and keeps the branch it took."""
+    if not training:
+        return x
+    return x * (torch.rand_like(x[:, :1, :1, :1]) > p).float() / (1 - p)
 
 
 class StochasticFunctionNet(TinyNet):
     def forward(self, x):
         x = self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
-        x = torchvision.ops.stochastic_depth(x, 0.5, "row", self.training)
+        x = drop_rows(x, 0.5, self.training)
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return self.fc2(self.relu3(self.fc1(x)))
+
+
+class TracedIntoStochasticDepth(BoringClassifier):
+    def __init__(self):
+        super().__init__(StochasticFunctionNet())
 
 
 def test_a_network_that_would_be_random_in_eval_stops_in_setup(tmp_path, digits8):
     counter = StepCounter()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[QATCallback(), counter]))
-    with pytest.raises(PreflightError, match=r"random in eval\(\) though the float one is not.*StochasticDepth"):
+    with pytest.raises(PreflightError, match=r"random in eval\(\) though the float one is not.*nn\.Dropout"):
         trainer.fit(TracedIntoStochasticDepth(), datamodule=digits8)
     assert counter.steps == 0

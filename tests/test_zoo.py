@@ -168,7 +168,7 @@ def test_every_shape_trains_freezes_converts_and_reloads(tmp_path, digits8, shap
     pl.seed_everything(0)
     net = ZOO[shape]()
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-    float_trainer = pl.Trainer(**trainer_kwargs(tmp_path / "float", max_epochs=2))
+    float_trainer = pl.Trainer(**trainer_kwargs(tmp_path / "float", max_epochs=4))
     classifier = CLASSIFIER.get(shape, BoringClassifier)
     float_trainer.fit(classifier(net), datamodule=digits8)  # QAT fine-tunes a trained float network
     qat = QATCallback(interval="step", freeze_bn_after=3, freeze_observers_after=5, evaluate=None, latency_repeats=1)

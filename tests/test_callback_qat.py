@@ -300,3 +300,13 @@ def test_a_single_epoch_run_freezes_on_the_default_fractions_of_its_steps(tmp_pa
     qat = QATCallback(evaluate=None, save_artifact=False)
     _fit(tmp_path, digits8, callbacks=[qat, recorder], max_epochs=1, limit_train_batches=8)
     assert recorder.steps == [(s, s >= 4, s < 6) for s in range(8)]
+
+
+def test_one_callback_two_fits_freezes_in_both_and_refuses_a_prepared_network(tmp_path, digits8):
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=1, evaluate=None, save_artifact=False)
+    first_recorder, second_recorder = FlagRecorder(), FlagRecorder()
+    _fit(tmp_path, digits8, callbacks=[qat, first_recorder], max_epochs=2, limit_train_batches=2)
+    _, model = _fit(tmp_path, digits8, callbacks=[qat, second_recorder], max_epochs=2, limit_train_batches=2)
+    assert first_recorder.epochs == second_recorder.epochs == [(0, False, True), (1, True, False)]
+    with pytest.raises(ValueError, match=r"`net` is already QAT-prepared.*trainer\.fit\(MyModule\(\), ckpt_path"):
+        _fit(tmp_path, digits8, model=model, callbacks=[QATCallback()], max_epochs=1)

@@ -103,6 +103,7 @@ __all__ = [
     "freeze_bn_stats",
     "fuse_modules",
     "is_conv_bn_qat",
+    "is_fake_quant",
     "is_quantized_module",
     "prepare_eager",
     "prepare_fx",
@@ -191,6 +192,11 @@ def convert_eager(module: nn.Module) -> nn.Module:
 def fake_quant_modules(module: nn.Module) -> list[tuple[str, FakeQuantizeBase]]:
     """All fake-quantize modules with their qualified names."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, FakeQuantizeBase)]
+
+
+def is_fake_quant(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch's fake-quantize modules."""
+    return isinstance(module, FakeQuantizeBase)
 
 
 def set_observers(module: nn.Module, enabled: bool) -> None:

@@ -149,3 +149,24 @@ def check_conversion(
             "Return tensors (or tuples of tensors) from the network, or pass save_artifact=False."
         ) from err
     return quantized
+
+
+def check_onnx_export(network: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:
+    """Export a copy of the freshly prepared network to ONNX in memory: a layer ONNX cannot take fails now."""
+    from lightning_qat.onnx_export import export_onnx
+
+    probe = cpu_eval_copy(network)
+    with ao.quiet(), torch.no_grad():
+        probe(*example_inputs)  # per-channel scales get their shape from the first batch the observers see
+    try:
+        export_onnx(probe, None, example_inputs)
+    except Exception as err:
+        raise PreflightError(
+            f"`{name}` cannot be exported to ONNX for the int8-onnx artifact: {type(err).__name__}: "
+            f"{_short(err)} Remove 'onnx' from export=, or `skip=` the submodule that cannot be exported."
+        ) from err
+
+
+def _short(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__).rstrip(".") + "."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 from collections import Counter
@@ -342,7 +343,47 @@ def _prepare_fx(
             compat.set_submodule(network, name, originals[name])
         raise
     make_train_eval_calls_follow_the_mode(prepared)
+    drop_fake_quant_of_integer_tensors(prepared, example_inputs)
     return prepared, shared
+
+
+class _IntegerFakeQuantFinder(torch.fx.Interpreter):
+    """Runs the graph, passing integer tensors through fake-quant modules and noting where that happened."""
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        super().__init__(module)
+        self.integer_nodes: list[str] = []
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op == "call_module" and ao.is_fake_quant(self.module.get_submodule(str(n.target))):
+            value = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                self.integer_nodes.append(n.name)
+                return value
+        return super().run_node(n)
+
+
+def drop_fake_quant_of_integer_tensors(graph_module: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> int:
+    """Remove the fake-quant FX put on integer tensors (token ids, masks, ``.long()`` results); returns how many.
+
+    FX decides where to quantize from the ops alone, so an integer tensor computed in the graph can get a
+    float-only fake-quant (a dtype error on the first batch). Found by running a copy once on ``example_inputs``.
+    """
+    probe = copy.deepcopy(graph_module)
+    finder = _IntegerFakeQuantFinder(probe)
+    with ao.quiet(), torch.no_grad():
+        finder.run(*example_inputs)
+    if not finder.integer_nodes:
+        return 0
+    nodes = {node.name: node for node in graph_module.graph.nodes}
+    for name in finder.integer_nodes:
+        node = nodes[name]
+        node.replace_all_uses_with(node.args[0])
+        graph_module.graph.erase_node(node)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    return len(finder.integer_nodes)
 
 
 def _within(name: str, ancestor: str) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from lightning_qat.files import write_text_atomic
 
-ROWS = ("float", "ptq", "qat", "int8")
+ROWS = ("float", "ptq", "qat", "int8", "int8-onnx")
 MonitorMode = Literal["max", "min"]
 
 
@@ -28,7 +28,9 @@ class QATReport:
     latency_ms: dict[str, float] = field(default_factory=dict)
     latency_batch_size: int = 0
     latency_threads: int = 0
+    latency_runtime: dict[str, str] = field(default_factory=dict)
     artifact: str | None = None
+    onnx_artifact: str | None = None
     seconds: float = 0.0
     converted_from: str = "last"
     untrained_float: bool = False
@@ -43,12 +45,22 @@ class QATReport:
 
     @property
     def speedup(self) -> float | None:
-        """Float latency / int8 latency (same batch, same threads)."""
+        """Float latency / int8 latency: the TorchScript artifact as loaded (same batch, same threads)."""
         return _ratio(self.latency_ms)
+
+    @property
+    def onnx_speedup(self) -> float | None:
+        """Float latency / latency of the ONNX artifact in ONNX Runtime (same batch, same threads)."""
+        return _ratio(self.latency_ms, "int8-onnx")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, ratios included."""
-        return {**asdict(self), "size_ratio": self.size_ratio, "speedup": self.speedup}
+        return {
+            **asdict(self),
+            "size_ratio": self.size_ratio,
+            "speedup": self.speedup,
+            "onnx_speedup": self.onnx_speedup,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QATReport:
@@ -77,6 +89,8 @@ class QATReport:
         if self.latency_ms:
             label = f"latency (ms / batch of {self.latency_batch_size}, {_threads(self.latency_threads)})"
             rows.append([label, *(_fmt(self.latency_ms.get(c)) for c in columns)])
+        if self.latency_runtime:
+            rows.append(["timed as", *(self.latency_runtime.get(c, "-") for c in columns)])
         return ["", *columns], rows
 
     def headline(self) -> str:
@@ -90,10 +104,17 @@ class QATReport:
     def summary(self) -> list[str]:
         """The ratios and where the artifact is, one sentence each."""
         lines = []
-        if self.speedup is not None and self.speedup < 1:
+        fastest = max((s for s in (self.speedup, self.onnx_speedup) if s is not None), default=None)
+        if fastest is not None and fastest < 1:
             lines.append(
-                f"SLOWER THAN FLOAT: int8 runs at {self.speedup:.2f}x the float speed on this input: try another "
-                "backend, skip= the layers around float-only ops, or keep the float model"
+                f"SLOWER THAN FLOAT: the int8 artifact runs at {fastest:.2f}x the float speed on this input: try "
+                "another backend or runtime (export=['torchscript', 'onnx']), skip= the layers around float-only ops, "
+                "or keep the float model"
+            )
+        elif self.speedup is not None and self.speedup < 1:
+            lines.append(
+                f"SLOWER THAN FLOAT in TorchScript: {self.speedup:.2f}x the float speed on this input; the ONNX "
+                f"artifact in ONNX Runtime runs at {self.onnx_speedup:.2f}x: deploy that one"
             )
         if self.quantized_layers == 0:
             lines.append("nothing was quantized: the int8 model is the float network between quantize and dequantize")
@@ -108,9 +129,19 @@ class QATReport:
         if self.size_ratio:
             lines.append(f"int8 is {self.size_ratio:.2f}x smaller than float")
         if self.speedup:
-            lines.append(f"int8 is {self.speedup:.2f}x faster than float ({_threads(self.latency_threads)})")
+            lines.append(
+                f"int8 (TorchScript artifact) is {self.speedup:.2f}x faster than float "
+                f"({_threads(self.latency_threads)})"
+            )
+        if self.onnx_speedup:
+            lines.append(
+                f"int8-onnx (ONNX Runtime) is {self.onnx_speedup:.2f}x faster than float "
+                f"({_threads(self.latency_threads)})"
+            )
         if self.artifact:
             lines.append(f"int8 artifact: {self.artifact}")
+        if self.onnx_artifact:
+            lines.append(f"int8 ONNX artifact: {self.onnx_artifact}")
         return lines
 
     def to_markdown(self) -> str:
@@ -152,9 +183,9 @@ class QATReport:
         return json_path, md_path
 
 
-def _ratio(values: dict[str, Any]) -> float | None:
-    if values.get("int8") and values.get("float"):
-        return values["float"] / values["int8"]
+def _ratio(values: dict[str, Any], row: str = "int8") -> float | None:
+    if values.get(row) and values.get("float"):
+        return values["float"] / values[row]
     return None
 
 

@@ -35,12 +35,14 @@ def _cli(tmp_path, *args):
 
 
 def test_cli_runs_end_to_end_and_applies_dotted_overrides(tmp_path):
-    result = _cli(tmp_path, "--qat.backend=fbgemm", "--qat.freeze_bn_after=0")
+    result = _cli(tmp_path, "--qat.backend=fbgemm", "--qat.freeze_bn_after=0", "--qat.export=[torchscript,onnx]")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "qat" / "version_0"
     report = json.loads((run_dir / "qat_report.json").read_text())
     assert report["backend"] == "fbgemm"
     assert (run_dir / "model_int8.pt").is_file()
+    assert (tmp_path / report["onnx_artifact"]) == run_dir / "model_int8.onnx"
+    assert set(report["metrics"]) == {"float", "qat", "int8", "int8-onnx"}
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["qat"]["backend"] == "fbgemm"
     assert config["model"]["init_args"]["arch"] == "mobilenet_v3_small"

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_qat import QATCallback, QATReport, ao, load_quantized
 from lightning_qat.convert import save_torchscript, to_int8
+from lightning_qat.evaluate import measure_latency
 from lightning_qat.prepare import prepare_model
 
 
@@ -45,7 +46,7 @@ def test_report_fields_are_filled_and_consistent(finished):
     assert report.mode == "fx"
     assert report.num_fused == 3
     assert report.quantized_layers == 4
-    assert report.size_bytes["int8"] < report.size_bytes["float"] / 3
+    assert report.size_bytes["int8"] < report.size_bytes["float"] / 2  # the artifact file, code included
     assert report.latency_ms["float"] > 0
     assert report.latency_ms["int8"] > 0
     assert report.latency_batch_size == 64
@@ -57,6 +58,29 @@ def test_report_fields_are_filled_and_consistent(finished):
         assert QATReport.from_dict(json.load(f)) == report
     with open(f"{log_dir}/qat_report.md") as f:
         assert "| val_acc |" in f.read()
+
+
+def test_report_times_the_artifact_as_loaded_next_to_float(finished, monkeypatch):
+    """The int8 latency is the TorchScript artifact loaded by `load_quantized`, not the eager int8 GraphModule."""
+    qat = finished["qat"]
+    report = qat.report
+    assert report.latency_runtime == {"float": "PyTorch eager", "int8": "TorchScript artifact"}
+    assert report.size_bytes["int8"] == qat.artifact_path.stat().st_size
+    timed = {}
+
+    def spy(networks, *args, **kwargs):
+        timed.update(networks)
+        return measure_latency(networks, *args, **kwargs)
+
+    monkeypatch.setattr("lightning_qat.callbacks.qat.measure_latency", spy)
+    again = QATReport.from_dict(report.to_dict())
+    qat.measure_networks(again)
+    assert isinstance(timed["int8"], torch.jit.ScriptModule)
+    assert timed["int8"] is not qat.quantized_model
+    # a direct timing of the loaded artifact in this process gives the same float/int8 ratio, within noise
+    loaded = load_quantized(qat.artifact_path)
+    direct = measure_latency({"float": qat._float_network, "int8": loaded}, qat._example_inputs, "x86", repeats=20)
+    assert again.speedup == pytest.approx(direct["float"] / direct["int8"], rel=0.6)
 
 
 def test_artifact_reloads_in_a_fresh_process_bitwise(finished, digits8, tmp_path):

@@ -162,3 +162,26 @@ def test_dropout_and_stochastic_depth_follow_train_and_eval_in_qat_int8_and_arti
     with torch.no_grad(), ao.quiet():
         assert torch.equal(int8(x), int8(x))
         assert torch.equal(lightning_qat.load_quantized(artifact)(x), int8(x))
+
+
+class IdsFromPixels(torch.nn.Module):
+    """Computes integer ids inside the graph (`.long()`), then looks them up: FX would fake-quantize the ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(17, 8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        ids = (x.flatten(1).abs() * 4).long().clamp(0, 16)
+        return self.fc(self.embedding(ids).mean(1))
+
+
+def test_integer_tensors_computed_in_the_graph_are_not_fake_quantized():
+    x = torch.rand(4, 1, 8, 8) * 4
+    prepared = prepare_model(IdsFromPixels(), "x86", "fx", [], (x,))
+    with torch.no_grad(), ao.quiet():
+        prepared.module(x)  # a float-only fake-quant on the ids fails here with a dtype error
+        int8 = ao.convert_fx(prepared.module.eval())
+        assert int8(x).shape == (4, 10)
+    assert any(ao.is_quantized_module(m) and isinstance(m, torch.ao.nn.quantized.Embedding) for m in int8.modules())

@@ -76,6 +76,13 @@ def test_metric_drop_is_positive_when_int8_is_worse(mode, expected):
 
 def test_an_int8_model_slower_than_float_is_said_first():
     report = _report(**MEASURED | {"latency_ms": {"float": 2.0, "int8": 4.0}})
-    assert report.summary()[0].startswith("SLOWER THAN FLOAT: int8 runs at 0.50x the float speed")
+    assert report.summary()[0].startswith("SLOWER THAN FLOAT: the int8 artifact runs at 0.50x the float speed")
+    assert "export=['torchscript', 'onnx']" in report.summary()[0]
     assert report.to_markdown().splitlines()[2].startswith("**SLOWER THAN FLOAT")
     assert not any("SLOWER" in line for line in _report(**MEASURED).summary())
+    # the ONNX artifact is faster than float: the first line says to deploy that one
+    both = _report(**MEASURED | {"latency_ms": {"float": 2.0, "int8": 4.0, "int8-onnx": 1.0}})
+    assert both.summary()[0].startswith("SLOWER THAN FLOAT in TorchScript: 0.50x")
+    assert "ONNX Runtime runs at 2.00x: deploy that one" in both.summary()[0]
+    slow = _report(**MEASURED | {"latency_ms": {"float": 2.0, "int8": 4.0, "int8-onnx": 3.0}})
+    assert slow.summary()[0].startswith("SLOWER THAN FLOAT: the int8 artifact runs at 0.67x")

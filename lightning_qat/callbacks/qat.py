@@ -23,8 +23,15 @@ from typing_extensions import override
 from lightning_qat import ao, compat, files, lightning_internals, preflight
 from lightning_qat import checkpoint as checkpoint_io
 from lightning_qat.backends import Backend, resolve_backend
-from lightning_qat.choices import check_choice, check_count, check_flag
-from lightning_qat.convert import cpu_eval_copy, freeze_for_inference, save_torchscript, to_int8
+from lightning_qat.choices import check_choice, check_count, check_flag, choices_of
+from lightning_qat.convert import (
+    cpu_eval_copy,
+    freeze_for_inference,
+    load_quantized,
+    save_torchscript,
+    to_int8,
+    to_torchscript,
+)
 from lightning_qat.evaluate import (
     Stage,
     count_quantized_layers,
@@ -35,12 +42,14 @@ from lightning_qat.evaluate import (
     serialized_size,
 )
 from lightning_qat.inputs import batch_input, batch_size, cpu_inputs, example_inputs
+from lightning_qat.onnx_export import OnnxRuntimeNetwork, check_onnx_available, export_onnx, onnxruntime_version
 from lightning_qat.prepare import Mode, Prepared, find_target, float_islands, prepare_model
 from lightning_qat.report import MonitorMode, QATReport
 from lightning_qat.schedule import FreezeSchedule, Interval, build_schedule, check_after
 from lightning_qat.sync import all_reduce_observers
 
 OnDrop = Literal["warn", "raise"]
+ExportFormat = Literal["torchscript", "onnx"]
 ConvertFrom = Literal["last", "best"]
 _STATE_VERSION = 1
 
@@ -75,7 +84,10 @@ class QATCallback(Callback):
         max_metric_drop: the largest tolerated drop of ``monitor`` from float to int8.
         on_drop: ``"warn"`` or ``"raise"`` when the drop is larger.
         save_dir: where ``model_int8.pt`` and the report go; default ``trainer.log_dir``.
-        save_artifact: write the TorchScript int8 artifact.
+        save_artifact: write the int8 artifacts (``False``: convert, evaluate and report only).
+        export: the artifact formats: ``"torchscript"`` (``model_int8.pt``, :func:`~lightning_qat.load_quantized`)
+            and ``"onnx"`` (``model_int8.onnx``, a QDQ graph for ONNX Runtime / OpenVINO; needs
+            ``pip install 'lightning-qat[onnx]'``). Each one is evaluated and timed in the report as it will be loaded.
         ptq_baseline: also calibrate, convert and evaluate a post-training-quantized copy of the float network.
         ptq_batches: training batches used to calibrate the PTQ baseline.
         sync_observers: under DDP, all-reduce observer min/max each step so every rank has the same qparams.
@@ -125,6 +137,7 @@ class QATCallback(Callback):
         on_drop: OnDrop = "warn",
         save_dir: str | None = None,
         save_artifact: bool = True,
+        export: Sequence[ExportFormat] = ("torchscript",),
         ptq_baseline: bool = False,
         ptq_batches: int = 8,
         sync_observers: bool = True,
@@ -162,6 +175,14 @@ class QATCallback(Callback):
         ):
             check_flag(name, flag)
         check_count("ptq_batches", ptq_batches)
+        if isinstance(export, str) or not export or len(set(export)) != len(export):
+            raise ValueError(
+                f"export={export!r} must be a non-empty list of distinct formats from {choices_of(ExportFormat)}."
+            )
+        for fmt in export:
+            check_choice("export", fmt, ExportFormat)
+        if "onnx" in export:
+            check_onnx_available()
         check_count("latency_repeats", latency_repeats)
         self.module = module
         self.mode = mode
@@ -177,6 +198,7 @@ class QATCallback(Callback):
         self.on_drop = on_drop
         self.save_dir = save_dir
         self.save_artifact = save_artifact
+        self.export = list(export)
         self.ptq_baseline = ptq_baseline
         self.ptq_batches = ptq_batches
         self.sync_observers = sync_observers
@@ -190,6 +212,7 @@ class QATCallback(Callback):
         self.quantized_model: nn.Module | None = None
         self.report: QATReport | None = None
         self.artifact_path: Path | None = None
+        self.onnx_path: Path | None = None
         self.bn_frozen = False
         self.observers_frozen = False
         self._schedule: FreezeSchedule | None = None
@@ -252,6 +275,8 @@ class QATCallback(Callback):
         quantized = preflight.check_conversion(
             self.prepared.module, self.prepared.mode, self.backend, self._example_inputs, str(self.target)
         )
+        if "onnx" in self.export and self.save_artifact:
+            preflight.check_onnx_export(self.prepared.module, self._example_inputs, str(self.target))
         if not trainer.fast_dev_run:
             self._out_dir = self.output_dir(trainer)
         if self.evaluate is not None:
@@ -279,7 +304,9 @@ class QATCallback(Callback):
             fresh = files.next_version_dir(Path(trainer.default_root_dir) / "qat") if trainer.is_global_zero else None
             out_dir, what = Path(trainer.strategy.broadcast(fresh, src=0)), "default_root_dir"
         files.check_writable(out_dir, what)
-        earlier = [name for name in ("model_int8.pt", "qat_report.json") if (out_dir / name).exists()]
+        earlier = [
+            name for name in ("model_int8.pt", "model_int8.onnx", "qat_report.json") if (out_dir / name).exists()
+        ]
         if earlier and not self.overwrite:
             raise preflight.PreflightError(
                 f"{out_dir} already holds an earlier run's {earlier}: pass another save_dir, or overwrite=True."
@@ -472,20 +499,25 @@ class QATCallback(Callback):
         return network, f"best: {best}"
 
     def write_artifact(self, report: QATReport, out_dir: Path) -> None:
-        """Save the int8 TorchScript artifact to ``out_dir`` (unless ``save_artifact=False``)."""
+        """Save the int8 artifacts of ``export`` to ``out_dir`` (unless ``save_artifact=False``), TorchScript first."""
         if not self.save_artifact:
             return
         assert self.quantized_model is not None
         assert self.prepared is not None
-        self.artifact_path = save_torchscript(
-            self.quantized_model,
-            out_dir / "model_int8.pt",
-            self.backend,
-            self._example_inputs,
-            mode=self.prepared.mode,
-            skipped=self.skip,
-        )
-        report.artifact = str(self.artifact_path)
+        assert self._trained_network is not None
+        if "torchscript" in self.export:
+            self.artifact_path = save_torchscript(
+                self.quantized_model,
+                out_dir / "model_int8.pt",
+                self.backend,
+                self._example_inputs,
+                mode=self.prepared.mode,
+                skipped=self.skip,
+            )
+            report.artifact = str(self.artifact_path)
+        if "onnx" in self.export:
+            self.onnx_path = export_onnx(self._trained_network, out_dir / "model_int8.onnx", self._example_inputs)
+            report.onnx_artifact = str(self.onnx_path)
 
     def evaluate_networks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: QATReport) -> None:
         """Run the user's ``validation_step``/``test_step`` on float, (PTQ,) QAT and int8 CPU copies."""
@@ -501,17 +533,38 @@ class QATCallback(Callback):
         qat_copy = cpu_eval_copy(self._trained_network)
         freeze_for_inference(qat_copy)
         networks |= {"qat": qat_copy, "int8": self.quantized_model}
+        if self.onnx_path is not None:
+            networks["int8-onnx"] = OnnxRuntimeNetwork(self.onnx_path)
         progress = trainer.progress_bar_callback is not None
         for row, network in networks.items():
             clone = module_with_network(pl_module, self.target, network)
             report.metrics[row] = run_evaluation(trainer, clone, self.evaluate, self.backend, progress)
 
     def measure_networks(self, report: QATReport) -> None:
-        """Serialized size and CPU latency of the float and int8 networks on the example input."""
+        """Size and CPU latency on the example input of the float network and of the int8 artifacts as they ship.
+
+        The int8 column times the TorchScript artifact loaded with :func:`load_quantized` (without ``save_artifact``,
+        the same traced and frozen module, in memory); ``int8-onnx`` the ONNX file in ONNX Runtime. Sizes are the
+        files' sizes (the float network: its saved ``state_dict``). All are timed interleaved, same batch and threads.
+        """
         assert self._float_network is not None
         assert self.quantized_model is not None
-        networks = {"float": self._float_network, "int8": self.quantized_model}
-        report.size_bytes = {row: serialized_size(network) for row, network in networks.items()}
+        networks: dict[str, Any] = {"float": self._float_network}
+        report.size_bytes = {"float": serialized_size(self._float_network)}
+        report.latency_runtime = {"float": "PyTorch eager"}
+        if self.artifact_path is not None:
+            with ao.engine(self.backend):  # load_quantized sets the engine; keep the user's setting afterwards
+                networks["int8"] = load_quantized(self.artifact_path)
+            report.size_bytes["int8"] = self.artifact_path.stat().st_size
+            report.latency_runtime["int8"] = "TorchScript artifact"
+        else:
+            networks["int8"] = to_torchscript(self.quantized_model, self.backend, self._example_inputs)
+            report.size_bytes["int8"] = serialized_size(self.quantized_model)
+            report.latency_runtime["int8"] = "TorchScript (not saved)"
+        if self.onnx_path is not None:
+            networks["int8-onnx"] = OnnxRuntimeNetwork(self.onnx_path)
+            report.size_bytes["int8-onnx"] = self.onnx_path.stat().st_size
+            report.latency_runtime["int8-onnx"] = f"ONNX Runtime {onnxruntime_version()}"
         report.latency_ms = measure_latency(networks, self._example_inputs, self.backend, repeats=self.latency_repeats)
         report.latency_batch_size = batch_size(self._example_inputs)
         report.latency_threads = torch.get_num_threads()

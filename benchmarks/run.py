@@ -30,10 +30,11 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.runtimes import PATHS, runtimes
 from lightning_qat import QATCallback, ao, load_quantized
 from lightning_qat.backends import BACKENDS, default_backend
 from lightning_qat.cli import main as cli_main
-from lightning_qat.convert import save_torchscript, to_int8
+from lightning_qat.convert import save_torchscript, to_int8, to_torchscript
 from lightning_qat.evaluate import measure_latency, serialized_size
 from lightning_qat.prepare import prepare_model
 
@@ -53,6 +54,10 @@ class Sizes:
     step_image: int
     step_repeats: int
     accuracy: tuple[tuple[str, list[str]], ...]
+    runtime_models: tuple[str, ...]
+    runtime_batches: tuple[int, ...]
+    runtime_image: int
+    runtime_repeats: int
 
 
 QUICK_RUN = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.max_epochs=1"]
@@ -68,6 +73,10 @@ QUICK = Sizes(
     step_image=32,
     step_repeats=3,
     accuracy=(("resnet18", ["--data.image_size=16", "--pretrain.epochs=1", *QUICK_RUN]),),
+    runtime_models=("resnet18",),
+    runtime_batches=(1, 4),
+    runtime_image=32,
+    runtime_repeats=3,
 )
 FULL = Sizes(
     latency_models=("resnet18", "mobilenet_v2", "resnet50"),
@@ -84,6 +93,10 @@ FULL = Sizes(
         ("resnet18", ["--config=configs/digits_resnet18.yaml"]),
         ("mobilenet_v2 (width 0.5)", ["--config=configs/digits_mobilenet_v2.yaml"]),
     ),
+    runtime_models=("resnet18", "mobilenet_v2"),
+    runtime_batches=(1, 32),
+    runtime_image=224,
+    runtime_repeats=9,
 )
 
 
@@ -158,6 +171,8 @@ def latency_and_size(sizes: Sizes, workdir: Path) -> tuple[list[str], list[str],
                     f"| {label} | {float_mb:.2f} | {ours_mb:.2f} | {float_mb / ours_mb:.2f}x | "
                     f"{path.stat().st_size / 2**20:.2f} | {hand_mb:.2f} | {float_mb / hand_mb:.2f}x |"
                 )
+            # timed traced and frozen, as our artifact is: the ratio compares conversions, not runtimes
+            hand = to_torchscript(hand, backend, (torch.randn(1, 3, sizes.image, sizes.image),))
             for batch in sizes.batches:
                 x = (torch.randn(batch, 3, sizes.image, sizes.image),)
                 for threads in sizes.threads:
@@ -348,6 +363,17 @@ def run(quick: bool, out: Path) -> str:
         workdir = Path(tmp)
         latency, size_rows, fastest = _timed("latency + size", lambda: latency_and_size(sizes, workdir))
         steps = _timed("QAT step overhead", lambda: step_overhead(sizes))
+        side_by_side, runtime_sizes, notes = _timed(
+            "runtimes side by side",
+            lambda: runtimes(
+                sizes.runtime_models,
+                sizes.runtime_batches,
+                1,
+                sizes.runtime_image,
+                sizes.runtime_repeats,
+                workdir,
+            ),
+        )
         acc = _timed("accuracy", lambda: accuracy(sizes, workdir))
     winners = []
     for (arch, batch, threads), by_backend in fastest.items():
@@ -360,7 +386,20 @@ def run(quick: bool, out: Path) -> str:
         f"torchvision {torchvision.__version__}, Lightning {pl.__version__}; input {sizes.image}x{sizes.image} "
         "random tensors for speed, scikit-learn digits for accuracy.",
         "",
-        "## int8 vs fp32 CPU latency (median ms per batch; ours = the callback's TorchScript artifact)",
+        f"## Deployment runtimes side by side (median ms per batch, 1 thread, {sizes.runtime_image}x"
+        f"{sizes.runtime_image}; in parentheses: int8 / fp32 eager, lower is better)",
+        "",
+        *side_by_side,
+        "",
+        "Artifact size on disk:",
+        "",
+        *runtime_sizes,
+        "",
+        *([f"Not run: {'; '.join(f'{k}: {v}' for k, v in notes.items())}.", ""] if notes else []),
+        "What each column runs: " + "; ".join(name for name, _ in PATHS) + " (see benchmarks/runtimes.py).",
+        "",
+        "## int8 backends vs fp32 CPU latency (median ms per batch; ours = the callback's TorchScript artifact, "
+        "hand = torchvision's recipe traced and frozen the same way)",
         "",
         *latency,
         "",

@@ -8,6 +8,7 @@ fail their ``-W error`` test runs. When torch moves these APIs, this is the file
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -68,6 +69,8 @@ try:
             QConfigMapping,
             QuantStub,
             default_embedding_qat_qconfig,
+            default_weight_fake_quant,
+            default_weight_observer,
             float_qparams_weight_only_qconfig,
             get_default_qat_qconfig,
             get_default_qat_qconfig_mapping,
@@ -105,6 +108,9 @@ __all__ = [
     "is_conv_bn_qat",
     "is_fake_quant",
     "is_quantized_module",
+    "TRANSPOSED_CONVS",
+    "keep_transposed_conv_float",
+    "per_tensor_weight_qconfig",
     "prepare_eager",
     "prepare_fx",
     "qconfig",
@@ -131,15 +137,69 @@ def qconfig(backend: str, qat: bool = True) -> QConfig:
         return get_default_qat_qconfig(backend) if qat else get_default_qconfig(backend)
 
 
-def qconfig_mapping(backend: str, skip: Sequence[str] = (), qat: bool = True) -> QConfigMapping:
+def per_tensor_weight_qconfig(backend: str, qat: bool = True) -> QConfig:
+    """The backend's qconfig with per-tensor weights (transposed convolutions have no per-channel int8 kernels)."""
+    base = qconfig(backend, qat)
+    with quiet():
+        weight = default_weight_fake_quant if qat else default_weight_observer
+    return QConfig(activation=base.activation, weight=weight)
+
+
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@functools.cache
+def transposed_conv_int8_works(backend: str) -> bool:
+    """Whether this torch's int8 ConvTranspose2d computes what the float one does on ``backend`` (checked once).
+
+    Measured on an AVX-512 x86 CPU: the x86 engine is off by over 100% (torch 2.4.1 and 2.14.1), fbgemm too on
+    torch 2.14.1 (right on 2.4.1); qnnpack is within 1%.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 16, 4, 4, generator=generator)
+    model = nn.Sequential(QuantStub(), nn.ConvTranspose2d(16, 8, 2, stride=2), DeQuantStub()).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(model[1].weight.shape, generator=generator) * 0.1)
+        expected = model(x)
+        model.qconfig = per_tensor_weight_qconfig(backend, qat=False)
+        try:
+            with engine(backend), quiet():
+                prepared = _eager_prepare(model)
+                prepared(x)
+                actual = _eager_convert(prepared)(x)
+        except Exception:  # noqa: BLE001 - an engine without the kernel: it does not work
+            return False
+    return bool((actual - expected).abs().mean() <= 0.05 * expected.abs().mean())
+
+
+def keep_transposed_conv_float(backend: str) -> bool:
+    """Keep ConvTranspose layers in float on ``backend`` (its int8 kernel is wrong here), saying so once."""
+    if transposed_conv_int8_works(backend):
+        return False
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(
+        f"QAT: ConvTranspose layers stay float: torch {torch.__version__}'s int8 transposed convolution on the "
+        f"{backend!r} engine does not compute what the float layer does on this CPU (checked at start). "
+        "backend='qnnpack' quantizes them correctly."
+    )
+    return True
+
+
+def qconfig_mapping(
+    backend: str, skip: Sequence[str] = (), qat: bool = True, float_types: Sequence[type[nn.Module]] = ()
+) -> QConfigMapping:
     """The backend's default FX mapping (QAT or post-training), with ``skip`` module names kept in float.
 
     ``nn.Embedding`` gets torch's weight-only qconfig (float qparams per row; its input is integer token ids).
+    ``float_types`` stay float (e.g. ConvTranspose layers where :func:`keep_transposed_conv_float` says so).
     """
     with quiet():
         mapping = get_default_qat_qconfig_mapping(backend) if qat else get_default_qconfig_mapping(backend)
         embedding = default_embedding_qat_qconfig if qat else float_qparams_weight_only_qconfig
     mapping.set_object_type(nn.Embedding, embedding)
+    for module_type in float_types:
+        mapping.set_object_type(module_type, None)
     for name in skip:
         mapping.set_module_name(name, None)
     return mapping

@@ -78,7 +78,8 @@ def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[
 def to_torchscript(quantized: nn.Module, backend: str, example_inputs: tuple[Any, ...]) -> torch.jit.ScriptModule:
     """``quantized`` traced on ``example_inputs`` and frozen: the form the artifact ships in."""
     with ao.engine(backend), ao.quiet(), torch.no_grad():
-        traced = torch.jit.trace(quantized.eval(), cpu_inputs(example_inputs), check_trace=False)
+        # strict=False: outputs may be dicts or lists (of tensors), whose structure the trace keeps
+        traced = torch.jit.trace(quantized.eval(), cpu_inputs(example_inputs), check_trace=False, strict=False)
         return torch.jit.freeze(traced.eval())
 
 

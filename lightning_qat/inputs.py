@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,15 +29,33 @@ def batch_input(batch: Any) -> tuple[Any, ...]:
     )
 
 
+def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it, through tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_tensors(fn, v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(fn, v) for v in value)
+    return value
+
+
+def tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in ``value`` (through tuples, lists and dicts), in order."""
+    found: list[torch.Tensor] = []
+    map_tensors(found.append, value)
+    return found
+
+
 def cpu_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``inputs`` with every tensor detached and on the CPU; other values as they are."""
-    return tuple(x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in inputs)
+    """``inputs`` with every tensor (also inside tuples, lists, dicts) detached and on the CPU; other values as is."""
+    return tuple(map_tensors(lambda x: x.detach().cpu(), x) for x in inputs)
 
 
 def batch_size(inputs: tuple[Any, ...]) -> int:
-    """The leading dimension of the first input (1 for a scalar or a non-tensor)."""
-    first = inputs[0] if inputs else None
-    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+    """The leading dimension of the first tensor of the inputs (1 for a scalar or no tensor)."""
+    first = next(iter(tensors(inputs)), None)
+    return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
 
 
 def example_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, ...]:
@@ -49,4 +68,4 @@ def example_inputs(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[
             loader = lightning_internals.fit_train_dataloader(trainer)
         example = batch_input(next(iter(loader)))
     inputs = example if isinstance(example, tuple) else (example,)
-    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in cpu_inputs(inputs))
+    return map_tensors(torch.clone, cpu_inputs(inputs))

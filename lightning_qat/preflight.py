@@ -5,6 +5,8 @@ Each check raises :class:`PreflightError` (a ``ValueError``) naming what to chan
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -69,6 +71,37 @@ def check_evaluation(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: 
             f"QATCallback(evaluate={stage!r}) needs {stage} data for the final evaluation, but the datamodule, the "
             f"module and `fit` give no `{hook}`: add one, or pass evaluate=None."
         )
+
+
+def check_network_calls(pl_module: pl.LightningModule, target: str, network: nn.Module) -> None:
+    """Refuse a LightningModule that calls a method or submodule of the network (``self.net.features(x)``).
+
+    QAT replaces the network by a prepared one that keeps only its ``forward`` (FX) or wraps it (eager), so such a
+    call would fail at the first training step or in the int8 evaluation. Read from the LightningModule's source.
+    """
+    calls: set[str] = set()
+    pattern = re.compile(rf"self\.{re.escape(target)}\.(\w+)\s*\(")
+    for cls in type(pl_module).__mro__:
+        if cls.__module__.startswith(("lightning.", "pytorch_lightning.", "torch.")) or cls is object:
+            continue
+        try:
+            calls |= set(pattern.findall(inspect.getsource(cls)))
+        except (OSError, TypeError):  # no source (a REPL, a compiled module): nothing to read
+            continue
+    bad = sorted(name for name in calls if name != "forward" and not hasattr(nn.Module, name))
+    if not bad:
+        return
+    name = bad[0]
+    submodule = isinstance(getattr(network, name, None), nn.Module)
+    fix = f"call `self.{target}(...)` and do that work in its forward"
+    if submodule:
+        fix += f", or quantize the submodule you call: QATCallback(module='{target}.{name}')"
+    raise PreflightError(
+        f"Your LightningModule calls `self.{target}.{name}(...)`"
+        + (f" (and {', '.join(bad[1:])})" if len(bad) > 1 else "")
+        + f": QAT replaces `{target}` by a prepared network that keeps only its forward, so the call would fail in "
+        f"training or in the int8 evaluation. To fix it, {fix}."
+    )
 
 
 def check_example(network: nn.Module, example_inputs: tuple[Any, ...], name: str, prepared: bool = False) -> None:

@@ -79,17 +79,60 @@ class Unfused(nn.Module):
 
 
 class EagerQATWrapper(nn.Module):
-    """Quantizes the input and dequantizes the output of a network prepared in eager mode."""
+    """Quantizes the inputs and dequantizes the outputs of a network prepared in eager mode.
 
-    def __init__(self, module: nn.Module) -> None:
+    Every floating-point tensor of the inputs (positional, or inside tuples, lists and dicts) gets a QuantStub of its
+    own, from the example inputs (the first one is ``quant``); integer tensors (ids, masks) pass through as they are.
+    Every tensor of the output (alone, or in a tuple, list or dict) is dequantized.
+    """
+
+    def __init__(self, module: nn.Module, example_inputs: tuple[Any, ...] = ()) -> None:
         super().__init__()
         self.quant = ao.QuantStub()
         self.module = module
         self.dequant = ao.DeQuantStub()
+        paths = _float_tensor_paths(example_inputs) or ["0"]
+        self._quant_of = {path: "quant" if i == 0 else f"quant_{path}" for i, path in enumerate(paths)}
+        for name in self._quant_of.values():
+            if name != "quant":
+                self.add_module(name, ao.QuantStub())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize the input, run the network, dequantize the output."""
-        return self.dequant(self.module(self.quant(x)))
+    def forward(self, *inputs: Any) -> Any:
+        """Quantize the inputs, run the network, dequantize the outputs."""
+        quantized = [self._quantize(x, str(i)) for i, x in enumerate(inputs)]
+        return self._dequantize(self.module(*quantized))
+
+    def _quantize(self, value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = self._quant_of.get(path)
+            return getattr(self, name)(value) if name is not None and value.is_floating_point() else value
+        if isinstance(value, dict):
+            return {k: self._quantize(v, f"{path}_{k}") for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._quantize(v, f"{path}_{i}") for i, v in enumerate(value))
+        return value
+
+    def _dequantize(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.dequant(value) if value.is_quantized or value.is_floating_point() else value
+        if isinstance(value, dict):
+            return {k: self._dequantize(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._dequantize(v) for v in value)
+        return value
+
+
+def _float_tensor_paths(value: Any, path: str = "") -> list[str]:
+    """Where the floating-point tensors of a (nested) input structure are: "0", "1", "0_image", ..."""
+    if isinstance(value, torch.Tensor):
+        return [path] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(value)]
+    else:
+        return []
+    return [p for key, v in items for p in _float_tensor_paths(v, f"{path}_{key}" if path else key)]
 
 
 def _is_excluded(module: nn.Module) -> bool:
@@ -202,6 +245,13 @@ def _count_fused(network: nn.Module) -> int:
     return sum(type(m).__module__.startswith("torch.ao.nn.intrinsic") for m in network.modules())
 
 
+def _float_types(network: nn.Module, backend: str) -> tuple[type[nn.Module], ...]:
+    """Module types kept float because this torch's int8 kernel for them is wrong on ``backend``."""
+    if any(isinstance(m, ao.TRANSPOSED_CONVS) for m in network.modules()) and ao.keep_transposed_conv_float(backend):
+        return ao.TRANSPOSED_CONVS
+    return ()
+
+
 def _prepare_eager(
     network: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
 ) -> nn.Module:
@@ -217,12 +267,23 @@ def _prepare_eager(
         groups = [g for g in find_fusion_groups(network, example_inputs) if not any(n in skip for n in g)]
         if groups:
             ao.fuse_modules(network, groups, qat=qat)
-    for name in skip:
+    transposed_float = bool(_float_types(network, backend))
+    islands = list(skip)
+    if transposed_float:  # float layers inside the int8 region need a dequantize before and a quantize after
+        islands += [
+            name
+            for name, m in network.named_modules()
+            if isinstance(m, ao.TRANSPOSED_CONVS) and not any(_within(name, s) for s in skip)
+        ]
+    for name in islands:
         island = FloatIsland(network.get_submodule(name))
         island.module.qconfig = None
         compat.set_submodule(network, name, island)
-    wrapped = network if has_stubs else EagerQATWrapper(network)
+    wrapped = network if has_stubs else EagerQATWrapper(network, example_inputs)
     wrapped.qconfig = ao.qconfig(backend, qat=qat)
+    for module in network.modules():  # per-channel weights are not supported for transposed convolutions
+        if isinstance(module, ao.TRANSPOSED_CONVS) and getattr(module, "qconfig", True) is not None:
+            module.qconfig = None if transposed_float else ao.per_tensor_weight_qconfig(backend, qat=qat)
     wrapped.train(qat)
     return ao.prepare_eager(wrapped, qat=qat)
 
@@ -336,7 +397,7 @@ def _prepare_fx(
     for name in islands:
         compat.set_submodule(network, name, Unfused(originals[name]))
     try:
-        mapping = ao.qconfig_mapping(backend, (), qat)
+        mapping = ao.qconfig_mapping(backend, (), qat, _float_types(network, backend))
         prepared = ao.prepare_fx(network, mapping, example_inputs, qat, leaf_classes=leaves)
     except Exception:
         for name in reversed(islands):
@@ -344,6 +405,9 @@ def _prepare_fx(
         raise
     make_train_eval_calls_follow_the_mode(prepared)
     drop_fake_quant_of_integer_tensors(prepared, example_inputs)
+    for name, value in vars(network).items():  # plain attributes (`self.net.num_classes`) keep working
+        if not name.startswith("_") and name != "training" and not hasattr(prepared, name):
+            setattr(prepared, name, value)
     return prepared, shared
 
 
@@ -369,7 +433,7 @@ def drop_fake_quant_of_integer_tensors(graph_module: torch.fx.GraphModule, examp
     FX decides where to quantize from the ops alone, so an integer tensor computed in the graph can get a
     float-only fake-quant (a dtype error on the first batch). Found by running a copy once on ``example_inputs``.
     """
-    probe = copy.deepcopy(graph_module)
+    probe = copy.deepcopy(graph_module).eval()  # eval: a batch of one through BatchNorm
     finder = _IntegerFakeQuantFinder(probe)
     with ao.quiet(), torch.no_grad():
         finder.run(*example_inputs)

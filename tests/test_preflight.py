@@ -19,17 +19,44 @@ class StepCounter(Callback):
         self.steps += 1
 
 
-class DictOutputNet(TinyNet):
-    def forward(self, x):
-        return {"logits": super().forward(x)}
+class FeaturesAndHead(nn.Module):
+    """torchvision-like: `features`, `classifier`, and a method of its own; `num_classes` an attribute."""
 
-
-class DictOutputClassifier(BoringClassifier):
     def __init__(self):
-        super().__init__(DictOutputNet())
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.classifier = nn.Linear(16, 10)
+        self.num_classes = 10
+
+    def embed(self, x):
+        return self.features(x).mean((2, 3))
 
     def forward(self, x):
-        return self.net(x)["logits"]
+        return self.classifier(self.embed(x))
+
+
+class CallsSubmodules(BoringClassifier):
+    def __init__(self):
+        super().__init__(FeaturesAndHead())
+
+    def forward(self, x):
+        return self.net.classifier(self.net.features(x).mean((2, 3)))
+
+
+class CallsAMethod(BoringClassifier):
+    def __init__(self):
+        super().__init__(FeaturesAndHead())
+
+    def forward(self, x):
+        return self.net.classifier(self.net.embed(x))
+
+
+class ReadsAnAttribute(BoringClassifier):
+    def __init__(self):
+        super().__init__(FeaturesAndHead())
+
+    def forward(self, x):
+        return self.net(x)[:, : self.net.num_classes]
 
 
 class TwoInputNet(nn.Module):
@@ -91,7 +118,13 @@ class NoTestData(pl.LightningDataModule):
 
 
 CASES = {
-    "dict output": (DictOutputClassifier, {}, {}, r"cannot be traced to TorchScript.*Return tensors"),
+    "calls submodules": (
+        CallsSubmodules,
+        {},
+        {},
+        r"calls `self\.net\.classifier\(\.\.\.\)` \(and features\).*module='net\.classifier'",
+    ),
+    "calls a method": (CallsAMethod, {}, {}, r"calls `self\.net\.classifier\(\.\.\.\)` \(and embed\).*its forward"),
     "two inputs": (TwoInputClassifier, {}, {}, r"example input \(shapes \[\(64, 1, 8, 8\)\]\).*example_input_array"),
     "eager x + x": (EagerAddClassifier, {}, {}, r"conversion would fail.*QuantizedCPU.*FloatFunctional"),
     "no validation_step": (NoValidationStep, {}, {}, r"evaluate='val'.*has none: define `validation_step`"),
@@ -112,6 +145,15 @@ def test_late_failures_now_stop_in_setup_with_the_fix(tmp_path, digits8, case):
     with pytest.raises(PreflightError, match=match):
         trainer.fit(model_fn(), datamodule=datamodule)
     assert counter.steps == 0
+
+
+def test_a_plain_attribute_of_the_network_still_reads_after_preparation(tmp_path, digits8):
+    qat = QATCallback(evaluate=None, save_artifact=False, latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat]))
+    model = ReadsAnAttribute()
+    trainer.fit(model, datamodule=digits8)
+    assert qat.prepared.mode == "fx"
+    assert model.net.num_classes == 10
 
 
 @pytest.mark.parametrize("save_dir", ["file", "unwritable"])

@@ -185,3 +185,8 @@ def test_integer_tensors_computed_in_the_graph_are_not_fake_quantized():
         int8 = ao.convert_fx(prepared.module.eval())
         assert int8(x).shape == (4, 10)
     assert any(ao.is_quantized_module(m) and isinstance(m, torch.ao.nn.quantized.Embedding) for m in int8.modules())
+
+
+def test_an_example_batch_of_one_still_prepares_in_fx_mode():
+    prepared = prepare_model(torchvision.models.resnet18(weights=None), "x86", "auto", [], (torch.randn(1, 3, 32, 32),))
+    assert prepared.mode == "fx", prepared.reason

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_qat import QATCallback, ao, load_quantized
+from lightning_qat.inputs import map_tensors
 from lightning_qat.prepare import prepare_model
 
 
@@ -124,8 +125,103 @@ class TokenClassifier(BoringClassifier):
         return self.net(to_token_ids(x))
 
 
-CLASSIFIER = {"token ids + embedding": TokenClassifier}  # the others: BoringClassifier, images in
-NETWORK_INPUT = {"token ids + embedding": to_token_ids}
+def meta_features(x):
+    """Per-row means of the image: the "metadata" second input (N, 8), float."""
+    return x.flatten(2).mean(1).reshape(-1, 8, 8).mean(2)
+
+
+class ImageAndMeta(nn.Module):
+    """Two positional inputs, and a submodule called `meta` (FX's GraphModule has a `meta` attribute of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.meta = nn.Linear(8, 16)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, image, meta):
+        pooled = torch.relu(self.bn(self.conv(image))).mean((2, 3))
+        return self.fc(torch.cat([pooled, torch.relu(self.meta(meta))], 1))
+
+
+class TwoInputClassifier(BoringClassifier):
+    def __init__(self, net):
+        super().__init__(net)
+        self.example_input_array = (torch.zeros(2, 1, 8, 8), torch.zeros(2, 8))
+
+    def forward(self, x):
+        return self.net(x, meta_features(x))
+
+
+class DictInOut(nn.Module):
+    """A dict in (`{"image": ...}`), a dict out (`{"logits": ..., "features": ...}`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, batch):
+        features = torch.relu(self.bn(self.conv(batch["image"]))).mean((2, 3))
+        return {"logits": self.fc(features), "features": features}
+
+
+class DictClassifier(BoringClassifier):
+    def __init__(self, net):
+        super().__init__(net)
+        self.example_input_array = ({"image": torch.zeros(2, 1, 8, 8)},)
+
+    def forward(self, x):
+        return self.net({"image": x})["logits"]
+
+
+class Decoder(nn.Module):
+    """A ConvTranspose2d upsampling path (per-tensor int8 weights: no per-channel transposed-conv kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.bn = nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.fc = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.up(torch.relu(self.bn(self.down(x))))).flatten(1))
+
+
+class TorchvisionConvNeXt(nn.Module):
+    """torchvision's ConvNeXt (stochastic depth, LayerNorm2d, GELU, layer scale), two tiny stages."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+        blocks = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)]
+        self.convnext = ConvNeXt(blocks, stochastic_depth_prob=0.3, num_classes=10)
+
+    def forward(self, x):
+        return self.convnext(x.expand(-1, 3, -1, -1))
+
+
+CLASSIFIER = {  # the others: BoringClassifier, images in
+    "token ids + embedding": TokenClassifier,
+    "two inputs (image + meta)": TwoInputClassifier,
+    "two inputs (eager)": TwoInputClassifier,
+    "dict in, dict out": DictClassifier,
+    "dict in, dict out (eager)": DictClassifier,
+}
+NETWORK_INPUT = {  # the network's positional inputs made from images
+    "token ids + embedding": lambda x: (to_token_ids(x),),
+    "two inputs (image + meta)": lambda x: (x, meta_features(x)),
+    "two inputs (eager)": lambda x: (x, meta_features(x)),
+    "dict in, dict out": lambda x: ({"image": x},),
+    "dict in, dict out (eager)": lambda x: ({"image": x},),
+}
+# Eager mode computes `.mean()` of the int8 conv output in int8 at that output's scale, where the fake-quant network
+# averages in float (eager mode observes module outputs only; FX also observes the mean): measured 9.6% relative
+# error and 87% top-1 agreement on torch 2.14.1 (FX: 2.7%, 95%).
+TOLERANCE = {"dict in, dict out (eager)": (0.12, 0.85)}
+LOGITS = {"dict in, dict out": lambda out: out["logits"], "dict in, dict out (eager)": lambda out: out["logits"]}
+MODE = {"two inputs (eager)": "eager", "dict in, dict out (eager)": "eager", "convtranspose decoder (eager)": "eager"}
 
 ZOO = {
     "token ids + embedding": TokenNet,
@@ -137,6 +233,13 @@ ZOO = {
     "conv1d": Conv1dNet,
     "stochastic depth + dropout": StochasticNet,
     "layernorm + gelu": NormGeluBlock,
+    "two inputs (image + meta)": ImageAndMeta,
+    "two inputs (eager)": ImageAndMeta,
+    "dict in, dict out": DictInOut,
+    "dict in, dict out (eager)": DictInOut,
+    "convtranspose decoder": Decoder,
+    "convtranspose decoder (eager)": Decoder,
+    "torchvision convnext (stochastic depth)": TorchvisionConvNeXt,
 }
 
 
@@ -171,7 +274,14 @@ def test_every_shape_trains_freezes_converts_and_reloads(tmp_path, digits8, shap
     float_trainer = pl.Trainer(**trainer_kwargs(tmp_path / "float", max_epochs=4))
     classifier = CLASSIFIER.get(shape, BoringClassifier)
     float_trainer.fit(classifier(net), datamodule=digits8)  # QAT fine-tunes a trained float network
-    qat = QATCallback(interval="step", freeze_bn_after=3, freeze_observers_after=5, evaluate=None, latency_repeats=1)
+    qat = QATCallback(
+        mode=MODE.get(shape, "auto"),
+        interval="step",
+        freeze_bn_after=3,
+        freeze_observers_after=5,
+        evaluate=None,
+        latency_repeats=1,
+    )
     watcher = BatchNormWatcher(qat)
     model = classifier(net)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, callbacks=[qat, watcher]))
@@ -180,22 +290,26 @@ def test_every_shape_trains_freezes_converts_and_reloads(tmp_path, digits8, shap
     assert watcher.checked_steps == 5  # steps 3..7 ran with the BN freeze in force
     assert bool(watcher.snapshot) == has_bn  # ... and every BatchNorm statistic stood still
     x, _ = digits8.splits["val"].tensors
-    x = NETWORK_INPUT.get(shape, lambda images: images)(x)
+    inputs = NETWORK_INPUT.get(shape, lambda images: (images,))(x)
+    logits = LOGITS.get(shape, lambda out: out)
     qat_net = model.net.eval()
     ao.set_observers(qat_net, False)
+    assert qat.report.mode == MODE.get(shape, qat.report.mode)
     with torch.no_grad(), ao.quiet():
-        qat_out, int8_out = qat_net(x), qat.quantized_model(x)
-        assert torch.equal(qat.quantized_model(x), int8_out)  # eval is deterministic
-        assert torch.equal(load_quantized(qat.artifact_path)(x), int8_out)
+        qat_out, int8_out = logits(qat_net(*inputs)), logits(qat.quantized_model(*inputs))
+        assert torch.equal(logits(qat.quantized_model(*inputs)), int8_out)  # eval is deterministic
+        assert torch.equal(logits(load_quantized(qat.artifact_path)(*inputs)), int8_out)
     # int8 reproduces the fake-quant network up to rounding: measured 0.8-4.0% mean relative error and 93-100% top-1
     # agreement over the zoo on torch 2.4.1 and 2.14.1 (a few networks have near-tied logits after 4 float epochs)
+    max_error, min_agreement = TOLERANCE.get(shape, (0.06, 0.9))
     relative_error = ((int8_out - qat_out).abs().mean() / qat_out.abs().mean()).item()
     agreement = (qat_out.argmax(1) == int8_out.argmax(1)).float().mean().item()
-    assert relative_error <= 0.06, relative_error
-    assert agreement >= 0.9, agreement
+    print(f"{shape}: relative error {relative_error:.4f}, agreement {agreement:.4f}")
+    assert relative_error <= max_error, relative_error
+    assert agreement >= min_agreement, agreement
 
 
-def _float_equivalence_error(net: nn.Module, x: torch.Tensor) -> float:
+def _float_equivalence_error(net: nn.Module, inputs: tuple, mode: str = "auto", logits=None) -> float:
     """Max abs difference between the float network and its freshly prepared copy with fake-quant off, in eval."""
     pl.seed_everything(0)
     net.train()
@@ -204,22 +318,23 @@ def _float_equivalence_error(net: nn.Module, x: torch.Tensor) -> float:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
-        for chunk in x.split(64):
-            net(chunk)  # BatchNorm statistics that are not the initial ones
+        for _ in range(4):
+            net(*inputs)  # BatchNorm statistics that are not the initial ones
     reference = copy.deepcopy(net).eval()
-    prepared = prepare_model(net, "x86", "auto", [], (x[:2],)).module
+    prepared = prepare_model(net, "x86", mode, [], map_tensors(lambda t: t[:2], inputs)).module
     prepared.apply(torch.ao.quantization.disable_fake_quant)
     prepared.eval()
+    logits = logits or (lambda out: out)
     with torch.no_grad():
-        return (prepared(x) - reference(x)).abs().max().item()
+        return (logits(prepared(*inputs)) - logits(reference(*inputs))).abs().max().item()
 
 
 @pytest.mark.parametrize("shape", list(ZOO))
 def test_preparing_changes_nothing_but_the_fake_quantization(digits8, shape):
     """Fusion only where it is equivalent: with fake-quant off, the prepared network is the float network."""
     x, _ = digits8.splits["train"].tensors
-    x = NETWORK_INPUT.get(shape, lambda images: images)(x)
-    assert _float_equivalence_error(ZOO[shape](), x[:256]) <= 1e-5
+    inputs = NETWORK_INPUT.get(shape, lambda images: (images,))(x[:256])
+    assert _float_equivalence_error(ZOO[shape](), inputs, MODE.get(shape, "auto"), LOGITS.get(shape)) <= 1e-5
 
 
 def test_skipping_a_fused_member_keeps_it_float_and_unfused(tmp_path, digits8):

@@ -41,7 +41,7 @@ from lightning_qat.evaluate import (
     run_evaluation,
     serialized_size,
 )
-from lightning_qat.inputs import batch_input, batch_size, cpu_inputs, example_inputs
+from lightning_qat.inputs import batch_input, batch_size, cpu_inputs, example_inputs, map_tensors
 from lightning_qat.onnx_export import OnnxRuntimeNetwork, check_onnx_available, export_onnx, onnxruntime_version
 from lightning_qat.prepare import Mode, Prepared, find_target, float_islands, prepare_model
 from lightning_qat.report import MonitorMode, QATReport
@@ -254,6 +254,7 @@ class QATCallback(Callback):
         preflight.check_precision(trainer)
         preflight.check_evaluation(trainer, pl_module, self.evaluate)
         network = preflight.unwrap_compiled(network, self.target)
+        preflight.check_network_calls(pl_module, str(self.target), network)
         self._loaded_from = None
         self._example_inputs = example_inputs(trainer, pl_module)
         preflight.check_example(network, self._example_inputs, str(self.target))
@@ -747,10 +748,20 @@ class QATCallback(Callback):
 
 
 def _storable(inputs: tuple[Any, ...]) -> list[Any] | None:
-    """Two rows of the example input, for a checkpoint (``None`` unless every input is a tensor)."""
-    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+    """Two rows of the example input, for a checkpoint (``None`` unless it is made of tensors, tuples, lists, dicts)."""
+    if not inputs or not all(_only_tensors(x) for x in inputs):
         return None
-    return [x[:2].clone() for x in inputs]
+    return [map_tensors(lambda t: t[:2].clone() if t.dim() else t.clone(), x) for x in inputs]
+
+
+def _only_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return all(_only_tensors(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return all(_only_tensors(v) for v in value)
+    return False
 
 
 class EvaluationInterrupted(RuntimeError):

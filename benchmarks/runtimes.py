@@ -145,7 +145,10 @@ class Paths:
             from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
             model = _float(self.arch).train()
-            exported = torch.export.export(model, (torch.randn(4, 3, self.image, self.image),), strict=True).module()
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            exported = torch.export.export(
+                model, (torch.randn(4, 3, self.image, self.image),), dynamic_shapes=({0: batch},), strict=True
+            ).module()
             quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(True))
             prepared = prepare_qat_pt2e(exported, quantizer)
             move_exported_model_to_train(prepared)

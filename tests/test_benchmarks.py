@@ -1,5 +1,6 @@
 """The benchmark suite's quick mode runs end to end, so it cannot rot (no timing asserts: numbers vary by machine)."""
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -20,10 +21,21 @@ def test_quick_benchmarks_write_every_section_with_numbers(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
-    assert [s.split(" ")[0] for s in sections] == ["int8", "Size", "QAT", "Accuracy"]
+    assert [s.split(" ")[0] for s in sections] == ["Deployment", "int8", "Size", "QAT", "Accuracy"]
     for section in sections:
         rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| model")]
         assert rows, section
         assert all(re.search(r"\d+\.\d+", row) for row in rows), rows
-    latency_rows = [line for line in sections[0].splitlines() if line.startswith("| resnet18 |")]
+    # every path of ours and the hand recipe have numbers; a peer whose package is absent is skipped with a note
+    header, _, *rows = sections[0].split("\n\n")[1].splitlines()
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    assert len(rows) == 2  # resnet18, batch 1 and 4
+    for row in rows:
+        cells = dict(zip(columns, (c.strip() for c in row.split("|")[1:-1]), strict=True))
+        for path in ("ours TorchScript", "ours ONNX Runtime", "hand recipe (TorchScript)"):
+            assert re.fullmatch(r"\d+\.\d \(\d\.\d{3}\)", cells[path]), cells
+    for package, path in (("torchao", "torchao PT2E + inductor"), ("nncf", "NNCF -> OpenVINO")):
+        if importlib.util.find_spec(package) is None:
+            assert f"{path}: not installed: {package}" in sections[0]
+    latency_rows = [line for line in sections[1].splitlines() if line.startswith("| resnet18 |")]
     assert {row.split("|")[2].strip() for row in latency_rows} == {"x86", "fbgemm", "qnnpack"}

@@ -62,7 +62,7 @@ class Sizes:
 
 QUICK_RUN = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.max_epochs=1"]
 QUICK = Sizes(
-    latency_models=("resnet18", "mobilenet_v2"),
+    latency_models=("resnet18",),
     backends=BACKENDS,
     batches=(1, 4),
     threads=(1,),

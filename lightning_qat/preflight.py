@@ -104,8 +104,11 @@ def check_network_calls(pl_module: pl.LightningModule, target: str, network: nn.
     )
 
 
-def check_example(network: nn.Module, example_inputs: tuple[Any, ...], name: str, prepared: bool = False) -> None:
-    """Run the example input through (a CPU copy of) ``network``; ``network`` itself is not touched."""
+def check_example(network: nn.Module, example_inputs: tuple[Any, ...], name: str, prepared: bool = False) -> nn.Module:
+    """Run the example input through a CPU copy of ``network``; ``network`` itself is not touched.
+
+    Returns the copy, in eval mode, which has seen the example once (a prepared copy's observers too).
+    """
     probe = cpu_eval_copy(network)
     shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
     try:
@@ -117,6 +120,7 @@ def check_example(network: nn.Module, example_inputs: tuple[Any, ...], name: str
             f"{type(err).__name__}: {err}. Set `example_input_array` on your LightningModule to the network's input "
             "(a tuple for several positional inputs), or pass `module=` naming the network your batch feeds."
         ) from err
+    return probe
 
 
 def check_eval_is_deterministic(
@@ -157,16 +161,13 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def check_conversion(
-    network: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...], name: str
+    probe: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...], name: str
 ) -> nn.Module:
-    """Run the example input through a copy of the freshly prepared network, convert the copy to int8 and trace it.
+    """Convert ``probe`` to int8 and trace it; returns the int8 network, ``probe`` is not touched.
 
-    Returns the int8 copy. ``network`` itself is not touched (its observers see nothing).
+    ``probe``: the copy of the freshly prepared network that :func:`check_example` returns; its observers have seen
+    the example once, as after a first training step.
     """
-    check_example(network, example_inputs, name, prepared=True)
-    probe = cpu_eval_copy(network)
-    with ao.quiet(), torch.no_grad():
-        probe(*example_inputs)  # the observers of the copy see the example once, as after a first training step
     try:
         quantized = to_int8(probe, mode, backend, example_inputs)
     except ConversionError as err:
@@ -184,13 +185,13 @@ def check_conversion(
     return quantized
 
 
-def check_onnx_export(network: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:
-    """Export a copy of the freshly prepared network to ONNX in memory: a layer ONNX cannot take fails now."""
+def check_onnx_export(probe: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:
+    """Export ``probe`` (as for :func:`check_conversion`) to ONNX in memory: a layer ONNX cannot take fails now.
+
+    Its observers must have seen data: per-channel scales get their shape from the first batch.
+    """
     from lightning_qat.onnx_export import export_onnx
 
-    probe = cpu_eval_copy(network)
-    with ao.quiet(), torch.no_grad():
-        probe(*example_inputs)  # per-channel scales get their shape from the first batch the observers see
     try:
         export_onnx(probe, None, example_inputs)
     except Exception as err:

@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_qat import ao, compat
+from lightning_qat.inputs import map_tensors
 
 Mode = Literal["auto", "fx", "eager"]
 
@@ -113,13 +114,7 @@ class EagerQATWrapper(nn.Module):
         return value
 
     def _dequantize(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return self.dequant(value) if value.is_quantized or value.is_floating_point() else value
-        if isinstance(value, dict):
-            return {k: self._dequantize(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._dequantize(v) for v in value)
-        return value
+        return map_tensors(lambda x: self.dequant(x) if x.is_quantized or x.is_floating_point() else x, value)
 
 
 def _float_tensor_paths(value: Any, path: str = "") -> list[str]:

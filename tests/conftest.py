@@ -53,6 +53,19 @@ class SelfFusingNet(UntraceableNet):
         fuse_modules_qat(self, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"]], inplace=True)
 
 
+class IdsFromPixels(nn.Module):
+    """Computes integer ids inside the graph (`.long()`), then looks them up: FX would fake-quantize the ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(17, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        ids = (x.flatten(1).abs() * 4).long().clamp(0, 16)
+        return self.fc(self.embedding(ids).mean(1))
+
+
 class BoringClassifier(pl.LightningModule):
     """The tiny LightningModule of the tests (like Lightning's BoringModel)."""
 

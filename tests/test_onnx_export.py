@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import BoringClassifier, UntraceableNet, pretrained_tiny, trainer_kwargs
+from conftest import BoringClassifier, IdsFromPixels, UntraceableNet, pretrained_tiny, trainer_kwargs
 from torch import nn
 
 from lightning_qat import QATCallback, ao, load_quantized
@@ -133,18 +133,8 @@ def test_export_values_are_checked(export):
         QATCallback(export=export)
 
 
-class TokenNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embedding = nn.Embedding(17, 8)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        return self.fc(self.embedding((x.flatten(1).abs() * 4).long().clamp(0, 16)).mean(1))
-
-
 def test_a_layer_onnx_cannot_take_fails_in_setup_before_training(tmp_path, digits8):
-    model = BoringClassifier(TokenNet())
+    model = BoringClassifier(IdsFromPixels())
     qat = QATCallback(export=["torchscript", "onnx"])
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[qat], max_epochs=1))
     with pytest.raises(PreflightError, match=r"cannot be exported to ONNX.*Embedding.*Remove 'onnx' from export="):

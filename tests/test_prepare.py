@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torchvision
-from conftest import SelfFusingNet, TinyNet, UntraceableNet
+from conftest import IdsFromPixels, SelfFusingNet, TinyNet, UntraceableNet
 from torch.ao.nn.intrinsic import qat as nniqat
 
 import lightning_qat
@@ -162,19 +162,6 @@ def test_dropout_and_stochastic_depth_follow_train_and_eval_in_qat_int8_and_arti
     with torch.no_grad(), ao.quiet():
         assert torch.equal(int8(x), int8(x))
         assert torch.equal(lightning_qat.load_quantized(artifact)(x), int8(x))
-
-
-class IdsFromPixels(torch.nn.Module):
-    """Computes integer ids inside the graph (`.long()`), then looks them up: FX would fake-quantize the ids."""
-
-    def __init__(self):
-        super().__init__()
-        self.embedding = torch.nn.Embedding(17, 8)
-        self.fc = torch.nn.Linear(8, 10)
-
-    def forward(self, x):
-        ids = (x.flatten(1).abs() * 4).long().clamp(0, 16)
-        return self.fc(self.embedding(ids).mean(1))
 
 
 def test_integer_tensors_computed_in_the_graph_are_not_fake_quantized():

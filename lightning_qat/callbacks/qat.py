@@ -213,6 +213,7 @@ class QATCallback(Callback):
         self.report: QATReport | None = None
         self.artifact_path: Path | None = None
         self.onnx_path: Path | None = None
+        self._onnx_session: OnnxRuntimeNetwork | None = None
         self.bn_frozen = False
         self.observers_frozen = False
         self._schedule: FreezeSchedule | None = None
@@ -257,8 +258,8 @@ class QATCallback(Callback):
         preflight.check_network_calls(pl_module, str(self.target), network)
         self._loaded_from = None
         self._example_inputs = example_inputs(trainer, pl_module)
-        preflight.check_example(network, self._example_inputs, str(self.target))
-        self._float_network = cpu_eval_copy(network)
+        # the checked copy is the float baseline (an eval forward pass leaves a float network as it was)
+        self._float_network = preflight.check_example(network, self._example_inputs, str(self.target))
         self._install(pl_module, network, self.mode)
         self.run_preflight(trainer, pl_module)
 
@@ -273,11 +274,12 @@ class QATCallback(Callback):
         preflight.check_eval_is_deterministic(
             self._float_network, self.prepared.module, self._example_inputs, str(self.target)
         )
+        probe = preflight.check_example(self.prepared.module, self._example_inputs, str(self.target), prepared=True)
         quantized = preflight.check_conversion(
-            self.prepared.module, self.prepared.mode, self.backend, self._example_inputs, str(self.target)
+            probe, self.prepared.mode, self.backend, self._example_inputs, str(self.target)
         )
         if "onnx" in self.export and self.save_artifact:
-            preflight.check_onnx_export(self.prepared.module, self._example_inputs, str(self.target))
+            preflight.check_onnx_export(probe, self._example_inputs, str(self.target))
         if not trainer.fast_dev_run:
             self._out_dir = self.output_dir(trainer)
         if self.evaluate is not None:
@@ -518,6 +520,7 @@ class QATCallback(Callback):
             report.artifact = str(self.artifact_path)
         if "onnx" in self.export:
             self.onnx_path = export_onnx(self._trained_network, out_dir / "model_int8.onnx", self._example_inputs)
+            self._onnx_session = None  # a new file: a new session, opened once for evaluation and timing
             report.onnx_artifact = str(self.onnx_path)
 
     def evaluate_networks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: QATReport) -> None:
@@ -535,7 +538,7 @@ class QATCallback(Callback):
         freeze_for_inference(qat_copy)
         networks |= {"qat": qat_copy, "int8": self.quantized_model}
         if self.onnx_path is not None:
-            networks["int8-onnx"] = OnnxRuntimeNetwork(self.onnx_path)
+            networks["int8-onnx"] = self._onnx_network()
         progress = trainer.progress_bar_callback is not None
         for row, network in networks.items():
             clone = module_with_network(pl_module, self.target, network)
@@ -563,12 +566,19 @@ class QATCallback(Callback):
             report.size_bytes["int8"] = serialized_size(self.quantized_model)
             report.latency_runtime["int8"] = "TorchScript (not saved)"
         if self.onnx_path is not None:
-            networks["int8-onnx"] = OnnxRuntimeNetwork(self.onnx_path)
+            networks["int8-onnx"] = self._onnx_network()
             report.size_bytes["int8-onnx"] = self.onnx_path.stat().st_size
             report.latency_runtime["int8-onnx"] = f"ONNX Runtime {onnxruntime_version()}"
         report.latency_ms = measure_latency(networks, self._example_inputs, self.backend, repeats=self.latency_repeats)
         report.latency_batch_size = batch_size(self._example_inputs)
         report.latency_threads = torch.get_num_threads()
+
+    def _onnx_network(self) -> OnnxRuntimeNetwork:
+        """The ONNX artifact in one ONNX Runtime session, shared by the evaluation and the timing."""
+        assert self.onnx_path is not None
+        if self._onnx_session is None:
+            self._onnx_session = OnnxRuntimeNetwork(self.onnx_path)
+        return self._onnx_session
 
     def write_report(self, trainer: pl.Trainer, report: QATReport, out_dir: Path) -> None:
         """Metrics to the loggers (``float/…``, ``qat/…``, ``int8/…``), json + markdown files, the terminal table."""

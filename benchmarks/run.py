@@ -31,12 +31,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.runtimes import PATHS, runtimes
-from lightning_qat import QATCallback, ao, load_quantized
-from lightning_qat.backends import BACKENDS, default_backend
-from lightning_qat.cli import main as cli_main
-from lightning_qat.convert import save_torchscript, to_int8, to_torchscript
-from lightning_qat.evaluate import measure_latency, serialized_size
-from lightning_qat.prepare import prepare_model
+from lightning_qat import QATCallback, load_quantized
+from lightning_qat.app.cli import main as cli_main
+from lightning_qat.export.torchscript import save_torchscript, to_torchscript
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.backends import BACKENDS, default_backend
+from lightning_qat.quantization.convert import to_int8
+from lightning_qat.quantization.measure import measure_latency, serialized_size
+from lightning_qat.quantization.prepare import prepare_model
 
 
 @dataclass(frozen=True)

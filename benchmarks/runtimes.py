@@ -33,11 +33,13 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_qat import ao, load_quantized
-from lightning_qat.convert import save_torchscript, to_int8, to_torchscript
-from lightning_qat.evaluate import measure_latency
-from lightning_qat.onnx_export import OnnxRuntimeNetwork, export_onnx
-from lightning_qat.prepare import prepare_model
+from lightning_qat import load_quantized
+from lightning_qat.export.onnx import OnnxRuntimeNetwork, export_onnx
+from lightning_qat.export.torchscript import save_torchscript, to_torchscript
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.convert import to_int8
+from lightning_qat.quantization.measure import measure_latency
+from lightning_qat.quantization.prepare import prepare_model
 
 BACKEND = "x86"
 

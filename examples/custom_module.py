@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_qat import QATCallback, load_quantized
-from lightning_qat.data import DigitsDataModule
+from lightning_qat.app.data import DigitsDataModule
 
 
 class SmallCNN(pl.LightningModule):
@@ -32,13 +32,20 @@ class SmallCNN(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=3e-3)
 
 
-if __name__ == "__main__":
+def main(float_epochs: int = 8, qat_epochs: int = 4, save_dir: str = "outputs/custom", **trainer_kwargs) -> float:
     pl.seed_everything(0)
     dm = DigitsDataModule(image_size=8, channels=1)
     model = SmallCNN()
-    pl.Trainer(max_epochs=8, logger=False, enable_checkpointing=False).fit(model, datamodule=dm)  # float first
-    qat = QATCallback(freeze_bn_after=2, freeze_observers_after=3, monitor="val_acc", save_dir="outputs/custom")
-    pl.Trainer(max_epochs=4, callbacks=[qat], logger=False, enable_checkpointing=False).fit(model, datamodule=dm)
+    quiet = {"logger": False, "enable_checkpointing": False, **trainer_kwargs}
+    pl.Trainer(max_epochs=float_epochs, **quiet).fit(model, datamodule=dm)  # float first
+    qat = QATCallback(freeze_bn_after=2, freeze_observers_after=3, monitor="val_acc", save_dir=save_dir)
+    pl.Trainer(max_epochs=qat_epochs, callbacks=[qat], **quiet).fit(model, datamodule=dm)
     int8 = load_quantized(qat.artifact_path)  # TorchScript, runs without this file's code
     x, y = dm.splits["val"].tensors
-    print("reloaded int8 accuracy:", (int8(x).argmax(1) == y).float().mean().item())
+    accuracy = (int8(x).argmax(1) == y).float().mean().item()
+    print("reloaded int8 accuracy:", accuracy)
+    return accuracy
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,51 @@
-"""lightning-qat: quantization-aware training as a drop-in PyTorch Lightning callback."""
+"""lightning-qat: quantization-aware training as a drop-in PyTorch Lightning callback.
 
-from lightning_qat import ao  # noqa: F401 - first: a torch without torch.ao.quantization fails here, clearly
-from lightning_qat.callbacks.qat import QATCallback
-from lightning_qat.checkpoint import convert_checkpoint, load_qat_checkpoint
-from lightning_qat.convert import load_quantized
-from lightning_qat.report import QATReport
+The package is four layers, each importing only those below it: :mod:`lightning_qat.quantization` (torch only:
+prepare, convert, schedule, observer sync, the torch.ao and torch-version seams), :mod:`lightning_qat.export`
+(TorchScript and ONNX artifacts), :mod:`lightning_qat.lightning` (the callback, the end-of-fit pipeline, evaluation,
+report, preflight, checkpoints) and :mod:`lightning_qat.app` (the CLI, the embedded digits data and models, image
+folders). :mod:`lightning_qat.exceptions`, :mod:`lightning_qat.files` and :mod:`lightning_qat.choices` import nothing
+of the package and serve every layer.
+"""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
-__all__ = ["QATCallback", "QATReport", "__version__", "convert_checkpoint", "load_qat_checkpoint", "load_quantized"]
+from lightning_qat.exceptions import (
+    AccuracyBudgetError,
+    ArtifactError,
+    ConversionError,
+    EvaluationInterrupted,
+    LightningInternalsError,
+    NotAQATCheckpointError,
+    OnnxExtraMissing,
+    PreflightError,
+)
+from lightning_qat.export.torchscript import load_quantized
+from lightning_qat.lightning.callback import QATCallback
+from lightning_qat.lightning.checkpoint import load_qat_checkpoint
+from lightning_qat.lightning.convert_checkpoint import convert_checkpoint
+from lightning_qat.lightning.finish import FinishPipeline
+from lightning_qat.lightning.report import QATReport
+
+try:
+    __version__ = version("lightning-qat")  # the one source: pyproject.toml's [project] version
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "AccuracyBudgetError",
+    "ArtifactError",
+    "ConversionError",
+    "EvaluationInterrupted",
+    "FinishPipeline",
+    "LightningInternalsError",
+    "NotAQATCheckpointError",
+    "OnnxExtraMissing",
+    "PreflightError",
+    "QATCallback",
+    "QATReport",
+    "__version__",
+    "convert_checkpoint",
+    "load_qat_checkpoint",
+    "load_quantized",
+]

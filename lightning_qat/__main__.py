@@ -1,5 +1,5 @@
 """``python -m lightning_qat`` = ``lightning-qat``."""
 
-from lightning_qat.cli import main
+from lightning_qat.app.cli import main
 
 main()

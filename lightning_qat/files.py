@@ -8,19 +8,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` for a unique temporary file next to ``path``, then atomically rename it to ``path``.
 
-    Concurrent writers each use their own temporary file; readers see the old file or a complete new one.
+    The temporary file has ``path``'s own name, inside a unique hidden folder beside it (archives such as
+    TorchScript's name their root folder after the file). Concurrent writers each use their own temporary folder;
+    readers see the old file or a complete new one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    folder = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    folder.mkdir()
+    tmp = folder / path.name
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        folder.rmdir()
     return path
 
 

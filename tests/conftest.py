@@ -1,10 +1,14 @@
+import importlib.util
+import types
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_qat.data import DigitsDataModule
+from lightning_qat.app.data import DigitsDataModule
 
 
 class TinyNet(nn.Module):
@@ -101,6 +105,17 @@ class BoringClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr * 0.1)
+
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def load_example(name: str) -> types.ModuleType:
+    """An example script of ``examples/`` as a module (its ``__main__`` block does not run)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def trainer_kwargs(tmp_path, **overrides):

@@ -20,18 +20,23 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from lightning_qat import QATCallback, ao
-from lightning_qat.data import DigitsDataModule
+from lightning_qat import FinishPipeline, QATCallback
+from lightning_qat.app.data import DigitsDataModule
+from lightning_qat.quantization import ao
 
 faulthandler.dump_traceback_later(240, exit=True)
 CONFIG = Path(__file__).parents[1] / "configs" / "ddp_cpu.yaml"
 
 
+class DiskFailure(FinishPipeline):
+    def write_artifact(self, report, out_dir):
+        raise OSError("simulated disk failure on rank 0")
+
+
 class FailingOnRank0(QATCallback):
     """Fails at the end of fit on global rank 0 only, after the preflight passed on every rank."""
 
-    def write_artifact(self, report, out_dir):
-        raise OSError("simulated disk failure on rank 0")
+    pipeline_class = DiskFailure
 
 
 class FreezeRecorder(Callback):

@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_qat import backends
+from lightning_qat.quantization import backends
 
 
 @pytest.mark.parametrize(("machine", "expected"), [("x86_64", "x86"), ("AMD64", "x86"), ("aarch64", "qnnpack")])

@@ -12,8 +12,10 @@ import torch
 from conftest import BoringClassifier, pretrained_tiny, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_qat import QATCallback, ao, convert_checkpoint, load_qat_checkpoint, load_quantized
-from lightning_qat.checkpoint import MARKER, NotAQATCheckpointError
+from lightning_qat import QATCallback, convert_checkpoint, load_qat_checkpoint, load_quantized
+from lightning_qat.exceptions import NotAQATCheckpointError
+from lightning_qat.lightning.checkpoint import MARKER
+from lightning_qat.quantization import ao
 
 TESTS = Path(__file__).parent
 
@@ -49,7 +51,7 @@ import lightning.pytorch as pl
 import torch
 from conftest import BoringClassifier, trainer_kwargs
 from lightning_qat import QATCallback, load_qat_checkpoint
-from lightning_qat.data import DigitsDataModule
+from lightning_qat.app.data import DigitsDataModule
 
 best = {best!r}
 dm = DigitsDataModule(image_size=8, channels=1, batch_size=64)

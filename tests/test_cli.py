@@ -9,11 +9,11 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import trainer_kwargs
+from conftest import load_example, trainer_kwargs
 
-from lightning_qat.cli import DEFAULT_CONFIG
-from lightning_qat.data import DigitsDataModule
-from lightning_qat.models import ImageClassifier
+from lightning_qat.app.cli import DEFAULT_CONFIG
+from lightning_qat.app.data import DigitsDataModule
+from lightning_qat.app.models import ImageClassifier
 
 TINY = [
     "--model.arch=mobilenet_v3_small",
@@ -226,7 +226,7 @@ MY_PACKAGE = """
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from lightning_qat.data import DigitsDataModule
+from lightning_qat.app.data import DigitsDataModule
 
 
 class MyModule(pl.LightningModule):
@@ -287,17 +287,6 @@ def test_cli_runs_your_own_module_and_data_by_class_path(tmp_path, how):
     assert "Float pre-training: 1 epochs" in result.stderr + result.stdout
 
 
-def _digits_folders(root):
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for n, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-        folder = root / ("val" if n % 5 == 0 else "train") / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((image * 255 / 16).astype("uint8")).save(folder / f"{n}.png")
-
-
 RECIPE = Path(__file__).parents[1] / "configs" / "finetune_imagefolder.yaml"
 RECIPE_TINY = [
     "--data.root=images",
@@ -318,7 +307,7 @@ RECIPE_TINY = [
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("folders")
-    _digits_folders(root / "images")
+    load_example("digits_to_folders").main(str(root / "images"))
     # the "pretrained" ImageNet weights, where torchvision's cache keeps them (the test's own: no download here)
     (root / "torch_home" / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(

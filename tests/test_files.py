@@ -11,8 +11,9 @@ WRITER = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import TinyNet
-from lightning_qat.convert import save_torchscript, to_int8
-from lightning_qat.prepare import prepare_model
+from lightning_qat.export.torchscript import save_torchscript
+from lightning_qat.quantization.convert import to_int8
+from lightning_qat.quantization.prepare import prepare_model
 x = torch.randn(4, 1, 8, 8)
 prepared = prepare_model(TinyNet(), "x86", "fx", [], (x,))
 prepared.module(x)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import pretrained_tiny, trainer_kwargs
 
-from lightning_qat import QATCallback, ao, load_quantized
+from lightning_qat import QATCallback, load_quantized
+from lightning_qat.quantization import ao
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

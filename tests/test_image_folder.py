@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_qat.image_folder import ImageFolderDataModule
+from lightning_qat.app.image_folder import ImageFolderDataModule
 
 
 def _write(root, split, classes, per_class=3, size=12):

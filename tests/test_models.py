@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from lightning_qat.models import ImageClassifier, load_float_weights
+from lightning_qat.app.models import ImageClassifier, load_float_weights
 
 
 class Payload:

@@ -5,12 +5,11 @@ from conftest import IdsFromPixels, SelfFusingNet, TinyNet, UntraceableNet
 from torch.ao.nn.intrinsic import qat as nniqat
 
 import lightning_qat
-from lightning_qat import ao
-from lightning_qat.prepare import (
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.prepare import (
     EagerQATWrapper,
     check_skip,
     find_fusion_groups,
-    find_target,
     float_islands,
     prepare_model,
     replace_relu6,
@@ -82,32 +81,6 @@ def test_unknown_skip_name_lists_close_matches():
         check_skip(TinyNet(), ["fc3"])
 
 
-def test_find_target_default_ignores_metrics_and_losses():
-    from conftest import BoringClassifier
-
-    assert find_target(BoringClassifier(), None) == "net"
-
-
-def test_find_target_lists_candidates_when_ambiguous():
-    from conftest import BoringClassifier
-
-    model = BoringClassifier()
-    model.head = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"several networks.*\['head', 'net'\]"):
-        find_target(model, None)
-
-
-def test_find_target_dotted_path_and_bad_name():
-    from conftest import BoringClassifier
-
-    model = BoringClassifier()
-    assert find_target(model, "net.fc1") == "net.fc1"
-    with pytest.raises(ValueError, match=r"'net.fc9'.*did you mean"):
-        find_target(model, "net.fc9")
-    with pytest.raises(ValueError, match="metrics and losses are never quantized"):
-        find_target(model, "val_acc")
-
-
 def test_relu6_to_relu_lets_mobilenet_blocks_fuse_with_their_activation():
     example = (torch.randn(2, 3, 32, 32),)
     kept = prepare_model(torchvision.models.mobilenet_v2(width_mult=0.5), "x86", "fx", [], example)
@@ -147,7 +120,8 @@ class StochasticBlock(torch.nn.Module):
 
 
 def test_dropout_and_stochastic_depth_follow_train_and_eval_in_qat_int8_and_artifact(tmp_path):
-    from lightning_qat.convert import save_torchscript, to_int8
+    from lightning_qat.export.torchscript import save_torchscript
+    from lightning_qat.quantization.convert import to_int8
 
     x = torch.randn(16, 3, 8, 8)
     prepared = prepare_model(StochasticBlock(), "x86", "fx", [], (x,)).module

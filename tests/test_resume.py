@@ -4,7 +4,8 @@ import torch
 from conftest import pretrained_tiny, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_qat import QATCallback, ao
+from lightning_qat import QATCallback
+from lightning_qat.quantization import ao
 
 
 def _qat(**kwargs):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lightning_qat.schedule import build_schedule, check_after
+from lightning_qat.quantization.schedule import build_schedule, check_after
 
 
 @pytest.mark.parametrize("max_epochs", [2, 3, 4, 5, 8, 20])

@@ -9,10 +9,11 @@ import torch.multiprocessing as mp
 from conftest import TinyNet, pretrained_tiny, trainer_kwargs
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 
-from lightning_qat import QATCallback, ao
-from lightning_qat.convert import cpu_eval_copy, to_int8
-from lightning_qat.prepare import prepare_model
-from lightning_qat.sync import all_reduce_observers
+from lightning_qat import QATCallback
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
+from lightning_qat.quantization.prepare import prepare_model
+from lightning_qat.quantization.sync import all_reduce_observers
 
 
 def _observer_ranges(net):

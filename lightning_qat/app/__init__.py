@@ -1,0 +1,1 @@
+"""The application: the ``lightning-qat`` CLI, the embedded digits data and image classifier, image folders."""

@@ -1,0 +1,1 @@
+"""The export layer: the int8 artifacts that reload without the training code (TorchScript; ONNX as an extra)."""

@@ -1,0 +1,143 @@
+"""The TorchScript int8 artifact: traced and frozen, written atomically with its metadata and sha256, reloaded alone."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qat.exceptions import ArtifactError
+from lightning_qat.files import write_atomic
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.backends import resolve_backend
+from lightning_qat.quantization.inputs import cpu_inputs
+
+ARTIFACT_META = "lightning_qat.json"
+ARTIFACT_VERSION = 1
+
+
+def to_torchscript(quantized: nn.Module, backend: str, example_inputs: tuple[Any, ...]) -> torch.jit.ScriptModule:
+    """``quantized`` traced on ``example_inputs`` and frozen: the form the artifact ships in."""
+    with ao.engine(backend), ao.quiet(), torch.no_grad():
+        # strict=False: outputs may be dicts or lists (of tensors), whose structure the trace keeps
+        traced = torch.jit.trace(quantized.eval(), cpu_inputs(example_inputs), check_trace=False, strict=False)
+        return torch.jit.freeze(traced.eval())
+
+
+def save_torchscript(
+    quantized: nn.Module, path: str | os.PathLike, backend: str, example_inputs: tuple[Any, ...], **meta: Any
+) -> Path:
+    """Trace and freeze ``quantized`` to TorchScript and write it with its metadata to ``path``, atomically.
+
+    The metadata carries a sha256 of the archive's other entries, which :func:`load_quantized` checks. The artifact
+    reloads with :func:`load_quantized` (or ``torch.jit.load``) without any training code.
+    """
+    scripted = to_torchscript(quantized, backend, example_inputs)
+    info = {"format_version": ARTIFACT_VERSION, "backend": backend, "torch": torch.__version__, **meta}
+    with ao.engine(backend), ao.quiet():
+        unsigned = io.BytesIO()
+        torch.jit.save(scripted, unsigned)
+        info["sha256"] = _payload_digest(unsigned)
+
+        def write(tmp: Path) -> None:
+            torch.jit.save(scripted, str(tmp), _extra_files={ARTIFACT_META: json.dumps(info)})
+            if _payload_digest(tmp) != info["sha256"]:  # the second serialization must be the first one
+                raise RuntimeError(f"TorchScript serialization of {path} is not deterministic; nothing written.")
+
+        return write_atomic(path, write)
+
+
+def _payload_digest(archive_file: str | os.PathLike | io.BytesIO) -> str:
+    """sha256 over every archive entry but the metadata and ``.data/``, names taken below the archive's root folder.
+
+    torch names the root folder after the file, and ``.data/serialization_id`` is new at every save.
+    """
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(archive_file) as archive:
+        for name in sorted(archive.namelist()):
+            inner = name.split("/", 1)[-1]
+            if inner == f"extra/{ARTIFACT_META}" or inner.startswith(".data/"):
+                continue
+            digest.update(inner.encode())
+            digest.update(archive.read(name))
+    return digest.hexdigest()
+
+
+def read_artifact_info(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """The metadata stored in an artifact (backend, torch version, ...), read without loading the model.
+
+    ``data``: the file's bytes, already read (``path`` then only names it in errors).
+
+    Raises:
+        ArtifactError: if ``path`` is not a TorchScript archive or carries no lightning-qat metadata.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"/extra/{ARTIFACT_META}")]
+            raw = archive.read(names[0]) if names else b""
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ArtifactError(f"{str(path)!r} is not a readable TorchScript int8 artifact: {err}") from err
+    if not raw:
+        raise ArtifactError(f"{str(path)!r} is not a lightning-qat artifact (no {ARTIFACT_META} metadata).")
+    return json.loads(raw)
+
+
+def verify_artifact(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """The artifact's metadata, after checking its sha256: a changed byte is an error, not different outputs.
+
+    ``data``: the file's bytes, already read, so that a file replaced meanwhile cannot mix two versions.
+
+    Raises:
+        ArtifactError: if the archive is unreadable, carries no metadata, or its content does not match its sha256.
+    """
+    data = Path(path).read_bytes() if data is None else data
+    info = read_artifact_info(path, data)
+    expected = info.get("sha256")
+    if expected is None:  # written before artifacts carried a digest
+        return info
+    try:
+        actual = _payload_digest(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ArtifactError(f"{str(path)!r} is corrupted: {err}") from err
+    if actual != expected:
+        raise ArtifactError(
+            f"{str(path)!r} is corrupted: its content's sha256 is {actual[:16]}..., its metadata says "
+            f"{expected[:16]}...; re-copy or re-create the artifact."
+        )
+    return info
+
+
+def load_quantized(path: str | os.PathLike) -> torch.jit.ScriptModule:
+    """Load an int8 artifact written by :class:`~lightning_qat.QATCallback`, ready to run on the CPU.
+
+    Sets ``torch.backends.quantized.engine`` to the backend the model was converted for *before* loading: the
+    int8 weights are packed for the engine active at load time, and weights packed for another engine run slowly
+    and give different outputs.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ArtifactError: if the file is not a lightning-qat artifact, is corrupted (sha256), or its backend cannot run
+            here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No int8 artifact at {str(path)!r}.")
+    data = path.read_bytes()  # once: checked and loaded from the same bytes, whatever replaces the file meanwhile
+    info = verify_artifact(path, data)
+    try:
+        torch.backends.quantized.engine = resolve_backend(info.get("backend"))
+    except ValueError as err:
+        raise ArtifactError(f"Cannot run the artifact {str(path)!r} here: {err}") from err
+    try:
+        with ao.quiet():
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    except Exception as err:
+        raise ArtifactError(f"{str(path)!r} is not a readable TorchScript int8 artifact: {err}") from err
+    return module.eval()

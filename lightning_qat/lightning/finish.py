@@ -1,0 +1,371 @@
+"""The end-of-fit pipeline: convert -> write artifact -> evaluate -> measure -> report -> guard, on a CPU copy.
+
+One object with its own state, like Lightning's connectors: :class:`~lightning_qat.QATCallback` runs it when a fit
+ends and :func:`~lightning_qat.convert_checkpoint` runs it on a checkpoint, both through
+:meth:`QATCallback.pipeline <lightning_qat.QATCallback.pipeline>`. Each step is a method; subclass to change one and
+return the subclass from ``QATCallback.pipeline``. The artifact is on disk before anything that can fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_qat.choices import check_choice, choices_of
+from lightning_qat.exceptions import AccuracyBudgetError, EvaluationInterrupted
+from lightning_qat.export.onnx import OnnxRuntimeNetwork, check_onnx_available, export_onnx, onnxruntime_version
+from lightning_qat.export.torchscript import load_quantized, save_torchscript, to_torchscript
+from lightning_qat.lightning import checkpoint as checkpoint_io
+from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
+from lightning_qat.lightning.report import MonitorMode, QATReport
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
+from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
+from lightning_qat.quantization.measure import (
+    count_quantized_layers,
+    float_parameters,
+    measure_latency,
+    serialized_size,
+)
+from lightning_qat.quantization.prepare import Mode, Prepared, float_islands, prepare_model
+
+OnDrop = Literal["warn", "raise"]
+ExportFormat = Literal["torchscript", "onnx"]
+ConvertFrom = Literal["last", "best"]
+
+
+def check_export(export: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``export`` is a non-empty list of distinct :data:`ExportFormat` values.
+
+    Raises:
+        OnnxExtraMissing: for ``"onnx"`` without onnx / onnxruntime installed.
+    """
+    if isinstance(export, str) or not export or len(set(export)) != len(export):
+        raise ValueError(
+            f"export={export!r} must be a non-empty list of distinct formats from {choices_of(ExportFormat)}."
+        )
+    for fmt in export:
+        check_choice("export", fmt, ExportFormat)
+    if "onnx" in export:
+        check_onnx_available()
+
+
+def check_guard(monitor: str | None, max_metric_drop: float | None, evaluate: Stage | None) -> None:
+    """Raise ``ValueError`` for a guard that cannot work: a budget without a metric, a metric not evaluated."""
+    if max_metric_drop is not None and (monitor is None or max_metric_drop < 0):
+        raise ValueError(
+            f"max_metric_drop={max_metric_drop!r} needs a `monitor` metric name and a value >= 0 (monitor={monitor!r})."
+        )
+    if monitor is not None and evaluate is None:
+        raise ValueError(f"monitor={monitor!r} needs evaluate='val' or 'test', not None.")
+
+
+@dataclass
+class QATRun:
+    """The QAT network the pipeline finishes, inside its LightningModule, and how it was prepared.
+
+    ``best_checkpoint``: the path ``convert="best"`` takes the weights from (empty: none saved).
+    ``loaded_from``: the checkpoint the weights were loaded from (``convert_checkpoint``, ``trainer.validate``), which
+    then are the weights converted.
+    """
+
+    pl_module: Any  # the LightningModule
+    target: str
+    prepared: Prepared
+    float_network: nn.Module
+    example_inputs: tuple[Any, ...]
+    mode: Mode = "auto"
+    skip: list[str] = field(default_factory=list)
+    relu6_to_relu: bool = False
+    best_checkpoint: str = ""
+    loaded_from: str | None = None
+
+
+@dataclass
+class FinishSettings:
+    """The :class:`~lightning_qat.QATCallback` arguments the end-of-fit pipeline reads (documented there)."""
+
+    backend: str
+    evaluate: Stage | None = "val"
+    monitor: str | None = None
+    monitor_mode: MonitorMode = "max"
+    max_metric_drop: float | None = None
+    on_drop: OnDrop = "warn"
+    save_artifact: bool = True
+    export: Sequence[ExportFormat] = ("torchscript",)
+    ptq_baseline: bool = False
+    ptq_batches: int = 8
+    latency_repeats: int = 20
+    convert: ConvertFrom = "last"
+    untrained_float: bool = False
+
+
+class FinishPipeline:
+    """Converts a QAT run to int8, writes its artifacts, evaluates and times them, reports, and guards accuracy.
+
+    Args:
+        settings: what to export, evaluate and guard.
+        run: the trained QAT network and how it was prepared.
+        data: the final evaluation's batches (and the PTQ baseline's calibration batches).
+        loggers: the loggers the report's metrics go to (``float/…``, ``qat/…``, ``int8/…``), at ``step``.
+        progress: show a progress bar during the evaluation.
+        root_dir: the evaluation trainer's ``default_root_dir``.
+
+    After :meth:`run`: ``quantized_model`` (the int8 network), ``artifact_path`` / ``onnx_path`` (the files written),
+    ``trained_network`` (the CPU copy of the QAT network that was converted).
+    """
+
+    def __init__(
+        self,
+        settings: FinishSettings,
+        run: QATRun,
+        data: EvalData,
+        loggers: Sequence[Logger] = (),
+        step: int = 0,
+        progress: bool = False,
+        root_dir: str = ".",
+    ) -> None:
+        self.settings = settings
+        self.qat_run = run
+        self.data = data
+        self.loggers = list(loggers)
+        self.step = step
+        self.progress = progress
+        self.root_dir = root_dir
+        self.quantized_model: nn.Module | None = None
+        self.trained_network: nn.Module | None = None
+        self.artifact_path: Path | None = None
+        self.onnx_path: Path | None = None
+        self._onnx_session: OnnxRuntimeNetwork | None = None
+
+    def run(self, out_dir: Path, write: bool = True) -> QATReport:
+        """Every step in order; ``write=False`` (``fast_dev_run``) stops after the conversion, writing nothing."""
+        start = time.perf_counter()
+        report = self.convert_network()
+        if not write:
+            rank_zero_info("QAT: fast_dev_run: the int8 conversion works; no artifact or report is written.")
+            return report
+        self.write_artifact(report, out_dir)  # first: a failure in any later step keeps the int8 model on disk
+        report.status = "evaluating"
+        report.save(out_dir)  # says so until the evaluation is done
+        try:
+            with _sigterm_raises():
+                self.evaluate_networks(report)
+                self.measure_networks(report)
+        except BaseException as err:
+            report.status = f"failed during evaluation ({type(err).__name__}: {err}); the int8 artifact is saved"
+            report.save(out_dir)
+            raise
+        report.status = "complete"
+        report.seconds = time.perf_counter() - start
+        self.write_report(report, out_dir)
+        self.check_metric_drop(report)
+        return report
+
+    def convert_network(self) -> QATReport:
+        """Convert a CPU copy of the trained QAT network (last or best weights) to int8; a report to fill."""
+        run = self.qat_run
+        self.trained_network, converted_from = self.trained_weights()
+        self.quantized_model = to_int8(
+            self.trained_network, run.prepared.mode, self.settings.backend, run.example_inputs
+        )
+        return QATReport(
+            backend=self.settings.backend,
+            mode=run.prepared.mode,
+            num_fused=run.prepared.num_fused,
+            quantized_layers=count_quantized_layers(self.quantized_model),
+            skipped=float_islands(self.quantized_model),
+            stage=self.settings.evaluate,
+            converted_from=converted_from,
+            untrained_float=self.settings.untrained_float,
+            float_params=float_parameters(self.quantized_model),
+            network_params=sum(p.numel() for p in self.trained_network.parameters()),
+        )
+
+    def trained_weights(self) -> tuple[nn.Module, str]:
+        """A CPU copy of the QAT network with the weights ``convert`` asks for, and where they come from."""
+        run = self.qat_run
+        network = cpu_eval_copy(run.pl_module.get_submodule(run.target))
+        if run.loaded_from is not None:
+            return network, f"checkpoint: {run.loaded_from}"
+        if self.settings.convert == "last":
+            return network, "last"
+        if not run.best_checkpoint:
+            rank_zero_warn("QAT: convert='best' but no ModelCheckpoint saved a best checkpoint; converting the last.")
+            return network, "last"
+        state = checkpoint_io.read_checkpoint(run.best_checkpoint)["state_dict"]
+        network.load_state_dict(checkpoint_io.network_state(state, run.target))
+        return network, f"best: {run.best_checkpoint}"
+
+    def write_artifact(self, report: QATReport, out_dir: Path) -> None:
+        """Save the int8 artifacts of ``export`` to ``out_dir`` (unless ``save_artifact=False``), TorchScript first."""
+        if not self.settings.save_artifact:
+            return
+        assert self.quantized_model is not None
+        assert self.trained_network is not None
+        run = self.qat_run
+        if "torchscript" in self.settings.export:
+            self.artifact_path = save_torchscript(
+                self.quantized_model,
+                out_dir / "model_int8.pt",
+                self.settings.backend,
+                run.example_inputs,
+                mode=run.prepared.mode,
+                skipped=run.skip,
+            )
+            report.artifact = str(self.artifact_path)
+        if "onnx" in self.settings.export:
+            self.onnx_path = export_onnx(self.trained_network, out_dir / "model_int8.onnx", run.example_inputs)
+            self._onnx_session = None  # a new file: a new session, opened once for evaluation and timing
+            report.onnx_artifact = str(self.onnx_path)
+
+    def evaluate_networks(self, report: QATReport) -> None:
+        """Run the user's ``validation_step``/``test_step`` on float, (PTQ,) QAT and int8 CPU copies."""
+        stage = self.settings.evaluate
+        if stage is None:
+            return
+        assert self.trained_network is not None
+        assert self.quantized_model is not None
+        run = self.qat_run
+        networks: dict[str, nn.Module] = {"float": run.float_network}
+        if self.settings.ptq_baseline:
+            networks["ptq"] = self.ptq_network()
+        qat_copy = cpu_eval_copy(self.trained_network)
+        freeze_for_inference(qat_copy)
+        networks |= {"qat": qat_copy, "int8": self.quantized_model}
+        if self.onnx_path is not None:
+            networks["int8-onnx"] = self._onnx_network()
+        for row, network in networks.items():
+            clone = module_with_network(run.pl_module, run.target, network)
+            report.metrics[row] = run_evaluation(
+                clone, stage, self.settings.backend, self.data, self.progress, root_dir=self.root_dir
+            )
+
+    def measure_networks(self, report: QATReport) -> None:
+        """Size and CPU latency on the example input of the float network and of the int8 artifacts as they ship.
+
+        The int8 column times the TorchScript artifact loaded with :func:`load_quantized` (without ``save_artifact``,
+        the same traced and frozen module, in memory); ``int8-onnx`` the ONNX file in ONNX Runtime. Sizes are the
+        files' sizes (the float network: its saved ``state_dict``). All are timed interleaved, same batch and threads.
+        """
+        assert self.quantized_model is not None
+        run, backend = self.qat_run, self.settings.backend
+        networks: dict[str, Any] = {"float": run.float_network}
+        report.size_bytes = {"float": serialized_size(run.float_network)}
+        report.latency_runtime = {"float": "PyTorch eager"}
+        if self.artifact_path is not None:
+            with ao.engine(backend):  # load_quantized sets the engine; keep the user's setting afterwards
+                networks["int8"] = load_quantized(self.artifact_path)
+            report.size_bytes["int8"] = self.artifact_path.stat().st_size
+            report.latency_runtime["int8"] = "TorchScript artifact"
+        else:
+            networks["int8"] = to_torchscript(self.quantized_model, backend, run.example_inputs)
+            report.size_bytes["int8"] = serialized_size(self.quantized_model)
+            report.latency_runtime["int8"] = "TorchScript (not saved)"
+        if self.onnx_path is not None:
+            networks["int8-onnx"] = self._onnx_network()
+            report.size_bytes["int8-onnx"] = self.onnx_path.stat().st_size
+            report.latency_runtime["int8-onnx"] = f"ONNX Runtime {onnxruntime_version()}"
+        report.latency_ms = measure_latency(
+            networks, run.example_inputs, backend, repeats=self.settings.latency_repeats
+        )
+        report.latency_batch_size = batch_size(run.example_inputs)
+        report.latency_threads = torch.get_num_threads()
+
+    def write_report(self, report: QATReport, out_dir: Path) -> None:
+        """Metrics to the loggers (``float/…``, ``qat/…``, ``int8/…``), json + markdown files, the terminal table."""
+        for logger in self.loggers:
+            logger.log_metrics(
+                {f"{row}/{k}": v for row, m in report.metrics.items() for k, v in m.items()}, step=self.step
+            )
+        report.save(out_dir)
+        report.print()
+
+    def check_metric_drop(self, report: QATReport) -> None:
+        """The accuracy guard: warn (or raise, ``on_drop="raise"``) when ``monitor`` drops more than allowed.
+
+        Raises:
+            AccuracyBudgetError: with ``on_drop="raise"``, when the drop is larger than ``max_metric_drop``.
+        """
+        monitor, budget = self.settings.monitor, self.settings.max_metric_drop
+        if monitor is None:
+            return
+        if report.untrained_float:
+            rank_zero_info("QAT accuracy guard: skipped, the float row is an untrained network (untrained_float=True).")
+            return
+        drop = report.metric_drop(monitor, self.settings.monitor_mode)
+        if drop is None:
+            rank_zero_warn(
+                f"QAT accuracy guard: monitor={monitor!r} was not logged by the evaluation; logged metrics: "
+                f"{report.metric_names()}."
+            )
+            return
+        if budget is not None and drop > budget:
+            message = (
+                f"QAT accuracy guard: {monitor} dropped by {drop:.4g} from float "
+                f"({report.metrics['float'][monitor]:.4g}) to int8 ({report.metrics['int8'][monitor]:.4g}), "
+                f"more than max_metric_drop={budget}."
+            )
+            if self.settings.on_drop == "raise":
+                raise AccuracyBudgetError(message + " The trained QAT model, checkpoints and artifact are kept.")
+            rank_zero_warn(message)
+
+    def ptq_network(self) -> nn.Module:
+        """The float network post-training quantized: calibrated on ``ptq_batches`` training batches, converted."""
+        run, backend = self.qat_run, self.settings.backend
+        ptq = prepare_model(
+            cpu_eval_copy(run.float_network),
+            backend,
+            run.mode,
+            run.skip,
+            run.example_inputs,
+            qat=False,
+            relu6_to_relu=run.relu6_to_relu,
+        )
+        with ao.engine(backend), ao.quiet(), torch.no_grad():
+            for i, batch in enumerate(self.data.calibration() if self.data.calibration else ()):
+                if i >= self.settings.ptq_batches:
+                    break
+                ptq.module(*cpu_inputs(batch_input(batch)))
+        return to_int8(ptq.module, ptq.mode, backend, run.example_inputs)
+
+    def _onnx_network(self) -> OnnxRuntimeNetwork:
+        """The ONNX artifact in one ONNX Runtime session, shared by the evaluation and the timing."""
+        assert self.onnx_path is not None
+        if self._onnx_session is None:
+            self._onnx_session = OnnxRuntimeNetwork(self.onnx_path)
+        return self._onnx_session
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`EvaluationInterrupted` (after the handler installed before).
+
+    So the run ends non-zero, with the report saying why, instead of finishing as if nothing happened.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        raise EvaluationInterrupted("SIGTERM received during the final QAT evaluation")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,49 @@
+"""Putting the QAT-prepared network where the float one was in a LightningModule, and saying what was done."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_qat.quantization import ao, compat
+from lightning_qat.quantization.prepare import Mode, Prepared, prepare_model
+
+
+def install(
+    pl_module: pl.LightningModule,
+    target: str,
+    network: nn.Module,
+    backend: str,
+    mode: Mode,
+    skip: Sequence[str],
+    example_inputs: tuple[Any, ...],
+    relu6_to_relu: bool = False,
+) -> Prepared:
+    """Prepare ``network`` for QAT and set it as ``pl_module``'s submodule ``target``; on rank 0, say what was done.
+
+    What was fused and in which mode, what stays float and why, and a warning when nothing is quantizable.
+    """
+    prepared = prepare_model(network, backend, mode, skip, example_inputs, relu6_to_relu=relu6_to_relu)
+    compat.set_submodule(pl_module, target, prepared.module)
+    for warning in prepared.warnings:
+        rank_zero_warn(warning)
+    if prepared.shared:
+        rank_zero_info(
+            f"QAT: {prepared.shared} are called at several places in `{target}`'s forward; they stay "
+            "float and unfused (fusing one call site's BatchNorm into them would change the others)."
+        )
+    if not any(ao.weight_fake_quant(m) is not None for m in prepared.module.modules()):
+        rank_zero_warn(
+            f"QAT: nothing in `{target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
+            "int8 model would be no smaller and no faster than the float one."
+        )
+    rank_zero_info(
+        f"QAT: prepared `{target}` in {prepared.mode} mode ({prepared.reason}); "
+        f"{prepared.num_fused} fused modules, backend {backend!r}, skipped {list(skip) or 'nothing'}"
+        + (f", {prepared.relu6_replaced} ReLU6 replaced by ReLU." if relu6_to_relu else ".")
+    )
+    return prepared

@@ -1,0 +1,446 @@
+"""The one seam to ``torch.ao.quantization``.
+
+Every call into torch's (deprecated, still working) quantization stack goes through this file, inside
+:func:`quiet`, so torch's deprecation warnings never reach users' logs or fail their ``-W error`` test runs (the
+Lightning layer says once that they are silenced: :func:`first_notice`). Every read of a fake-quant module's or a
+fused module's internals is here too (:func:`quant_grid`, :func:`observer_range`, :func:`fused_batch_norm`, ...).
+When torch moves these APIs, this is the file to change. It imports torch only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+import torch
+from torch import nn
+
+_NOTICE = (
+    "lightning-qat uses torch.ao.quantization (deprecated by torch in favour of torchao, still supported in "
+    "torch {version}); torch's deprecation warnings for it are silenced."
+)
+_notice_shown = False
+_lock = threading.Lock()
+
+# Messages torch emits from its quantization stack; matched as regular expressions at the start of the message.
+_SILENCED = (
+    r"torch\.ao\.quantization is deprecated",
+    r"Please use quant_min and quant_max",
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+    r"must run observer before calling calculate_qparams",
+    r"`torch\.jit\.",
+    r"torch\.jit\.",
+    r"Converting a tensor to a Python",
+)
+
+
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in _SILENCED:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence torch's quantization deprecation warnings for the block."""
+    with _silenced():
+        yield
+
+
+def first_notice() -> str | None:
+    """The one-line notice that torch's quantization warnings are silenced: the first call's, ``None`` after."""
+    global _notice_shown
+    with _lock:
+        if _notice_shown:
+            return None
+        _notice_shown = True
+    return _NOTICE.format(version=torch.__version__)
+
+
+_TESTED_TORCH = "2.4 to 2.14"
+
+try:
+    with _silenced():
+        from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+        from torch.ao.quantization import (
+            DeQuantStub,
+            QConfig,
+            QConfigMapping,
+            QuantStub,
+            default_embedding_qat_qconfig,
+            default_weight_fake_quant,
+            default_weight_observer,
+            float_qparams_weight_only_qconfig,
+            get_default_qat_qconfig,
+            get_default_qat_qconfig_mapping,
+            get_default_qconfig,
+            get_default_qconfig_mapping,
+        )
+        from torch.ao.quantization import convert as _eager_convert
+        from torch.ao.quantization import fuse_modules as _fuse_modules
+        from torch.ao.quantization import fuse_modules_qat as _fuse_modules_qat
+        from torch.ao.quantization import prepare as _eager_prepare
+        from torch.ao.quantization import prepare_qat as _eager_prepare_qat
+        from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+        from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+        from torch.ao.quantization.quantize_fx import convert_fx as _convert_fx
+        from torch.ao.quantization.quantize_fx import prepare_fx as _prepare_ptq_fx
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx as _prepare_qat_fx
+except ImportError as err:  # torch removed (part of) its eager/FX quantization stack
+    raise ImportError(
+        f"lightning-qat needs torch.ao.quantization's eager and FX QAT API, tested on torch {_TESTED_TORCH}; "
+        f"torch {torch.__version__} does not provide it ({err}). Install a supported torch: pip install 'torch<2.15'."
+    ) from err
+
+__all__ = [
+    "DeQuantStub",
+    "FakeQuantizeBase",
+    "QConfig",
+    "QConfigMapping",
+    "QuantStub",
+    "convert_eager",
+    "convert_fx",
+    "engine",
+    "fake_quant_modules",
+    "freeze_bn_stats",
+    "fuse_modules",
+    "is_conv_bn_qat",
+    "is_fake_quant",
+    "is_quantized_module",
+    "TRANSPOSED_CONVS",
+    "transposed_conv_warning",
+    "transposed_conv_int8_works",
+    "first_notice",
+    "QuantGrid",
+    "quant_grid",
+    "observer_range",
+    "set_observer_range",
+    "fused_batch_norm",
+    "has_fused_relu",
+    "weight_fake_quant",
+    "output_fake_quant",
+    "is_fused_module",
+    "per_tensor_weight_qconfig",
+    "prepare_eager",
+    "prepare_fx",
+    "qconfig",
+    "qconfig_mapping",
+    "quiet",
+    "set_observers",
+    "pause_observers",
+    "restore_observers",
+    "set_qconfig",
+    "qconfig_of",
+]
+
+
+@contextlib.contextmanager
+def engine(backend: str) -> Iterator[None]:
+    """Run the block with ``torch.backends.quantized.engine`` set to ``backend``, then restore it."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def qconfig(backend: str, qat: bool = True) -> QConfig:
+    """The backend's default QAT (or post-training) qconfig: per-channel weights where the backend has them."""
+    with quiet():
+        return get_default_qat_qconfig(backend) if qat else get_default_qconfig(backend)
+
+
+def per_tensor_weight_qconfig(backend: str, qat: bool = True) -> QConfig:
+    """The backend's qconfig with per-tensor weights (transposed convolutions have no per-channel int8 kernels)."""
+    base = qconfig(backend, qat)
+    with quiet():
+        weight = default_weight_fake_quant if qat else default_weight_observer
+    return QConfig(activation=base.activation, weight=weight)
+
+
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@functools.cache
+def transposed_conv_int8_works(backend: str) -> bool:
+    """Whether this torch's int8 ConvTranspose2d computes what the float one does on ``backend`` (checked once).
+
+    Measured on an AVX-512 x86 CPU: the x86 engine is off by over 100% (torch 2.4.1 and 2.14.1), fbgemm too on
+    torch 2.14.1 (right on 2.4.1); qnnpack is within 1%.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 16, 4, 4, generator=generator)
+    conv = nn.ConvTranspose2d(16, 8, 2, stride=2)
+    model = nn.Sequential(QuantStub(), conv, DeQuantStub()).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.1)
+        expected = model(x)
+        set_qconfig(model, per_tensor_weight_qconfig(backend, qat=False))
+        try:
+            with engine(backend), quiet():
+                prepared = _eager_prepare(model)
+                prepared(x)
+                actual = _eager_convert(prepared)(x)
+        except Exception:  # noqa: BLE001 - an engine without the kernel: it does not work
+            return False
+    return bool((actual - expected).abs().mean() <= 0.05 * expected.abs().mean())
+
+
+def transposed_conv_warning(backend: str) -> str:
+    """What to tell the user when ConvTranspose layers stay float on ``backend``."""
+    return (
+        f"QAT: ConvTranspose layers stay float: torch {torch.__version__}'s int8 transposed convolution on the "
+        f"{backend!r} engine does not compute what the float layer does on this CPU (checked at start). "
+        "backend='qnnpack' quantizes them correctly."
+    )
+
+
+def qconfig_mapping(
+    backend: str, skip: Sequence[str] = (), qat: bool = True, float_types: Sequence[type[nn.Module]] = ()
+) -> QConfigMapping:
+    """The backend's default FX mapping (QAT or post-training), with ``skip`` module names kept in float.
+
+    ``nn.Embedding`` gets torch's weight-only qconfig (float qparams per row; its input is integer token ids).
+    ``float_types`` stay float (e.g. ConvTranspose layers where :func:`transposed_conv_int8_works` says no).
+    """
+    with quiet():
+        mapping = get_default_qat_qconfig_mapping(backend) if qat else get_default_qconfig_mapping(backend)
+        embedding = default_embedding_qat_qconfig if qat else float_qparams_weight_only_qconfig
+    mapping.set_object_type(nn.Embedding, embedding)
+    for module_type in float_types:
+        mapping.set_object_type(module_type, None)
+    for name in skip:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def prepare_fx(
+    module: nn.Module,
+    mapping: QConfigMapping,
+    example_inputs: tuple[Any, ...],
+    qat: bool = True,
+    leaf_classes: Sequence[type[nn.Module]] = (),
+) -> torch.fx.GraphModule:
+    """Symbolically trace, fuse and insert fake-quant (QAT) or observers (post-training), FX graph mode.
+
+    ``leaf_classes`` are not traced into: they stay modules (in float), called as such.
+    """
+    config = PrepareCustomConfig().set_non_traceable_module_classes(list(leaf_classes))
+    with quiet():
+        if qat:
+            return _prepare_qat_fx(module, mapping, example_inputs=example_inputs, prepare_custom_config=config)
+        return _prepare_ptq_fx(module, mapping, example_inputs=example_inputs, prepare_custom_config=config)
+
+
+def prepare_eager(module: nn.Module, qat: bool = True) -> nn.Module:
+    """Swap eager modules with a ``qconfig`` for their QAT versions (or add observers), in place."""
+    with quiet():
+        return _eager_prepare_qat(module, inplace=True) if qat else _eager_prepare(module, inplace=True)
+
+
+def fuse_modules(module: nn.Module, groups: list[list[str]], qat: bool = True) -> nn.Module:
+    """Fuse each group of module names (Conv+BN(+ReLU), Linear(+ReLU)) in place."""
+    with quiet():
+        if qat:
+            return _fuse_modules_qat(module, groups, inplace=True)
+        return _fuse_modules(module, groups, inplace=True)
+
+
+def convert_fx(module: nn.Module) -> torch.fx.GraphModule:
+    """FX-prepared QAT model -> int8 model.
+
+    Raises:
+        TypeError: if ``module`` is not an FX-prepared ``GraphModule``.
+    """
+    if not isinstance(module, torch.fx.GraphModule):
+        raise TypeError(f"convert_fx needs an FX-prepared GraphModule, got {type(module).__name__}.")
+    with quiet():
+        return _convert_fx(module)
+
+
+def qconfig_of(module: nn.Module) -> QConfig | None:
+    """The ``qconfig`` eager mode reads from ``module`` (``None``: float, or none set)."""
+    qconfig = getattr(module, "qconfig", None)
+    return qconfig if isinstance(qconfig, QConfig) else None
+
+
+def set_qconfig(module: nn.Module, qconfig: QConfig | None) -> None:
+    """Give ``module`` (and, through eager ``prepare``, its children) the ``qconfig`` eager mode reads; None: float."""
+    module.qconfig = qconfig  # type: ignore[assignment]  # torch.ao reads this attribute
+
+
+def convert_eager(module: nn.Module) -> nn.Module:
+    """Eager-prepared QAT model -> int8 model, in place."""
+    with quiet():
+        return _eager_convert(module, inplace=True)
+
+
+def fake_quant_modules(module: nn.Module) -> list[tuple[str, FakeQuantizeBase]]:
+    """All fake-quantize modules with their qualified names."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, FakeQuantizeBase)]
+
+
+def is_fake_quant(module: nn.Module) -> TypeGuard[FakeQuantizeBase]:
+    """Whether ``module`` is one of torch's fake-quantize modules."""
+    return isinstance(module, FakeQuantizeBase)
+
+
+def set_observers(module: nn.Module, enabled: bool) -> None:
+    """Enable or disable every observer of ``module`` (fake quantization itself stays on)."""
+    for _, fq in fake_quant_modules(module):
+        fq.enable_observer(enabled)
+
+
+def pause_observers(module: nn.Module) -> list[dict[str, Any]]:
+    """Switch every observer of ``module`` off and return what :func:`restore_observers` needs to undo it exactly."""
+    fake_quants = fake_quant_modules(module)
+    saved = [copy.deepcopy(fq.state_dict()) for _, fq in fake_quants]
+    for _, fq in fake_quants:
+        fq.disable_observer()
+    return saved
+
+
+def restore_observers(module: nn.Module, saved: list[dict[str, Any]]) -> None:
+    """Put back the fake-quant state :func:`pause_observers` saved (observer flags and statistics alike)."""
+    for (_, fq), state in zip(fake_quant_modules(module), saved, strict=True):
+        fq.load_state_dict(state)
+
+
+def freeze_bn_stats(module: nn.Module) -> None:
+    """Freeze the statistics of every BatchNorm in ``module``: they stop moving and normalize from now on.
+
+    Fused Conv-BN(-ReLU) and Linear-BN QAT modules switch to their running statistics (torch's ``freeze_bn_stats``);
+    standalone BatchNorm layers run in eval mode from their next forward on, whatever ``train()`` says later.
+    """
+    fused = [m for m in module.modules() if _is_fused_bn(m)]
+    with quiet():
+        for m in fused:
+            m.freeze_bn_stats()  # type: ignore[operator]  # _is_fused_bn checked it is callable
+    inside_fused = {id(fused_batch_norm(m)) for m in fused}
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inside_fused:
+            if not getattr(m, "_lightning_qat_frozen", False):
+                m.register_forward_pre_hook(_batch_norm_in_eval)
+                setattr(m, "_lightning_qat_frozen", True)  # noqa: B010 - a flag of ours on torch's module
+            m.training = False
+
+
+def _is_fused_bn(module: nn.Module) -> bool:
+    """A fused Conv-BN or Linear-BN QAT module (it has a ``bn`` and can freeze it)."""
+    return callable(getattr(module, "freeze_bn_stats", None)) and isinstance(getattr(module, "bn", None), nn.Module)
+
+
+def _batch_norm_in_eval(module: nn.Module, args: tuple[Any, ...]) -> None:
+    module.training = False  # a frozen standalone BatchNorm: running statistics, whatever train() set
+
+
+def is_conv_bn_qat(module: nn.Module) -> bool:
+    """Whether ``module`` is a fused Conv-BN(-ReLU) QAT module (the ones whose BN can be frozen)."""
+    return isinstance(module, _ConvBnNd)
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a converted (int8) module of torch's quantized namespaces."""
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+
+
+def is_fused_module(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch's fused modules (Conv-BN(-ReLU), Linear-ReLU, ...), float, QAT or int8."""
+    return type(module).__module__.startswith("torch.ao.nn.intrinsic")
+
+
+def weight_fake_quant(module: nn.Module) -> FakeQuantizeBase | None:
+    """The weight fake-quant of a QAT Conv / Linear / Embedding module, ``None`` for other modules."""
+    fake_quant = getattr(module, "weight_fake_quant", None)
+    return fake_quant if isinstance(fake_quant, FakeQuantizeBase) else None
+
+
+def output_fake_quant(module: nn.Module) -> FakeQuantizeBase | None:
+    """The output fake-quant an eager-mode QAT layer carries as its child (called by a forward hook), else ``None``."""
+    fake_quant = getattr(module, "activation_post_process", None)
+    return fake_quant if isinstance(fake_quant, FakeQuantizeBase) else None
+
+
+def fused_batch_norm(module: nn.Module) -> nn.modules.batchnorm._BatchNorm | None:
+    """The BatchNorm a fused Conv-BN / Linear-BN QAT module holds (to fold or freeze), else ``None``."""
+    bn = getattr(module, "bn", None)
+    return bn if isinstance(bn, nn.modules.batchnorm._BatchNorm) else None
+
+
+def has_fused_relu(module: nn.Module) -> bool:
+    """Whether a fused QAT module applies a ReLU after its conv / linear (ConvReLU2d, ConvBnReLU2d, LinearReLU)."""
+    return is_fused_module(module) and "ReLU" in type(module).__name__
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """The grid a fake-quant module rounds to: its current scale and zero point, range, and channel axis."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    quant_min: int
+    quant_max: int
+    axis: int | None  # the channel axis of a per-channel quantizer; None for per-tensor
+    float_qparams: bool  # per-row float scale and offset (embedding weights): no integer zero point
+
+
+def quant_grid(fake_quant: FakeQuantizeBase) -> QuantGrid | None:
+    """The :class:`QuantGrid` of ``fake_quant``; ``None`` when its fake quantization is switched off."""
+    if not bool(fake_quant.fake_quant_enabled[0]):
+        return None
+    qscheme = getattr(fake_quant, "qscheme")  # noqa: B009 - plain attributes of torch's FakeQuantize
+    per_channel = qscheme in (
+        torch.per_channel_affine,
+        torch.per_channel_symmetric,
+        torch.per_channel_affine_float_qparams,
+    )
+    return QuantGrid(
+        scale=_tensor(fake_quant, "scale"),
+        zero_point=_tensor(fake_quant, "zero_point"),
+        quant_min=int(getattr(fake_quant, "quant_min")),  # noqa: B009
+        quant_max=int(getattr(fake_quant, "quant_max")),  # noqa: B009
+        axis=int(getattr(fake_quant, "ch_axis")) if per_channel else None,  # noqa: B009
+        float_qparams=qscheme == torch.per_channel_affine_float_qparams,
+    )
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor attribute (buffer or parameter) ``name`` of ``module``."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is a {type(value).__name__}, not a tensor.")
+    return value
+
+
+def observer_range(fake_quant: FakeQuantizeBase) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The running (min, max) of ``fake_quant``'s observer while it observes and has seen data, else ``None``."""
+    observer = getattr(fake_quant, "activation_post_process", None)
+    if not isinstance(observer, nn.Module) or not hasattr(observer, "min_val"):
+        return None
+    low, high = _tensor(observer, "min_val"), _tensor(observer, "max_val")
+    if not bool(fake_quant.observer_enabled[0]) or low.numel() == 0:
+        return None
+    return low, high
+
+
+@torch.no_grad()
+def set_observer_range(fake_quant: FakeQuantizeBase, low: torch.Tensor, high: torch.Tensor) -> None:
+    """Set the observer's running (min, max) and recompute ``fake_quant``'s scale and zero point from them."""
+    observer = fake_quant.activation_post_process
+    assert isinstance(observer, nn.Module)
+    for name, value in (("min_val", low), ("max_val", high)):
+        current = _tensor(observer, name)
+        current.copy_(value.view_as(current))
+    with quiet():
+        scale, zero_point = fake_quant.calculate_qparams()
+    _tensor(fake_quant, "scale").resize_(scale.shape).copy_(scale)
+    _tensor(fake_quant, "zero_point").resize_(zero_point.shape).copy_(zero_point)

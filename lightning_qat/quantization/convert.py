@@ -1,0 +1,93 @@
+"""From the trained QAT network to a real int8 CPU network: always on a copy, checked on an example batch."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qat.exceptions import ConversionError
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.inputs import cpu_inputs
+
+
+class _BatchNormXd(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm of any input rank: what a reverted ``SyncBatchNorm`` becomes (it does not record its rank)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        return None
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every ``nn.SyncBatchNorm`` (``Trainer(sync_batchnorm=True)``) back to a plain BatchNorm.
+
+    The statistics and affine parameters are the same tensors; SyncBatchNorm runs only on GPUs in a process group.
+    """
+    if isinstance(module, nn.SyncBatchNorm):
+        plain = _BatchNormXd(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        plain.weight, plain.bias = module.weight, module.bias
+        plain.running_mean, plain.running_var = module.running_mean, module.running_var
+        plain.num_batches_tracked = module.num_batches_tracked
+        if hasattr(module, "qconfig"):
+            ao.set_qconfig(plain, ao.qconfig_of(module))
+        plain.train(module.training)
+        for name, child in module.named_children():
+            plain.add_module(name, child)
+        module = plain
+    for name, child in list(module.named_children()):
+        setattr(module, name, revert_sync_batchnorm(child))
+    return module
+
+
+def cpu_eval_copy(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` on the CPU in eval mode, SyncBatchNorm reverted; ``network`` itself is not touched."""
+    return revert_sync_batchnorm(copy.deepcopy(network)).cpu().eval()
+
+
+def freeze_for_inference(network: nn.Module) -> None:
+    """Stop observers from updating so a QAT model can be evaluated without moving its quantization parameters."""
+    ao.set_observers(network, False)
+
+
+def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...]) -> nn.Module:
+    """Convert a CPU copy of the QAT model ``prepared`` to int8 and check that it runs on ``example_inputs``.
+
+    Raises:
+        ConversionError: if conversion or the first int8 forward pass fails. ``prepared`` is left as it was.
+    """
+    model = cpu_eval_copy(prepared)
+    inputs = cpu_inputs(example_inputs)
+    with ao.engine(backend), ao.quiet():
+        try:
+            quantized = ao.convert_fx(model) if mode == "fx" else ao.convert_eager(model)
+        except Exception as err:
+            raise ConversionError(
+                f"int8 conversion ({mode} mode, backend {backend!r}) failed: {_first_line(err)}. "
+                "The trained QAT model is unchanged."
+            ) from err
+        try:
+            with torch.no_grad():
+                quantized(*inputs)
+        except Exception as err:
+            hint = (
+                " In eager mode every op between QuantStub and DeQuantStub must accept quantized tensors: "
+                "replace `x + y` with torch.ao.nn.quantized.FloatFunctional, make the network symbolically "
+                "traceable (FX mode places quant/dequant for you), or `skip=` the offending submodule."
+                if mode == "eager"
+                else ""
+            )
+            raise ConversionError(
+                f"the int8 model ({mode} mode) fails on an example batch: {_first_line(err)}.{hint} "
+                "The trained QAT model is unchanged."
+            ) from err
+    return quantized
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch's dispatcher errors list every backend after it)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -1,0 +1,55 @@
+"""The network's input: found in a batch, walked through nested tuples / lists / dicts, copied to the CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def batch_input(batch: Any) -> tuple[Any, ...]:
+    """The network input of a training batch.
+
+    The batch itself if a tensor, else its first element or the value of its first key. Set
+    ``example_input_array`` on the LightningModule when that guess is wrong.
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (list, tuple)) and batch:
+        return (batch[0],)
+    if isinstance(batch, dict) and batch:
+        return (next(iter(batch.values())),)
+    raise ValueError(
+        f"Cannot tell the network input in a batch of type {type(batch).__name__}; set `example_input_array` on "
+        "your LightningModule."
+    )
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it, through tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_tensors(fn, v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(fn, v) for v in value)
+    return value
+
+
+def tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in ``value`` (through tuples, lists and dicts), in order."""
+    found: list[torch.Tensor] = []
+    map_tensors(found.append, value)
+    return found
+
+
+def cpu_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``inputs`` with every tensor (also inside tuples, lists, dicts) detached and on the CPU; other values as is."""
+    return tuple(map_tensors(lambda x: x.detach().cpu(), x) for x in inputs)
+
+
+def batch_size(inputs: tuple[Any, ...]) -> int:
+    """The leading dimension of the first tensor of the inputs (1 for a scalar or no tensor)."""
+    first = next(iter(tensors(inputs)), None)
+    return int(first.shape[0]) if first is not None and first.dim() > 0 else 1

@@ -1,0 +1,449 @@
+"""Preparing a float network for QAT: which module, FX graph mode or eager fallback, fusion, skip lists."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from lightning_qat.quantization import ao, compat
+from lightning_qat.quantization.inputs import map_tensors
+
+Mode = Literal["auto", "fx", "eager"]
+
+# Module type sequences eager fusion understands, longest first so Conv+BN+ReLU wins over Conv+BN.
+_FUSION_PATTERNS: tuple[tuple[type[nn.Module], ...], ...] = (
+    (nn.Conv1d, nn.BatchNorm1d, nn.ReLU),
+    (nn.Conv2d, nn.BatchNorm2d, nn.ReLU),
+    (nn.Conv3d, nn.BatchNorm3d, nn.ReLU),
+    (nn.Conv1d, nn.BatchNorm1d),
+    (nn.Conv2d, nn.BatchNorm2d),
+    (nn.Conv3d, nn.BatchNorm3d),
+    (nn.Conv1d, nn.ReLU),
+    (nn.Conv2d, nn.ReLU),
+    (nn.Conv3d, nn.ReLU),
+    (nn.Linear, nn.BatchNorm1d),
+    (nn.Linear, nn.ReLU),
+)
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare_model` did."""
+
+    module: nn.Module
+    mode: Literal["fx", "eager"]
+    reason: str
+    num_fused: int
+    relu6_replaced: int = 0
+    shared: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # for the user, said by the caller (the Lightning layer)
+
+
+class FloatIsland(nn.Module):
+    """Keeps a skipped submodule in float inside an eager-mode quantized network (dequant -> module -> quant)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.dequant = ao.DeQuantStub()
+        self.module = module
+        self.quant = ao.QuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the float module on dequantized input and quantize its output again."""
+        return self.quant(self.module(self.dequant(x)))
+
+
+class Unfused(nn.Module):
+    """Keeps a module out of FX fusion and quantization: FX does not trace into it, so it runs in float.
+
+    For skipped modules (``skip=``) and for modules with weights that the forward calls at several places: FX would
+    fuse the BatchNorm of one call site into the shared module and use that fused module at every call site.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped module."""
+        return self.module(*args, **kwargs)
+
+
+class EagerQATWrapper(nn.Module):
+    """Quantizes the inputs and dequantizes the outputs of a network prepared in eager mode.
+
+    Every floating-point tensor of the inputs (positional, or inside tuples, lists and dicts) gets a QuantStub of its
+    own, from the example inputs (the first one is ``quant``); integer tensors (ids, masks) pass through as they are.
+    Every tensor of the output (alone, or in a tuple, list or dict) is dequantized.
+    """
+
+    def __init__(self, module: nn.Module, example_inputs: tuple[Any, ...] = ()) -> None:
+        super().__init__()
+        self.quant = ao.QuantStub()
+        self.module = module
+        self.dequant = ao.DeQuantStub()
+        paths = _float_tensor_paths(example_inputs) or ["0"]
+        self._quant_of = {path: "quant" if i == 0 else f"quant_{path}" for i, path in enumerate(paths)}
+        for name in self._quant_of.values():
+            if name != "quant":
+                self.add_module(name, ao.QuantStub())
+
+    def forward(self, *inputs: Any) -> Any:
+        """Quantize the inputs, run the network, dequantize the outputs."""
+        quantized = [self._quantize(x, str(i)) for i, x in enumerate(inputs)]
+        return self._dequantize(self.module(*quantized))
+
+    def _quantize(self, value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            name = self._quant_of.get(path)
+            return getattr(self, name)(value) if name is not None and value.is_floating_point() else value
+        if isinstance(value, dict):
+            return {k: self._quantize(v, f"{path}_{k}") for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._quantize(v, f"{path}_{i}") for i, v in enumerate(value))
+        return value
+
+    def _dequantize(self, value: Any) -> Any:
+        return map_tensors(lambda x: self.dequant(x) if x.is_quantized or x.is_floating_point() else x, value)
+
+
+def _float_tensor_paths(value: Any, path: str = "") -> list[str]:
+    """Where the floating-point tensors of a (nested) input structure are: "0", "1", "0_image", ..."""
+    if isinstance(value, torch.Tensor):
+        return [path] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(value)]
+    else:
+        return []
+    return [p for key, v in items for p in _float_tensor_paths(v, f"{path}_{key}" if path else key)]
+
+
+def check_skip(network: nn.Module, skip: Sequence[str]) -> None:
+    """Raise ``ValueError`` for a ``skip`` entry that is not a submodule name, with the closest names."""
+    names = [n for n, _ in network.named_modules() if n]
+    for entry in skip:
+        if entry not in names:
+            close = difflib.get_close_matches(entry, names, n=5)
+            hint = f"did you mean one of {close}?" if close else f"valid names include {names[:10]}"
+            raise ValueError(f"skip entry {entry!r} is not a submodule of the quantized network; {hint}")
+
+
+def _record_leaf_calls(network: nn.Module, example_inputs: tuple[Any, ...]) -> list[tuple[str, int, int]]:
+    """Run ``network`` once and record (name, input id, output id) for every leaf module call, in order."""
+    calls: list[tuple[str, int, int]] = []
+    handles = []
+    for name, sub in network.named_modules():
+        if name and not list(sub.children()):
+
+            def hook(_m: nn.Module, args: tuple[Any, ...], out: Any, name: str = name) -> None:
+                first = args[0] if args else None
+                calls.append((name, id(first), id(out)))
+
+            handles.append(sub.register_forward_hook(hook))
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            network(*example_inputs)
+    finally:
+        network.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def find_fusion_groups(network: nn.Module, example_inputs: tuple[Any, ...]) -> list[list[str]]:
+    """Fusable Conv+BN(+ReLU) / Linear(+ReLU) groups of ``network``, checked against a real forward pass.
+
+    A group is fused only when its modules ran once each, back to back, each fed the previous one's output, so a
+    ReLU module shared between two places (torchvision's BasicBlock) is never fused away.
+    """
+    modules = dict(network.named_modules())
+    calls = _record_leaf_calls(network, example_inputs)
+    counts: dict[str, int] = {}
+    for name, _, _ in calls:
+        counts[name] = counts.get(name, 0) + 1
+    groups: list[list[str]] = []
+    i = 0
+    while i < len(calls):
+        for pattern in _FUSION_PATTERNS:
+            window = calls[i : i + len(pattern)]
+            if len(window) < len(pattern):
+                continue
+            types_match = all(type(modules[n]) is t for (n, _, _), t in zip(window, pattern, strict=True))
+            chained = all(window[k + 1][1] == window[k][2] for k in range(len(window) - 1))
+            once = all(counts[n] == 1 for n, _, _ in window)
+            if types_match and chained and once:
+                groups.append([n for n, _, _ in window])
+                i += len(pattern) - 1
+                break
+        i += 1
+    return groups
+
+
+def _count_fused(network: nn.Module) -> int:
+    return sum(ao.is_fused_module(m) for m in network.modules())
+
+
+def _float_types(network: nn.Module, backend: str) -> tuple[type[nn.Module], ...]:
+    """Module types kept float because this torch's int8 kernel for them is wrong on ``backend``."""
+    if any(isinstance(m, ao.TRANSPOSED_CONVS) for m in network.modules()) and not ao.transposed_conv_int8_works(
+        backend
+    ):
+        return ao.TRANSPOSED_CONVS
+    return ()
+
+
+def _prepare_eager(
+    network: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
+) -> nn.Module:
+    # A network with its own QuantStub (torchvision's quantizable models) places its own quant/dequant.
+    has_stubs = any(isinstance(m, ao.QuantStub) for m in network.modules())
+    fuse_model = getattr(network, "fuse_model", None)
+    if callable(fuse_model):
+        try:
+            fuse_model(is_qat=qat)
+        except TypeError:
+            fuse_model()
+    else:
+        groups = [g for g in find_fusion_groups(network, example_inputs) if not any(n in skip for n in g)]
+        if groups:
+            ao.fuse_modules(network, groups, qat=qat)
+    transposed_float = bool(_float_types(network, backend))
+    islands = list(skip)
+    if transposed_float:  # float layers inside the int8 region need a dequantize before and a quantize after
+        islands += [
+            name
+            for name, m in network.named_modules()
+            if isinstance(m, ao.TRANSPOSED_CONVS) and not any(_within(name, s) for s in skip)
+        ]
+    for name in islands:
+        island = FloatIsland(network.get_submodule(name))
+        ao.set_qconfig(island.module, None)
+        compat.set_submodule(network, name, island)
+    wrapped = network if has_stubs else EagerQATWrapper(network, example_inputs)
+    ao.set_qconfig(wrapped, ao.qconfig(backend, qat=qat))
+    for module in network.modules():  # per-channel weights are not supported for transposed convolutions
+        if isinstance(module, ao.TRANSPOSED_CONVS) and getattr(module, "qconfig", True) is not None:
+            ao.set_qconfig(module, None if transposed_float else ao.per_tensor_weight_qconfig(backend, qat=qat))
+    wrapped.train(qat)
+    return ao.prepare_eager(wrapped, qat=qat)
+
+
+def replace_relu6(network: nn.Module, skip: Sequence[str] = ()) -> int:
+    """Swap every ``nn.ReLU6`` submodule of ``network`` outside ``skip`` for ``nn.ReLU``, in place; returns how many.
+
+    torchvision's quantizable MobileNets do the same: Conv-BN-ReLU fuses into one int8 op, Conv-BN-ReLU6 does not
+    (a separate clamp and one more fake-quant per layer, in training and in the int8 model). It changes the network
+    where activations exceed 6; QAT fine-tuning adapts to that, and the report's float row is the original network.
+    """
+    kept = {id(m) for name in skip for m in network.get_submodule(name).modules()}
+    count = 0
+    for parent in list(network.modules()):
+        if id(parent) in kept:
+            continue
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.ReLU6 and id(child) not in kept:
+                setattr(parent, name, nn.ReLU(inplace=child.inplace))
+                count += 1
+    return count
+
+
+# Modules whose forward passes `self.training` to a function: traced, FX would bake the flag in as a constant.
+_TRAIN_EVAL_LEAVES: tuple[type[nn.Module], ...] = (torchvision.ops.StochasticDepth,)
+
+# Functionals whose behaviour depends on a training flag: (function, module class, argument names of the module).
+_TRAIN_EVAL_FUNCTIONS: tuple[tuple[Any, type[nn.Module], tuple[str, ...]], ...] = (
+    (F.dropout, nn.Dropout, ("p",)),
+    (F.dropout1d, nn.Dropout1d, ("p",)),
+    (F.dropout2d, nn.Dropout2d, ("p",)),
+    (F.dropout3d, nn.Dropout3d, ("p",)),
+    (F.alpha_dropout, nn.AlphaDropout, ("p",)),
+    (F.feature_alpha_dropout, nn.FeatureAlphaDropout, ("p",)),
+    (torchvision.ops.stochastic_depth, torchvision.ops.StochasticDepth, ("p", "mode")),
+)
+
+
+def make_train_eval_calls_follow_the_mode(graph_module: torch.fx.GraphModule) -> int:
+    """Replace each traced dropout-like function call by its module, so ``eval()`` turns it off again.
+
+    Tracing happens in training mode, so ``F.dropout(x, p, self.training)`` is recorded with ``training=True``
+    as a constant: the prepared network, the int8 model and the artifact would drop activations at random in
+    evaluation. A call traced with ``training=False`` stays as it is (it does nothing in either mode). Returns how
+    many calls were replaced.
+    """
+    replaced = 0
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        match = next((m for m in _TRAIN_EVAL_FUNCTIONS if node.op == "call_function" and node.target is m[0]), None)
+        if match is None:
+            continue
+        function, module_class, names = match
+        bound = inspect.signature(function).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        if bound.arguments.get("training") is False:
+            continue
+        name = f"qat_{module_class.__name__.lower()}_{replaced}"
+        graph_module.add_submodule(name, module_class(*(bound.arguments[n] for n in names)))
+        with graph.inserting_before(node):
+            call = graph.call_module(name, (bound.arguments["input"],))
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        graph_module.recompile()
+    return replaced
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaf_classes: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaf_classes = leaf_classes
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, self.leaf_classes) or super().is_leaf_module(module, qualified_name)
+
+
+def shared_stateful_modules(network: nn.Module, leaf_classes: tuple[type[nn.Module], ...] = ()) -> list[str]:
+    """Names of modules with parameters or buffers that ``network``'s traced forward calls more than once."""
+    graph = _LeafTracer(leaf_classes).trace(network)
+    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
+    return sorted(name for name, count in calls.items() if count > 1 and _has_state(network.get_submodule(name)))
+
+
+def _has_state(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
+
+
+def float_islands(network: nn.Module) -> list[str]:
+    """Names of the submodules kept in float in a prepared or converted network (skipped or shared)."""
+    prefix = "module." if isinstance(network, EagerQATWrapper) else ""
+    return [
+        name.removeprefix(prefix)
+        for name, module in network.named_modules()
+        if isinstance(module, (Unfused, FloatIsland))
+    ]
+
+
+def _prepare_fx(
+    network: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
+) -> tuple[nn.Module, list[str]]:
+    """FX preparation, skipped and shared stateful modules wrapped in :class:`Unfused`.
+
+    On a failure the wrappers are removed again, for the eager fallback.
+    """
+    leaves = (*_TRAIN_EVAL_LEAVES, Unfused)
+    shared = [name for name in shared_stateful_modules(network, leaves) if not any(_within(name, s) for s in skip)]
+    islands = sorted(set(skip) | set(shared))
+    originals = {name: network.get_submodule(name) for name in islands}
+    for name in islands:
+        compat.set_submodule(network, name, Unfused(originals[name]))
+    try:
+        mapping = ao.qconfig_mapping(backend, (), qat, _float_types(network, backend))
+        prepared = ao.prepare_fx(network, mapping, example_inputs, qat, leaf_classes=leaves)
+    except Exception:
+        for name in reversed(islands):
+            compat.set_submodule(network, name, originals[name])
+        raise
+    make_train_eval_calls_follow_the_mode(prepared)
+    drop_fake_quant_of_integer_tensors(prepared, example_inputs)
+    for name, value in vars(network).items():  # plain attributes (`self.net.num_classes`) keep working
+        if not name.startswith("_") and name != "training" and not hasattr(prepared, name):
+            setattr(prepared, name, value)
+    return prepared, shared
+
+
+class _IntegerFakeQuantFinder(torch.fx.Interpreter):
+    """Runs the graph, passing integer tensors through fake-quant modules and noting where that happened."""
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        super().__init__(module)
+        self.integer_nodes: list[str] = []
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op == "call_module" and ao.is_fake_quant(self.module.get_submodule(str(n.target))):
+            value = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                self.integer_nodes.append(n.name)
+                return value
+        return super().run_node(n)
+
+
+def drop_fake_quant_of_integer_tensors(graph_module: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> int:
+    """Remove the fake-quant FX put on integer tensors (token ids, masks, ``.long()`` results); returns how many.
+
+    FX decides where to quantize from the ops alone, so an integer tensor computed in the graph can get a
+    float-only fake-quant (a dtype error on the first batch). Found by running a copy once on ``example_inputs``.
+    """
+    probe = copy.deepcopy(graph_module).eval()  # eval: a batch of one through BatchNorm
+    finder = _IntegerFakeQuantFinder(probe)
+    with ao.quiet(), torch.no_grad():
+        finder.run(*example_inputs)
+    if not finder.integer_nodes:
+        return 0
+    nodes = {node.name: node for node in graph_module.graph.nodes}
+    for name in finder.integer_nodes:
+        node = nodes[name]
+        node.replace_all_uses_with(node.args[0])
+        graph_module.graph.erase_node(node)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    return len(finder.integer_nodes)
+
+
+def _within(name: str, ancestor: str) -> bool:
+    return name == ancestor or name.startswith(f"{ancestor}.")
+
+
+def prepare_model(
+    network: nn.Module,
+    backend: str,
+    mode: Mode,
+    skip: Sequence[str],
+    example_inputs: tuple[Any, ...],
+    qat: bool = True,
+    relu6_to_relu: bool = False,
+) -> Prepared:
+    """Fuse and insert fake-quant into ``network`` for ``backend``; FX graph mode first unless ``mode="eager"``.
+
+    With ``qat=False`` the network is prepared for post-training quantization instead (observers, eval mode):
+    the PTQ baseline of the report. ``relu6_to_relu`` first applies :func:`replace_relu6` (outside ``skip``).
+
+    Raises:
+        RuntimeError: when ``mode="fx"`` and the network cannot be symbolically traced.
+    """
+    check_skip(network, skip)
+    replaced = replace_relu6(network, skip) if relu6_to_relu else 0
+    said = [ao.transposed_conv_warning(backend)] if _float_types(network, backend) else []
+    network.train(qat)
+    with ao.engine(backend):
+        if mode in ("auto", "fx"):
+            try:
+                prepared, shared = _prepare_fx(network, backend, skip, example_inputs, qat)
+            except Exception as err:  # noqa: BLE001 - any tracing failure means "not traceable"
+                if mode == "fx":
+                    raise RuntimeError(
+                        f"mode='fx' but {type(network).__name__} cannot be symbolically traced: {err}. "
+                        "Use mode='auto' or mode='eager'."
+                    ) from err
+                reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            else:
+                reason = "requested" if mode == "fx" else "the network is symbolically traceable"
+                return Prepared(prepared, "fx", reason, _count_fused(prepared), replaced, shared, said)
+        else:
+            reason = "requested"
+        prepared = _prepare_eager(network, backend, skip, example_inputs, qat)
+    return Prepared(prepared, "eager", reason, _count_fused(prepared), replaced, warnings=said)

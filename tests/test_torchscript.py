@@ -1,0 +1,70 @@
+import struct
+import zipfile
+
+import pytest
+import torch
+from conftest import TinyNet
+
+from lightning_qat import load_quantized
+from lightning_qat.export.torchscript import read_artifact_info, save_torchscript
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.convert import to_int8
+from lightning_qat.quantization.prepare import prepare_model
+
+
+@pytest.fixture
+def artifact(tmp_path, digits8):
+    x, _ = digits8.splits["val"].tensors
+    prepared = prepare_model(TinyNet(), "x86", "fx", [], (x[:2],))
+    with torch.no_grad(), ao.quiet():
+        prepared.module(x[:256])
+    int8 = to_int8(prepared.module, "fx", "x86", (x[:2],))
+    return save_torchscript(int8, tmp_path / "model_int8.pt", "x86", (x[:2],)), int8, x
+
+
+def test_the_artifact_carries_the_sha256_of_its_content(artifact):
+    path, int8, x = artifact
+    info = read_artifact_info(path)
+    assert len(info["sha256"]) == 64
+    with torch.no_grad(), ao.quiet():
+        assert torch.equal(load_quantized(path)(x), int8(x))
+
+
+def _tensor_entry(path):
+    with zipfile.ZipFile(path) as archive:
+        return archive.getinfo(next(n for n in archive.namelist() if "/constants/" in n))
+
+
+def test_a_flipped_byte_is_rejected_naming_the_file(artifact, tmp_path):
+    path, _, _ = artifact
+    entry = _tensor_entry(path)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_length + extra_length + 3] ^= 0x01  # inside the tensor's bytes
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"flipped\.pt' is corrupted"):
+        load_quantized(bad)
+
+
+def test_a_consistently_rewritten_entry_fails_the_sha256(artifact, tmp_path):
+    """A changed tensor whose zip checksum was updated too: only the content digest can tell."""
+    path, _, _ = artifact
+    name = _tensor_entry(path).filename
+    forged = tmp_path / "forged.pt"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(forged, "w", zipfile.ZIP_STORED) as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == name:
+                data = bytes([data[0] ^ 0x01]) + data[1:]
+            target.writestr(item, data)
+    with pytest.raises(ValueError, match=r"forged\.pt' is corrupted: its content's sha256 is .* its metadata says"):
+        load_quantized(forged)
+
+
+def test_the_archive_folder_is_named_after_the_artifact(artifact):
+    """torch names an archive's root folder after the file written: the final name, not a temporary one."""
+    path, _, _ = artifact
+    with zipfile.ZipFile(path) as archive:
+        roots = {name.split("/", 1)[0] for name in archive.namelist()}
+    assert roots == {"model_int8"}

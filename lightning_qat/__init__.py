@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from lightning_qat.exceptions import (
     AccuracyBudgetError,
     ArtifactError,
+    CheckpointError,
     ConversionError,
     EvaluationInterrupted,
     LightningInternalsError,
@@ -35,6 +36,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 __all__ = [
     "AccuracyBudgetError",
     "ArtifactError",
+    "CheckpointError",
     "ConversionError",
     "EvaluationInterrupted",
     "FinishPipeline",

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AccuracyBudgetError",
     "ArtifactError",
+    "CheckpointError",
     "ConversionError",
     "EvaluationInterrupted",
     "LightningInternalsError",
@@ -39,6 +40,14 @@ class NotAQATCheckpointError(ValueError):
 
     By :func:`~lightning_qat.load_qat_checkpoint` and :func:`~lightning_qat.convert_checkpoint`; load such a
     checkpoint with ``load_from_checkpoint``.
+    """
+
+
+class CheckpointError(ValueError):
+    """Raised when a checkpoint or weights file cannot be read as one: truncated, corrupted, or not a checkpoint.
+
+    Also when it holds Python objects that only a full unpickling (which can run code from the file) would load:
+    lightning-qat loads checkpoints with ``weights_only=True``. The message names the file.
     """
 
 

@@ -314,3 +314,11 @@ def test_one_callback_two_fits_freezes_in_both_and_refuses_a_prepared_network(tm
     assert first_recorder.epochs == second_recorder.epochs == [(0, False, True), (1, True, False)]
     with pytest.raises(ValueError, match=r"`net` is already QAT-prepared.*trainer\.fit\(MyModule\(\), ckpt_path"):
         _fit(tmp_path, digits8, model=model, callbacks=[QATCallback()], max_epochs=1)
+
+
+def test_a_fit_that_never_trained_refuses_to_convert_uncalibrated_observers(tmp_path, digits8):
+    qat = QATCallback(save_dir=str(tmp_path / "out"), latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=0, callbacks=[qat]))
+    with pytest.raises(ConversionError, match=r"fake-quant observers never saw data .*Train at least one step"):
+        trainer.fit(BoringClassifier(), datamodule=digits8)
+    assert not (tmp_path / "out" / "model_int8.pt").exists()

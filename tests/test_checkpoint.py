@@ -13,7 +13,7 @@ from conftest import BoringClassifier, pretrained_tiny, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_qat import QATCallback, convert_checkpoint, load_qat_checkpoint, load_quantized
-from lightning_qat.exceptions import NotAQATCheckpointError
+from lightning_qat.exceptions import CheckpointError, NotAQATCheckpointError
 from lightning_qat.lightning.checkpoint import MARKER
 from lightning_qat.quantization import ao
 
@@ -145,3 +145,16 @@ def test_the_float_row_survives_a_resume(tmp_path, digits8, float_tiny):
     resumed = fit(2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed.metrics["float"] == original.metrics["float"]
     assert resumed.metrics["float"]["val_acc"] > 0.8  # the pretrained network, not a fresh initialisation
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint", "empty"])
+def test_a_damaged_checkpoint_is_an_error_naming_the_file(tmp_path, qat_run, digits8, damage):
+    data = Path(qat_run["best"]).read_bytes()
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes({"truncated": data[: len(data) // 2], "not a checkpoint": b"hello" * 100, "empty": b""}[damage])
+    named = r"damaged\.ckpt' \(\d+ bytes\) is not a readable checkpoint"
+    with pytest.raises(CheckpointError, match=named):
+        load_qat_checkpoint(BoringClassifier, damaged)
+    with pytest.raises(CheckpointError, match=named):
+        convert_checkpoint(BoringClassifier(), damaged, datamodule=digits8, save_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "model_int8.pt").exists()

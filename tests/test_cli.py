@@ -165,6 +165,31 @@ def test_cli_checkpoint_workflows_test_validate_predict_convert_resume(tmp_path)
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "test", "convert"])
+def test_cli_truncated_ckpt_path_is_one_error_line_before_any_work(tmp_path, subcommand):
+    truncated = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    result = _sub(tmp_path, subcommand, f"--ckpt_path={truncated}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "cut.ckpt' (500 bytes) is not a readable checkpoint, truncated or corrupted" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_convert_of_a_float_checkpoint_is_one_error_line(tmp_path):
+    float_ckpt = tmp_path / "float.ckpt"
+    torch.save({"state_dict": {}, "callbacks": {}}, float_ckpt)  # no QATCallback state: a float network's
+    result = _sub(tmp_path, "convert", f"--ckpt_path={float_ckpt}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: NotAQATCheckpointError: '{float_ckpt}' holds no QATCallback state, so its network is float: there is "
+        f"no QAT model to convert; load it with ImageClassifier.load_from_checkpoint('{float_ckpt}')."
+    ]
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test", "convert"])
 def test_cli_missing_ckpt_path_stops_before_any_work(tmp_path, subcommand):
     result = _sub(tmp_path, subcommand, f"--ckpt_path={tmp_path / 'nope.ckpt'}")
     assert result.returncode == 2

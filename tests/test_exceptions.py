@@ -8,6 +8,7 @@ from lightning_qat import exceptions
 BUILTIN = {
     "AccuracyBudgetError": RuntimeError,
     "ArtifactError": ValueError,
+    "CheckpointError": ValueError,
     "ConversionError": RuntimeError,
     "EvaluationInterrupted": RuntimeError,
     "LightningInternalsError": RuntimeError,

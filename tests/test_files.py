@@ -1,8 +1,10 @@
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from lightning_qat import files
 from lightning_qat.files import next_version_dir, write_text_atomic
 
 TESTS = Path(__file__).parent
@@ -62,3 +64,25 @@ def test_next_version_dir_takes_the_first_free_number(tmp_path):
     (tmp_path / "version_2").mkdir()
     assert next_version_dir(tmp_path) == tmp_path / "version_1"
     assert next_version_dir(tmp_path) == tmp_path / "version_3"
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_killed_writer_s_temporary_is_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "model_int8.pt"
+    host = files._HOST
+    killed = tmp_path / f".model_int8.pt.{host}.{_dead_pid()}.{'a' * 32}.tmp"
+    running = tmp_path / f".model_int8.pt.{host}.{os.getpid()}.{'b' * 32}.tmp"
+    elsewhere = tmp_path / f".model_int8.pt.another-host.{_dead_pid()}.{'c' * 32}.tmp"
+    for folder in (killed, running, elsewhere):
+        folder.mkdir()
+        (folder / "model_int8.pt").write_bytes(b"half an artifact")
+    write_text_atomic(target, "whole")
+    assert target.read_text() == "whole"
+    assert not killed.exists()  # its writer is gone
+    assert running.exists()  # a live writer on this host
+    assert elsewhere.exists()  # another host's writer cannot be checked from here

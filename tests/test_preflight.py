@@ -1,5 +1,6 @@
 """Each case here used to train to the end and then fail; now it stops in `setup`, before any training step."""
 
+import collections
 import os
 from pathlib import Path
 
@@ -242,3 +243,66 @@ def test_a_network_that_would_be_random_in_eval_stops_in_setup(tmp_path, digits8
     with pytest.raises(PreflightError, match=r"random in eval\(\) though the float one is not.*nn\.Dropout"):
         trainer.fit(TracedIntoStochasticDepth(), datamodule=digits8)
     assert counter.steps == 0
+
+
+def test_a_directory_where_the_artifact_goes_stops_in_setup_even_with_overwrite(tmp_path, digits8):
+    (tmp_path / "out" / "model_int8.pt").mkdir(parents=True)
+    counter = StepCounter()
+    qat = QATCallback(save_dir=str(tmp_path / "out"), overwrite=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[qat, counter]))
+    with pytest.raises(PreflightError, match=r"\['model_int8.pt'\] that is not a file"):
+        trainer.fit(BoringClassifier(), datamodule=digits8)
+    assert counter.steps == 0
+
+
+class LogsMonitorPerStepOnly(BoringClassifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_step=True, on_epoch=False)
+        self.log("val_loss", self.loss(self(x), y))
+
+
+def test_a_monitor_the_final_evaluation_cannot_collect_stops_in_setup(tmp_path, digits8):
+    counter = StepCounter()
+    qat = QATCallback(monitor="val_acc", max_metric_drop=0.01, on_drop="raise", save_artifact=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[qat, counter]))
+    with pytest.raises(PreflightError, match=r"monitor='val_acc' is not among .*\['val_loss'\].*on_epoch=True"):
+        trainer.fit(LogsMonitorPerStepOnly(), datamodule=digits8)
+    assert counter.steps == 0
+
+
+Logits = collections.namedtuple("Logits", ["logits", "features"])
+
+
+class NamedTupleNet(TinyNet):
+    def forward(self, x):
+        logits = super().forward(x)
+        return Logits(logits, logits.detach())
+
+
+class NamedTupleClassifier(BoringClassifier):
+    def forward(self, x):
+        return self.net(x).logits
+
+
+@pytest.mark.parametrize("save_artifact", [True, False])
+def test_a_namedtuple_output_the_artifact_would_lose_stops_in_setup(tmp_path, digits8, save_artifact):
+    counter = StepCounter()
+    qat = QATCallback(evaluate=None, save_artifact=save_artifact, latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat, counter]))
+    if save_artifact:
+        with pytest.raises(PreflightError, match=r"returns a Logits \(a namedtuple\).*`\.logits` would be gone"):
+            trainer.fit(NamedTupleClassifier(NamedTupleNet()), datamodule=digits8)
+        assert counter.steps == 0
+    else:  # no artifact: nothing to lose
+        trainer.fit(NamedTupleClassifier(NamedTupleNet()), datamodule=digits8)
+        assert counter.steps == 2
+
+
+def test_a_lone_conv_as_the_module_is_quantized_and_no_warning_says_otherwise(tmp_path, digits8, recwarn):
+    net = nn.Sequential(nn.Conv2d(1, 10, 8), nn.Flatten())
+    qat = QATCallback(module="net.0", evaluate=None, save_artifact=False, latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat]))
+    trainer.fit(BoringClassifier(net), datamodule=digits8)
+    assert qat.report.quantized_layers >= 1
+    assert not [w for w in recwarn if "is quantizable" in str(w.message)]

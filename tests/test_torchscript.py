@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TinyNet
 
-from lightning_qat import load_quantized
+from lightning_qat import ArtifactError, load_quantized
 from lightning_qat.export.torchscript import read_artifact_info, save_torchscript
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import to_int8
@@ -68,3 +68,14 @@ def test_the_archive_folder_is_named_after_the_artifact(artifact):
     with zipfile.ZipFile(path) as archive:
         roots = {name.split("/", 1)[0] for name in archive.namelist()}
     assert roots == {"model_int8"}
+
+
+def test_metadata_that_is_not_json_is_an_artifact_error_naming_the_file(artifact, tmp_path):
+    path, _, _ = artifact
+    broken = tmp_path / "broken.pt"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(broken, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            target.writestr(info, b"{not json" if info.filename.endswith("extra/lightning_qat.json") else data)
+    with pytest.raises(ArtifactError, match=r"broken\.pt' is corrupted: its lightning_qat\.json metadata is not JSON"):
+        load_quantized(broken)

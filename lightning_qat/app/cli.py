@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,7 +11,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_qat import exceptions
+from lightning_qat.exceptions import CheckpointError
 from lightning_qat.lightning.callback import QATCallback
+from lightning_qat.lightning.checkpoint import check_readable
 from lightning_qat.lightning.convert_checkpoint import convert_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -63,11 +67,15 @@ class QATLightningCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse; an error of the config layer (e.g. an interpolation to a missing key) becomes a usage error."""
+        """Parse; an error of the config layer (e.g. an interpolation to a missing key) becomes a usage error.
+
+        Then check ``--ckpt_path``, before Lightning reads its hyperparameters.
+        """
         try:
             super().parse_arguments(parser, args)
         except Exception as err:  # noqa: BLE001 - reported to the user as a usage error, nothing ran yet
             parser.error(f"the configuration could not be parsed: {type(err).__name__}: {' '.join(str(err).split())}")
+        self._check_ckpt_path(parser)
 
     def instantiate_classes(self) -> None:
         """Turn any error raised while building the configured classes into a one-line usage error (exit 2).
@@ -80,11 +88,18 @@ class QATLightningCLI(LightningCLI):
             message = " ".join(str(err).split())
             self.parser.error(f"the configuration could not be instantiated: {type(err).__name__}: {message}")
 
-    def _check_ckpt_path(self) -> None:
-        """A ``--ckpt_path`` that is not a file stops the run before any work, naming the path."""
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path and ckpt_path not in ("best", "last", "hpc", "registry") and not Path(ckpt_path).is_file():
-            self.parser.error(f"--ckpt_path={ckpt_path}: no such checkpoint file.")
+    def _check_ckpt_path(self, parser: LightningArgumentParser) -> None:
+        """A ``--ckpt_path`` that is not a (readable) checkpoint file stops the run before any work, naming the path."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
+            return
+        if not Path(ckpt_path).is_file():
+            parser.error(f"--ckpt_path={ckpt_path}: no such checkpoint file.")
+        try:
+            check_readable(ckpt_path)
+        except CheckpointError as err:
+            parser.error(f"--ckpt_path={ckpt_path}: {err}")
 
     def _check_class_count(self) -> None:
         """A data module with ``num_classes`` (e.g. image folders) and a model with another ``num_classes`` disagree."""
@@ -97,7 +112,6 @@ class QATLightningCLI(LightningCLI):
             )
 
     def _before_run(self) -> None:
-        self._check_ckpt_path()
         self._check_class_count()
 
     before_validate = before_test = before_predict = before_convert = _before_run
@@ -144,7 +158,22 @@ class QATLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-qat`` console script."""
+    """Entry point of the ``lightning-qat`` console script.
+
+    An error lightning-qat raises on purpose (:mod:`lightning_qat.exceptions`), before or after start-up, is one
+    ``error:`` line on stderr and exit code 2, as configuration errors are; anything else keeps its traceback.
+    """
+    try:
+        _cli(args)
+    except _OUR_ERRORS as err:
+        print(f"error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+_OUR_ERRORS = tuple(getattr(exceptions, name) for name in exceptions.__all__)
+
+
+def _cli(args: list[str] | None) -> None:
     QATLightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,

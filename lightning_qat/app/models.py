@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,27 +12,20 @@ import torchvision
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_qat.lightning.checkpoint import read_checkpoint
+
 
 def load_float_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a float state dict from a Lightning ``.ckpt`` or a plain ``torch.save(state_dict)`` file.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file holds no state dict, or Python objects that only a full unpickling (which can run
-            code) would load.
+        CheckpointError: if the file is not a readable checkpoint, or holds Python objects that only a full unpickling
+            (which can run code) would load.
+        ValueError: if it holds no state dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{str(path)!r} holds Python objects besides tensors, and loading it would run code from the file; "
-            "lightning-qat only loads weights (torch.load(weights_only=True) refused it: "
-            f"{str(err).splitlines()[0]}). Re-save it with torch.save(model.state_dict(), path)."
-        ) from err
-    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    data = read_checkpoint(path)
+    state = data.get("state_dict", data)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} holds no state dict (a Lightning .ckpt or torch.save(model.state_dict())).")
     return state

@@ -86,7 +86,13 @@ def read_artifact_info(path: str | os.PathLike, data: bytes | None = None) -> di
         raise ArtifactError(f"{str(path)!r} is not a readable TorchScript int8 artifact: {err}") from err
     if not raw:
         raise ArtifactError(f"{str(path)!r} is not a lightning-qat artifact (no {ARTIFACT_META} metadata).")
-    return json.loads(raw)
+    try:
+        info = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{str(path)!r} is corrupted: its {ARTIFACT_META} metadata is not JSON ({err}).") from err
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{str(path)!r} is corrupted: its {ARTIFACT_META} metadata is not a JSON object.")
+    return info
 
 
 def verify_artifact(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:

@@ -267,6 +267,8 @@ class QATCallback(Callback):
             self.evaluate,
             eval_data(trainer, self.evaluate),
             onnx="onnx" in self.export and self.save_artifact,
+            torchscript="torchscript" in self.export and self.save_artifact,
+            monitor=self.monitor,
         )
         if not trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning's debugging connector
             self._out_dir = preflight.output_dir(trainer, self.save_dir, self.overwrite)

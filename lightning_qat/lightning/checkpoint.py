@@ -11,7 +11,9 @@ so loading a QAT checkpoint without lightning-qat fails with a message that says
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_qat.exceptions import NotAQATCheckpointError
+from lightning_qat.exceptions import CheckpointError, NotAQATCheckpointError
 from lightning_qat.lightning import example_input
 from lightning_qat.lightning.install import install
 from lightning_qat.quantization import ao
@@ -33,16 +35,64 @@ STATE_KEY = "QATCallback"  # QATCallback.state_key, subclasses included: checkpo
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a Lightning checkpoint on the CPU with ``weights_only=True`` (no code from the file runs).
+    """Load a Lightning checkpoint (or a ``torch.save``d dict) on the CPU with ``weights_only=True``.
+
+    No code from the file runs.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
+        CheckpointError: naming the file, if it is truncated or corrupted, is not a checkpoint, or holds Python objects
+            besides tensors and containers.
+    """
+    path = Path(path)
+    check_readable(path)
+    try:
+        with ao.quiet():
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{str(path)!r} holds Python objects besides tensors, and loading it would run code from the file; "
+            "lightning-qat only loads weights (torch.load(weights_only=True) refused it: "
+            f"{_first_line(err)}). Re-save it with torch.save(model.state_dict(), path)."
+        ) from err
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_first_line(err)}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(data).__name__}, not a checkpoint (a dict).")
+    return data
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Check, without loading it, that ``path`` is a whole ``torch.save`` archive (its zip directory reads).
+
+    Cheap for any size: a truncated or overwritten file fails here, naming itself, before any work.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CheckpointError: if it is not a readable ``torch.save`` archive.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
-    with ao.quiet():
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with path.open("rb") as f:
+        if f.read(1) == b"\x80":  # torch's legacy (pre-1.6) format is a pickle: torch.load tells
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{str(path)!r} ({size} bytes) is not a readable checkpoint, truncated or corrupted ({err}); "
+            "re-copy it, or pick another checkpoint."
+        ) from err
+    if not any(name.endswith("data.pkl") for name in names):
+        raise CheckpointError(f"{str(path)!r} is a zip archive but not a torch.save checkpoint (no data.pkl).")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def qat_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_qat.quantization import ao, compat
+from lightning_qat.quantization import compat
 from lightning_qat.quantization.prepare import Mode, Prepared, prepare_model
 
 
@@ -25,7 +25,8 @@ def install(
 ) -> Prepared:
     """Prepare ``network`` for QAT and set it as ``pl_module``'s submodule ``target``; on rank 0, say what was done.
 
-    What was fused and in which mode, what stays float and why, and a warning when nothing is quantizable.
+    What was fused and in which mode, and what stays float and why (whether anything is quantized at all is said by
+    the preflight, which converts).
     """
     prepared = prepare_model(network, backend, mode, skip, example_inputs, relu6_to_relu=relu6_to_relu)
     compat.set_submodule(pl_module, target, prepared.module)
@@ -35,11 +36,6 @@ def install(
         rank_zero_info(
             f"QAT: {prepared.shared} are called at several places in `{target}`'s forward; they stay "
             "float and unfused (fusing one call site's BatchNorm into them would change the others)."
-        )
-    if not any(ao.weight_fake_quant(m) is not None for m in prepared.module.modules()):
-        rank_zero_warn(
-            f"QAT: nothing in `{target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
-            "int8 model would be no smaller and no faster than the float one."
         )
     rank_zero_info(
         f"QAT: prepared `{target}` in {prepared.mode} mode ({prepared.reason}); "

@@ -25,6 +25,7 @@ from lightning_qat.lightning import internals
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
+from lightning_qat.quantization.measure import count_quantized_layers
 from lightning_qat.quantization.prepare import Prepared
 
 SUPPORTED_PRECISIONS = ("32-true", "32", 32)
@@ -66,29 +67,67 @@ def run_preflight(
     evaluate: Stage | None,
     data: EvalData,
     onnx: bool,
+    torchscript: bool = True,
+    monitor: str | None = None,
 ) -> None:
     """What would fail at the end of fit, checked now: determinism, conversion, tracing, ONNX, one int8 batch.
 
-    Every rank runs it (the same checks on the same network), so a failure stops every rank in ``setup``.
+    Every rank runs it (the same checks on the same network), so a failure stops every rank in ``setup``. Also says,
+    on rank 0, when the int8 network would hold no quantized layer.
     """
     start = time.perf_counter()
     check_eval_is_deterministic(float_network, prepared.module, example_inputs, target)
+    if torchscript:
+        check_outputs(float_network, example_inputs, target)
     probe = check_example(prepared.module, example_inputs, target, prepared=True)
     quantized = check_conversion(probe, prepared.mode, backend, example_inputs, target)
+    if count_quantized_layers(quantized) == 0:
+        rank_zero_warn(
+            f"QAT: nothing in `{target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
+            "int8 model would be no smaller and no faster than the float one."
+        )
     if onnx:
         check_onnx_export(probe, example_inputs, target)
     if evaluate is not None:
+        step = "validation_step" if evaluate == "val" else "test_step"
         clone = module_with_network(pl_module, target, quantized)
         try:
-            run_evaluation(clone, evaluate, backend, data, limit=1)
+            metrics = run_evaluation(clone, evaluate, backend, data, limit=1)
         except Exception as err:
-            step = "validation_step" if evaluate == "val" else "test_step"
             raise PreflightError(
                 f"Your `{step}` fails on the int8 network, as the final evaluation would run it: "
                 f"{type(err).__name__}: {err}. Reach the network only through its forward (e.g. `self(x)`), or "
                 "pass evaluate=None."
             ) from err
+        if monitor is not None and monitor not in metrics:
+            raise PreflightError(
+                f"monitor={monitor!r} is not among the metrics your `{step}` logs for the final evaluation "
+                f"({sorted(metrics) or 'none'}): the evaluation collects what is logged per epoch, so log it with "
+                f"`self.log({monitor!r}, ..., on_epoch=True)` (on_step=True alone is not collected), or set monitor "
+                "to one of those."
+            )
     rank_zero_info(f"QAT: preflight passed in {time.perf_counter() - start:.2f} s (int8 conversion and evaluation).")
+
+
+def check_outputs(float_network: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:
+    """Refuse an output the TorchScript artifact would change silently: a namedtuple (it returns a plain tuple)."""
+    with ao.quiet(), torch.no_grad():
+        output = float_network(*example_inputs)
+    named = _namedtuple_in(output)
+    if named is not None:
+        fields = ", ".join(f"{field!r}: ..." for field in named._fields)
+        raise PreflightError(
+            f"`{name}` returns a {type(named).__name__} (a namedtuple): the TorchScript int8 artifact would return a "
+            f"plain tuple and `.{named._fields[0]}` would be gone. Return a dict instead ({{{fields}}}), which the "
+            "artifact keeps, or pass export=['onnx'] / save_artifact=False."
+        )
+
+
+def _namedtuple_in(value: Any) -> Any:
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return value
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((found for child in children if (found := _namedtuple_in(child)) is not None), None)
 
 
 def output_dir(trainer: pl.Trainer, save_dir: str | None, overwrite: bool) -> Path:
@@ -108,6 +147,12 @@ def output_dir(trainer: pl.Trainer, save_dir: str | None, overwrite: bool) -> Pa
         fresh = str(files.next_version_dir(Path(trainer.default_root_dir) / "qat")) if trainer.is_global_zero else ""
         out_dir, what = Path(trainer.strategy.broadcast(fresh, src=0)), "default_root_dir"
     files.check_writable(out_dir, what)
+    in_the_way = [name for name in ARTIFACT_NAMES if (out_dir / name).exists() and not (out_dir / name).is_file()]
+    if in_the_way:
+        raise PreflightError(
+            f"{out_dir} has {in_the_way} that is not a file, where the run writes its artifact or report: move it, "
+            "or pass another save_dir (overwrite=True replaces files only)."
+        )
     earlier = [name for name in ARTIFACT_NAMES if (out_dir / name).exists()]
     if earlier and not overwrite:
         raise PreflightError(

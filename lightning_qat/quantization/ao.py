@@ -135,6 +135,7 @@ __all__ = [
     "qconfig_mapping",
     "quiet",
     "set_observers",
+    "uncalibrated",
     "pause_observers",
     "restore_observers",
     "set_qconfig",
@@ -292,6 +293,18 @@ def fake_quant_modules(module: nn.Module) -> list[tuple[str, FakeQuantizeBase]]:
 def is_fake_quant(module: nn.Module) -> TypeGuard[FakeQuantizeBase]:
     """Whether ``module`` is one of torch's fake-quantize modules."""
     return isinstance(module, FakeQuantizeBase)
+
+
+def uncalibrated(module: nn.Module) -> list[str]:
+    """Names of the fake-quant modules of ``module`` whose observer never saw data (scale still the initial 1.0)."""
+    names = []
+    for name, fq in fake_quant_modules(module):
+        observer = getattr(fq, "activation_post_process", None)
+        if isinstance(observer, nn.Module) and hasattr(observer, "min_val"):
+            low = _tensor(observer, "min_val")
+            if low.numel() == 0 or not bool(torch.isfinite(low).all()):
+                names.append(name)
+    return names
 
 
 def set_observers(module: nn.Module, enabled: bool) -> None:

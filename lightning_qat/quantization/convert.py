@@ -57,8 +57,18 @@ def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[
     """Convert a CPU copy of the QAT model ``prepared`` to int8 and check that it runs on ``example_inputs``.
 
     Raises:
-        ConversionError: if conversion or the first int8 forward pass fails. ``prepared`` is left as it was.
+        ConversionError: if an observer never saw data, or conversion or the first int8 forward pass fails.
+            ``prepared`` is left as it was.
     """
+    never = ao.uncalibrated(prepared)
+    if never:
+        named = ", ".join(never[:4]) + (", ..." if len(never) > 4 else "")
+        raise ConversionError(
+            f"{len(never)} fake-quant observers never saw data ({named}): their scales are the initial 1.0 and the "
+            "int8 model would compute nothing like the float one. Train "
+            "at least one step first (max_epochs=0, or a run stopped before its first training step, calibrates "
+            "nothing), or `skip=` a branch the training forward never takes. The QAT model is unchanged."
+        )
     model = cpu_eval_copy(prepared)
     inputs = cpu_inputs(example_inputs)
     with ao.engine(backend), ao.quiet():

@@ -63,9 +63,10 @@ class LightningInternalsError(RuntimeError):
 
 
 class EvaluationInterrupted(RuntimeError):
-    """Raised when SIGTERM arrives during the final evaluation.
+    """Raised when SIGTERM arrives while lightning-qat's own code runs: the preflight in ``setup``, or the end of fit.
 
-    The int8 artifact is already on disk, and the report on disk says ``failed during evaluation``.
+    The run ends non-zero. At the end of fit, once the int8 artifact is on disk it is kept, and the report on disk says
+    ``failed during evaluation``.
     """
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -105,3 +107,54 @@ def next_version_dir(root: str | os.PathLike) -> Path:
             n += 1
             continue
         return candidate
+
+
+CLAIM = ".lightning_qat.claim"
+
+
+def claim(directory: str | os.PathLike) -> Path:
+    """Claim ``directory`` for this process: an exclusive file that a second run writing there finds.
+
+    A claim left by a process of this host that is gone (a killed run) is taken over; one of another host is not
+    (its process cannot be checked from here: the error names the file to delete once that run is over).
+
+    Raises:
+        FileExistsError: naming the run that holds ``directory``.
+    """
+    path = Path(directory) / CLAIM
+    mine = {"host": _HOST, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is not None and holder.get("host") == _HOST and not _alive(int(holder.get("pid", -1))):
+                path.unlink(missing_ok=True)  # a killed run's leftover
+                continue
+            if holder is None and path.exists():
+                time.sleep(0.1)  # being written right now: read it again
+                continue
+            who = f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}" if holder else "?"
+            raise FileExistsError(
+                f"{directory} is being written by another run ({who}; {path}). Pass another save_dir; delete that "
+                "file only if that run is over."
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        return path
+    raise FileExistsError(f"{directory}: the claim {path} kept changing; another run is starting there.")
+
+
+def release(path: str | os.PathLike) -> None:
+    """Remove a claim made by :func:`claim` in this process (another process's claim is left alone)."""
+    holder = _holder(Path(path))
+    if holder is not None and holder.get("host") == _HOST and holder.get("pid") == os.getpid():
+        Path(path).unlink(missing_ok=True)
+
+
+def _holder(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None

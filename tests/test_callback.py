@@ -292,7 +292,7 @@ def test_sigterm_during_the_final_evaluation_exits_nonzero_and_keeps_the_artifac
     _, stderr = job.communicate(timeout=120)
     assert job.returncode != 0
     assert "EvaluationInterrupted" in stderr
-    assert "SIGTERM received during the final QAT evaluation" in stderr
+    assert "SIGTERM received during the QAT end of fit" in stderr
     report = json.loads((out / "qat_report.json").read_text())
     assert report["status"].startswith("failed during evaluation (EvaluationInterrupted")
     assert report["artifact"] == str(out / "model_int8.pt")
@@ -322,3 +322,52 @@ def test_a_fit_that_never_trained_refuses_to_convert_uncalibrated_observers(tmp_
     with pytest.raises(ConversionError, match=r"fake-quant observers never saw data .*Train at least one step"):
         trainer.fit(BoringClassifier(), datamodule=digits8)
     assert not (tmp_path / "out" / "model_int8.pt").exists()
+
+
+PREFLIGHT_SIGTERM_JOB = """
+import sys, time
+from pathlib import Path
+import lightning.pytorch as pl
+from conftest import BoringClassifier, trainer_kwargs
+from lightning_qat import QATCallback
+from lightning_qat.app.data import DigitsDataModule
+
+class SlowFirstValidation(BoringClassifier):
+    def validation_step(self, batch, batch_idx):
+        flag = Path(sys.argv[2])
+        if not flag.exists():  # the first call is the preflight's, in setup
+            flag.touch()  # the test sends SIGTERM now
+            time.sleep(120)
+        return super().validation_step(batch, batch_idx)
+
+class CountSteps(pl.Callback):
+    def on_train_batch_start(self, *args):
+        Path(sys.argv[3]).touch()
+
+qat = QATCallback(save_dir=sys.argv[1], latency_repeats=1)
+trainer = pl.Trainer(**trainer_kwargs(".", max_epochs=1, limit_train_batches=2, callbacks=[qat, CountSteps()]))
+trainer.fit(SlowFirstValidation(), datamodule=DigitsDataModule(image_size=8, channels=1))
+"""
+
+
+def test_sigterm_during_the_preflight_evaluation_ends_the_run_nonzero_before_training(tmp_path):
+    out, started, trained = tmp_path / "out", tmp_path / "preflight", tmp_path / "trained"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    job = subprocess.Popen(
+        [sys.executable, "-c", PREFLIGHT_SIGTERM_JOB, str(out), str(started), str(trained)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not started.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert started.exists(), job.communicate()[1][-3000:]
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert "SIGTERM received during the QAT preflight" in stderr
+    assert not trained.exists()  # no training step ran after the signal
+    assert not (out / ".lightning_qat.claim").exists()

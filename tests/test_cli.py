@@ -315,7 +315,7 @@ def test_cli_runs_your_own_module_and_data_by_class_path(tmp_path, how):
 RECIPE = Path(__file__).parents[1] / "configs" / "finetune_imagefolder.yaml"
 RECIPE_TINY = [
     "--data.root=images",
-    "--data.image_size=32",
+    "--data.image_size=16",
     "--data.resize_size=null",
     "--data.num_workers=0",
     "--data.persistent_workers=false",

@@ -2,6 +2,8 @@
 
 import collections
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -306,3 +308,54 @@ def test_a_lone_conv_as_the_module_is_quantized_and_no_warning_says_otherwise(tm
     trainer.fit(BoringClassifier(net), datamodule=digits8)
     assert qat.report.quantized_layers >= 1
     assert not [w for w in recwarn if "is quantizable" in str(w.message)]
+
+
+HOLDER = """
+import sys, time
+from lightning_qat.files import claim
+claim(sys.argv[1])
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_into_a_claimed_save_dir_stops_in_setup_and_a_killed_run_does_not_block(tmp_path, digits8):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"  # a run that passed setup and has not written yet
+        counter = StepCounter()
+        trainer = pl.Trainer(
+            **trainer_kwargs(tmp_path, max_epochs=1, callbacks=[QATCallback(save_dir=str(out)), counter])
+        )
+        with pytest.raises(PreflightError, match=rf"being written by another run \(process {holder.pid} on "):
+            trainer.fit(BoringClassifier(), datamodule=digits8)
+        assert counter.steps == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its claim is a leftover, taken over; the run ends with its artifact and no claim
+    qat = QATCallback(save_dir=str(out), evaluate=None, latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat]))
+    trainer.fit(BoringClassifier(), datamodule=digits8)
+    assert (out / "model_int8.pt").is_file()
+    assert not (out / ".lightning_qat.claim").exists()
+
+
+class FailsInTraining(BoringClassifier):
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("a bug in the training step")
+
+
+def test_a_run_that_fails_after_setup_releases_its_claim(tmp_path, digits8):
+    out = tmp_path / "out"
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[QATCallback(save_dir=str(out))]))
+    with pytest.raises(RuntimeError, match="a bug in the training step"):
+        trainer.fit(FailsInTraining(), datamodule=digits8)
+    assert not (out / ".lightning_qat.claim").exists()
+    qat = QATCallback(save_dir=str(out), evaluate=None, latency_repeats=1)  # the same process, the same save_dir
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat])).fit(
+        BoringClassifier(), datamodule=digits8
+    )
+    assert (out / "model_int8.pt").is_file()

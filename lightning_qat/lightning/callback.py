@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_qat import files
 from lightning_qat.choices import check_choice, check_count, check_flag
 from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning import example_input, internals, preflight
@@ -205,6 +206,7 @@ class QATCallback(Callback):
         self._said_float = False
         self._loaded_from: str | None = None
         self._out_dir: Path | None = None
+        self._claim: Path | None = None
 
     @property
     @override
@@ -272,6 +274,7 @@ class QATCallback(Callback):
         )
         if not trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning's debugging connector
             self._out_dir = preflight.output_dir(trainer, self.save_dir, self.overwrite)
+            self._claim = preflight.claim_output_dir(trainer, self._out_dir)  # last: nothing after it can fail
 
     def _prepare_like_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]
@@ -300,6 +303,16 @@ class QATCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_preparation_check()
+        self._release_output_dir()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release_output_dir()  # Lightning calls no teardown hook after an exception
+
+    def _release_output_dir(self) -> None:
+        if self._claim is not None:
+            files.release(self._claim)
+            self._claim = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

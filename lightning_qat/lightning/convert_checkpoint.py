@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_qat import files
 from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning import preflight
 from lightning_qat.lightning.callback import QATCallback
@@ -96,8 +97,12 @@ def convert_checkpoint(
     if qat.evaluate == "test":
         data.limit = trainer.limit_test_batches
     out_dir = preflight.output_dir(trainer, qat.save_dir, qat.overwrite)
-    pipeline = qat.pipeline(run, data, trainer)
-    qat.report = pipeline.run(out_dir)
+    claimed = preflight.claim_output_dir(trainer, out_dir)
+    try:
+        qat.report = qat.pipeline(run, data, trainer).run(out_dir)
+    finally:
+        if claimed is not None:
+            files.release(claimed)
     return qat.report
 
 

@@ -8,11 +8,8 @@ return the subclass from ``QATCallback.pipeline``. The artifact is on disk befor
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,12 +20,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_qat.choices import check_choice, choices_of
-from lightning_qat.exceptions import AccuracyBudgetError, EvaluationInterrupted
+from lightning_qat.exceptions import AccuracyBudgetError
 from lightning_qat.export.onnx import OnnxRuntimeNetwork, check_onnx_available, export_onnx, onnxruntime_version
 from lightning_qat.export.torchscript import load_quantized, save_torchscript, to_torchscript
 from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
 from lightning_qat.lightning.report import MonitorMode, QATReport
+from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
@@ -150,7 +148,14 @@ class FinishPipeline:
         self._onnx_session: OnnxRuntimeNetwork | None = None
 
     def run(self, out_dir: Path, write: bool = True) -> QATReport:
-        """Every step in order; ``write=False`` (``fast_dev_run``) stops after the conversion, writing nothing."""
+        """Every step in order; ``write=False`` (``fast_dev_run``) stops after the conversion, writing nothing.
+
+        A SIGTERM at any step raises :class:`~lightning_qat.EvaluationInterrupted` (the artifact kept if written).
+        """
+        with sigterm_raises("the QAT end of fit"):
+            return self._run(out_dir, write)
+
+    def _run(self, out_dir: Path, write: bool) -> QATReport:
         start = time.perf_counter()
         report = self.convert_network()
         if not write:
@@ -160,9 +165,8 @@ class FinishPipeline:
         report.status = "evaluating"
         report.save(out_dir)  # says so until the evaluation is done
         try:
-            with _sigterm_raises():
-                self.evaluate_networks(report)
-                self.measure_networks(report)
+            self.evaluate_networks(report)
+            self.measure_networks(report)
         except BaseException as err:
             report.status = f"failed during evaluation ({type(err).__name__}: {err}); the int8 artifact is saved"
             report.save(out_dir)
@@ -346,26 +350,3 @@ class FinishPipeline:
         if self._onnx_session is None:
             self._onnx_session = OnnxRuntimeNetwork(self.onnx_path)
         return self._onnx_session
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While the block runs, SIGTERM raises :class:`EvaluationInterrupted` (after the handler installed before).
-
-    So the run ends non-zero, with the report saying why, instead of finishing as if nothing happened.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum: int, frame: Any) -> None:
-        if callable(previous):
-            previous(signum, frame)
-        raise EvaluationInterrupted("SIGTERM received during the final QAT evaluation")
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -18,11 +18,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_qat import files
-from lightning_qat.exceptions import ConversionError, PreflightError
+from lightning_qat.exceptions import ConversionError, EvaluationInterrupted, PreflightError
 from lightning_qat.export.onnx import onnx_bytes
 from lightning_qat.export.torchscript import to_torchscript
 from lightning_qat.lightning import internals
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
+from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.measure import count_quantized_layers
@@ -73,40 +74,46 @@ def run_preflight(
     """What would fail at the end of fit, checked now: determinism, conversion, tracing, ONNX, one int8 batch.
 
     Every rank runs it (the same checks on the same network), so a failure stops every rank in ``setup``. Also says,
-    on rank 0, when the int8 network would hold no quantized layer.
+    on rank 0, when the int8 network would hold no quantized layer. A SIGTERM meanwhile raises
+    :class:`~lightning_qat.EvaluationInterrupted`.
     """
-    start = time.perf_counter()
-    check_eval_is_deterministic(float_network, prepared.module, example_inputs, target)
-    if torchscript:
-        check_outputs(float_network, example_inputs, target)
-    probe = check_example(prepared.module, example_inputs, target, prepared=True)
-    quantized = check_conversion(probe, prepared.mode, backend, example_inputs, target)
-    if count_quantized_layers(quantized) == 0:
-        rank_zero_warn(
-            f"QAT: nothing in `{target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
-            "int8 model would be no smaller and no faster than the float one."
-        )
-    if onnx:
-        check_onnx_export(probe, example_inputs, target)
-    if evaluate is not None:
-        step = "validation_step" if evaluate == "val" else "test_step"
-        clone = module_with_network(pl_module, target, quantized)
-        try:
-            metrics = run_evaluation(clone, evaluate, backend, data, limit=1)
-        except Exception as err:
-            raise PreflightError(
-                f"Your `{step}` fails on the int8 network, as the final evaluation would run it: "
-                f"{type(err).__name__}: {err}. Reach the network only through its forward (e.g. `self(x)`), or "
-                "pass evaluate=None."
-            ) from err
-        if monitor is not None and monitor not in metrics:
-            raise PreflightError(
-                f"monitor={monitor!r} is not among the metrics your `{step}` logs for the final evaluation "
-                f"({sorted(metrics) or 'none'}): the evaluation collects what is logged per epoch, so log it with "
-                f"`self.log({monitor!r}, ..., on_epoch=True)` (on_step=True alone is not collected), or set monitor "
-                "to one of those."
+    with sigterm_raises("the QAT preflight"):
+        start = time.perf_counter()
+        check_eval_is_deterministic(float_network, prepared.module, example_inputs, target)
+        if torchscript:
+            check_outputs(float_network, example_inputs, target)
+        probe = check_example(prepared.module, example_inputs, target, prepared=True)
+        quantized = check_conversion(probe, prepared.mode, backend, example_inputs, target)
+        if count_quantized_layers(quantized) == 0:
+            rank_zero_warn(
+                f"QAT: nothing in `{target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
+                "int8 model would be no smaller and no faster than the float one."
             )
-    rank_zero_info(f"QAT: preflight passed in {time.perf_counter() - start:.2f} s (int8 conversion and evaluation).")
+        if onnx:
+            check_onnx_export(probe, example_inputs, target)
+        if evaluate is not None:
+            step = "validation_step" if evaluate == "val" else "test_step"
+            clone = module_with_network(pl_module, target, quantized)
+            try:
+                metrics = run_evaluation(clone, evaluate, backend, data, limit=1)
+            except EvaluationInterrupted:
+                raise
+            except Exception as err:
+                raise PreflightError(
+                    f"Your `{step}` fails on the int8 network, as the final evaluation would run it: "
+                    f"{type(err).__name__}: {err}. Reach the network only through its forward (e.g. `self(x)`), or "
+                    "pass evaluate=None."
+                ) from err
+            if monitor is not None and monitor not in metrics:
+                raise PreflightError(
+                    f"monitor={monitor!r} is not among the metrics your `{step}` logs for the final evaluation "
+                    f"({sorted(metrics) or 'none'}): the evaluation collects what is logged per epoch, so log it with "
+                    f"`self.log({monitor!r}, ..., on_epoch=True)` (on_step=True alone is not collected), or set "
+                    "monitor to one of those."
+                )
+        rank_zero_info(
+            f"QAT: preflight passed in {time.perf_counter() - start:.2f} s (int8 conversion and evaluation)."
+        )
 
 
 def check_outputs(float_network: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:
@@ -132,6 +139,8 @@ def _namedtuple_in(value: Any) -> Any:
 
 def output_dir(trainer: pl.Trainer, save_dir: str | None, overwrite: bool) -> Path:
     """Where the artifact and report go, checked writable and free of an earlier run's files; same on all ranks.
+
+    Not claimed yet: :func:`claim_output_dir` does that.
 
     ``save_dir``, else the logger's ``log_dir``, else (no logger) a fresh ``default_root_dir/qat/version_N``.
 
@@ -159,6 +168,26 @@ def output_dir(trainer: pl.Trainer, save_dir: str | None, overwrite: bool) -> Pa
             f"{out_dir} already holds an earlier run's {earlier}: pass another save_dir, or overwrite=True."
         )
     return out_dir
+
+
+def claim_output_dir(trainer: pl.Trainer, out_dir: Path) -> Path | None:
+    """Claim ``out_dir`` for this run on global rank 0 (:func:`lightning_qat.files.claim`); every rank learns how.
+
+    Returns the claim to release at the end (``None`` on the other ranks).
+
+    Raises:
+        PreflightError: on every rank, naming the run that is writing into ``out_dir``.
+    """
+    claimed, refused = None, None
+    if trainer.is_global_zero:
+        try:
+            claimed = files.claim(out_dir)
+        except FileExistsError as err:
+            refused = str(err)
+    refused = trainer.strategy.broadcast(refused, src=0)
+    if refused:
+        raise PreflightError(refused)
+    return claimed
 
 
 def check_precision(trainer: pl.Trainer) -> None:

@@ -98,6 +98,19 @@ class SharedConv(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class SharedBlock(nn.Module):
+    """A Conv-BN-ReLU block called twice: it stays float as a whole (FX would fuse its members apart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.block(self.block(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
 def to_token_ids(x):
     """The 17 grey levels of the digits' pixels as token ids (integer input of shape (N, 64))."""
     return ((x * 0.4 + 0.3) * 16).round().clamp(0, 16).long().flatten(1)
@@ -233,6 +246,7 @@ EAGER = {
 ZOO = {
     "token ids + embedding": TokenNet,
     "shared conv": SharedConv,
+    "shared conv-bn-relu block": SharedBlock,
     "cnn": TinyNet,
     "untraceable cnn (eager)": UntraceableNet,
     "linear-bn1d mlp": LinearBnMLP,

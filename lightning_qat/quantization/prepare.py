@@ -307,20 +307,29 @@ def make_train_eval_calls_follow_the_mode(graph_module: torch.fx.GraphModule) ->
     return replaced
 
 
-class _LeafTracer(torch.fx.Tracer):
-    def __init__(self, leaf_classes: tuple[type[nn.Module], ...]) -> None:
-        super().__init__()
-        self.leaf_classes = leaf_classes
+def shared_stateful_modules(network: nn.Module, example_inputs: tuple[Any, ...]) -> list[str]:
+    """The topmost modules with parameters or buffers that one forward pass of ``network`` calls more than once.
 
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, self.leaf_classes) or super().is_leaf_module(module, qualified_name)
-
-
-def shared_stateful_modules(network: nn.Module, leaf_classes: tuple[type[nn.Module], ...] = ()) -> list[str]:
-    """Names of modules with parameters or buffers that ``network``'s traced forward calls more than once."""
-    graph = _LeafTracer(leaf_classes).trace(network)
-    calls = Counter(str(node.target) for node in graph.nodes if node.op == "call_module")
-    return sorted(name for name, count in calls.items() if count > 1 and _has_state(network.get_submodule(name)))
+    Counted over every module, containers included, so a shared Conv-BN-ReLU block is one entry (kept float whole),
+    not its members one by one (FX would fuse them apart). Found by running ``network`` once in eval mode.
+    """
+    counts: Counter[str] = Counter()
+    handles = [
+        module.register_forward_pre_hook(lambda _m, _args, name=name: counts.update([name]))
+        for name, module in network.named_modules()
+        if name
+    ]
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            network(*example_inputs)
+    finally:
+        network.train(was_training)
+        for handle in handles:
+            handle.remove()
+    shared = sorted(name for name, count in counts.items() if count > 1 and _has_state(network.get_submodule(name)))
+    return [name for name in shared if not any(_within(name, other) and name != other for other in shared)]
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -345,7 +354,9 @@ def _prepare_fx(
     On a failure the wrappers are removed again, for the eager fallback.
     """
     leaves = (*_TRAIN_EVAL_LEAVES, Unfused)
-    shared = [name for name in shared_stateful_modules(network, leaves) if not any(_within(name, s) for s in skip)]
+    shared = [
+        name for name in shared_stateful_modules(network, example_inputs) if not any(_within(name, s) for s in skip)
+    ]
     islands = sorted(set(skip) | set(shared))
     originals = {name: network.get_submodule(name) for name in islands}
     for name in islands:

@@ -133,6 +133,7 @@ __all__ = [
     "prepare_fx",
     "qconfig",
     "qconfig_mapping",
+    "embedding_qconfig",
     "quiet",
     "set_observers",
     "uncalibrated",
@@ -205,6 +206,12 @@ def transposed_conv_warning(backend: str) -> str:
     )
 
 
+def embedding_qconfig(qat: bool = True) -> QConfig:
+    """The weight-only qconfig torch has for ``nn.Embedding``: per-row float scale and offset; the ids stay integer."""
+    with quiet():
+        return default_embedding_qat_qconfig if qat else float_qparams_weight_only_qconfig
+
+
 def qconfig_mapping(
     backend: str, skip: Sequence[str] = (), qat: bool = True, float_types: Sequence[type[nn.Module]] = ()
 ) -> QConfigMapping:
@@ -215,8 +222,7 @@ def qconfig_mapping(
     """
     with quiet():
         mapping = get_default_qat_qconfig_mapping(backend) if qat else get_default_qconfig_mapping(backend)
-        embedding = default_embedding_qat_qconfig if qat else float_qparams_weight_only_qconfig
-    mapping.set_object_type(nn.Embedding, embedding)
+    mapping.set_object_type(nn.Embedding, embedding_qconfig(qat))
     for module_type in float_types:
         mapping.set_object_type(module_type, None)
     for name in skip:
@@ -314,11 +320,18 @@ def set_observers(module: nn.Module, enabled: bool) -> None:
 
 
 def pause_observers(module: nn.Module) -> list[dict[str, Any]]:
-    """Switch every observer of ``module`` off and return what :func:`restore_observers` needs to undo it exactly."""
+    """Switch the observers of ``module`` off and return what :func:`restore_observers` needs to undo it exactly.
+
+    An observer that never saw data stays on: its fake quantization cannot run before the observer has given the
+    scales their shape (a per-row embedding weight before the first training step, in Lightning's sanity check).
+    :func:`restore_observers` puts its state back too, so the evaluation leaves no trace either way.
+    """
     fake_quants = fake_quant_modules(module)
     saved = [copy.deepcopy(fq.state_dict()) for _, fq in fake_quants]
-    for _, fq in fake_quants:
-        fq.disable_observer()
+    never = set(uncalibrated(module))
+    for name, fq in fake_quants:
+        if name not in never:
+            fq.disable_observer()
     return saved
 
 

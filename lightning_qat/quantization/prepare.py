@@ -63,6 +63,22 @@ class FloatIsland(nn.Module):
         return self.quant(self.module(self.dequant(x)))
 
 
+class QuantizedAfter(nn.Module):
+    """A layer whose int8 form returns float (a weight-only quantized ``nn.Embedding``), then quantized for the rest.
+
+    Eager mode: the next layers of the int8 network take quantized tensors.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.quant = ao.QuantStub()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The layer, its output quantized."""
+        return self.quant(self.module(*args, **kwargs))
+
+
 class Unfused(nn.Module):
     """Keeps a module out of FX fusion and quantization: FX does not trace into it, so it runs in float.
 
@@ -89,14 +105,12 @@ class EagerQATWrapper(nn.Module):
 
     def __init__(self, module: nn.Module, example_inputs: tuple[Any, ...] = ()) -> None:
         super().__init__()
-        self.quant = ao.QuantStub()
-        self.module = module
-        self.dequant = ao.DeQuantStub()
-        paths = _float_tensor_paths(example_inputs) or ["0"]
+        paths = _float_tensor_paths(example_inputs) if example_inputs else ["0"]  # integer ids only: no stub
         self._quant_of = {path: "quant" if i == 0 else f"quant_{path}" for i, path in enumerate(paths)}
         for name in self._quant_of.values():
-            if name != "quant":
-                self.add_module(name, ao.QuantStub())
+            self.add_module(name, ao.QuantStub())
+        self.module = module
+        self.dequant = ao.DeQuantStub()
 
     def forward(self, *inputs: Any) -> Any:
         """Quantize the inputs, run the network, dequantize the outputs."""
@@ -233,6 +247,10 @@ def _prepare_eager(
         island = FloatIsland(network.get_submodule(name))
         ao.set_qconfig(island.module, None)
         compat.set_submodule(network, name, island)
+    for name, embedding in list(network.named_modules()):  # weight-only int8, integer ids in, float out
+        if isinstance(embedding, nn.Embedding) and not any(_within(name, s) for s in islands):
+            ao.set_qconfig(embedding, ao.embedding_qconfig(qat))
+            compat.set_submodule(network, name, QuantizedAfter(embedding))
     wrapped = network if has_stubs else EagerQATWrapper(network, example_inputs)
     ao.set_qconfig(wrapped, ao.qconfig(backend, qat=qat))
     for module in network.modules():  # per-channel weights are not supported for transposed convolutions

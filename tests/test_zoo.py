@@ -1,6 +1,7 @@
 """Every feature over a zoo of network shapes users bring, trained a few steps on digits (1x8x8 images)."""
 
 import copy
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -109,6 +110,21 @@ class SharedBlock(nn.Module):
 
     def forward(self, x):
         return self.fc(self.block(self.block(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+class WeightNormNet(nn.Module):
+    """Weight-normalized convolutions (the parametrization and the older hook), folded for QAT."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 16, 3, padding=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the hook-based form
+            self.conv2 = nn.utils.weight_norm(nn.Conv2d(16, 16, 3, padding=1, stride=2))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
 
 
 def to_token_ids(x):
@@ -256,6 +272,7 @@ ZOO = {
     "token ids + embedding (eager)": TokenNet,
     "shared conv": SharedConv,
     "shared conv-bn-relu block": SharedBlock,
+    "weight-norm convs": WeightNormNet,
     "cnn": TinyNet,
     "untraceable cnn (eager)": UntraceableNet,
     "linear-bn1d mlp": LinearBnMLP,

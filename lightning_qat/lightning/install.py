@@ -32,6 +32,7 @@ def install(
     compat.set_submodule(pl_module, target, prepared.module)
     for warning in prepared.warnings:
         rank_zero_warn(warning)
+    say_folded(prepared.folded)
     if prepared.shared:
         rank_zero_info(
             f"QAT: {prepared.shared} are called at several places in `{target}`'s forward; they stay "
@@ -43,3 +44,12 @@ def install(
         + (f", {prepared.relu6_replaced} ReLU6 replaced by ReLU." if relu6_to_relu else ".")
     )
     return prepared
+
+
+def say_folded(folded: Sequence[str]) -> None:
+    """Say which layers' weight norm (or other parametrization) was folded into a plain weight."""
+    if folded:
+        rank_zero_info(
+            f"QAT: the weight norm of {list(folded)} is folded into their weights (torch's QAT layers take no "
+            "parametrization): they compute the same function, and QAT trains those weights directly."
+        )

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_qat.quantization import ao, compat
 from lightning_qat.quantization.inputs import map_tensors
@@ -47,6 +48,7 @@ class Prepared:
     relu6_replaced: int = 0
     shared: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # for the user, said by the caller (the Lightning layer)
+    folded: list[str] = field(default_factory=list)  # layers whose weight norm (or other parametrization) was folded
 
 
 class FloatIsland(nn.Module):
@@ -260,6 +262,47 @@ def _prepare_eager(
     return ao.prepare_eager(wrapped, qat=qat)
 
 
+def fold_parametrizations(network: nn.Module, skip: Sequence[str] = ()) -> list[str]:
+    """Fold every weight parametrization outside ``skip`` into a plain weight, in place; returns the layers' names.
+
+    ``torch.nn.utils.parametrizations.weight_norm`` (and the older hook-based ``torch.nn.utils.weight_norm``) make a
+    layer torch's QAT modules cannot take (``ParametrizedConv2d``). Folded, the layer computes the same function from
+    its current weight, and QAT trains that weight directly; the int8 layer has no parametrization either way.
+    """
+    folded = []
+    for name, module in list(network.named_modules()):
+        if any(_within(name, s) for s in skip):
+            continue
+        if parametrize.is_parametrized(module) and name:
+            compat.set_submodule(network, name, _unparametrized(module))
+            folded.append(name)
+        hooks = [h for h in module._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm"]
+        for hook in hooks:
+            torch.nn.utils.remove_weight_norm(module, hook.name)
+            folded.append(name)
+    return folded
+
+
+def _unparametrized(module: nn.Module) -> nn.Module:
+    """A new module of ``module``'s own class holding the same tensors, each parametrized one as its computed value.
+
+    Not ``torch.nn.utils.parametrize.remove_parametrizations``: it deletes the property from the class that torch
+    injected, which every deep copy of the module shares, and breaks those copies (the float baseline, say).
+    """
+    parametrizations = module.parametrizations
+    assert isinstance(parametrizations, nn.ModuleDict)
+    values = {n: getattr(module, n).detach().clone() for n in parametrizations}
+    plain_class: type[nn.Module] = type(module).__bases__[0]  # parametrize injects `Parametrized<Class>(<Class>)`
+    plain = plain_class.__new__(plain_class)
+    plain.__dict__.update(module.__dict__)
+    for registry in ("_parameters", "_buffers", "_modules"):
+        plain.__dict__[registry] = dict(module.__dict__[registry])
+    del plain._modules["parametrizations"]
+    for n, value in values.items():
+        plain._parameters[n] = nn.Parameter(value)
+    return plain
+
+
 def replace_relu6(network: nn.Module, skip: Sequence[str] = ()) -> int:
     """Swap every ``nn.ReLU6`` submodule of ``network`` outside ``skip`` for ``nn.ReLU``, in place; returns how many.
 
@@ -455,6 +498,7 @@ def prepare_model(
         RuntimeError: when ``mode="fx"`` and the network cannot be symbolically traced.
     """
     check_skip(network, skip)
+    folded = fold_parametrizations(network, skip)
     replaced = replace_relu6(network, skip) if relu6_to_relu else 0
     said = [ao.transposed_conv_warning(backend)] if _float_types(network, backend) else []
     network.train(qat)
@@ -471,8 +515,8 @@ def prepare_model(
                 reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             else:
                 reason = "requested" if mode == "fx" else "the network is symbolically traceable"
-                return Prepared(prepared, "fx", reason, _count_fused(prepared), replaced, shared, said)
+                return Prepared(prepared, "fx", reason, _count_fused(prepared), replaced, shared, said, folded)
         else:
             reason = "requested"
         prepared = _prepare_eager(network, backend, skip, example_inputs, qat)
-    return Prepared(prepared, "eager", reason, _count_fused(prepared), replaced, warnings=said)
+    return Prepared(prepared, "eager", reason, _count_fused(prepared), replaced, warnings=said, folded=folded)

@@ -46,8 +46,10 @@ class NotAQATCheckpointError(ValueError):
 class CheckpointError(ValueError):
     """Raised when a checkpoint or weights file cannot be read as one: truncated, corrupted, or not a checkpoint.
 
-    Also when it holds Python objects that only a full unpickling (which can run code from the file) would load:
-    lightning-qat loads checkpoints with ``weights_only=True``. The message names the file.
+    Also when a QAT checkpoint was prepared with other settings than the callback now has (``skip``, ``mode``, ...)
+    or written by a newer lightning-qat, and when it holds Python objects that only a full unpickling (which can run
+    code from the file) would load: lightning-qat loads checkpoints with ``weights_only=True``. The message names the
+    file, or the setting that differs.
     """
 
 

@@ -376,3 +376,17 @@ def test_the_image_folder_recipe_errors_are_one_line_before_any_work(image_folde
     assert named in error_lines[0]
     after = set((image_folder / "outputs").rglob("*")) if (image_folder / "outputs").exists() else set()
     assert after == before
+
+
+def test_cli_convert_with_another_skip_than_the_checkpoint_is_one_error_line(tmp_path):
+    fit = _cli(tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (ckpt,) = (tmp_path / "outputs" / "qat" / "version_0" / "checkpoints").glob("*.ckpt")
+    result = _sub(tmp_path, "convert", f"--ckpt_path={ckpt}", "--qat.skip=[classifier]")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: CheckpointError: This checkpoint was QAT-prepared with skip=[], but the QATCallback now has "
+        "skip=['classifier']. Resume with the same skip, or start a new fit from the float weights."
+    ]

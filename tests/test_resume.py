@@ -5,6 +5,7 @@ from conftest import pretrained_tiny, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_qat import QATCallback
+from lightning_qat.exceptions import CheckpointError
 from lightning_qat.quantization import ao
 
 
@@ -61,7 +62,7 @@ def test_resume_with_another_configuration_fails_clearly_and_keeps_the_checkpoin
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     _run(tmp_path / "part", digits8, float_tiny, 1, _qat(), checkpoint=checkpoint)
     files = {p: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         _run(
             tmp_path / "resume",
             digits8,
@@ -89,7 +90,7 @@ def test_state_dict_holds_the_preparation_and_refuses_another_one():
     }
     qat.load_state_dict(state)  # the same settings
     qat.load_state_dict({})  # a checkpoint from before these keys
-    with pytest.raises(ValueError, match=r"prepared with relu6_to_relu=True.*now has relu6_to_relu=False"):
+    with pytest.raises(CheckpointError, match=r"prepared with relu6_to_relu=True.*now has relu6_to_relu=False"):
         qat.load_state_dict(state | {"relu6_to_relu": True})
-    with pytest.raises(ValueError, match=r"version 2, newer .* upgrade lightning-qat"):
+    with pytest.raises(CheckpointError, match=r"version 2, newer .* upgrade lightning-qat"):
         qat.load_state_dict(state | {"version": 2})

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_qat import files
 from lightning_qat.choices import check_choice, check_count, check_flag
+from lightning_qat.exceptions import CheckpointError
 from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning import example_input, internals, preflight
 from lightning_qat.lightning.evaluate import EvalData, Stage, eval_data
@@ -452,7 +453,7 @@ class QATCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("version", _STATE_VERSION)
         if version > _STATE_VERSION:
-            raise ValueError(
+            raise CheckpointError(
                 f"This checkpoint's QATCallback state has version {version}, newer than this lightning-qat "
                 f"understands ({_STATE_VERSION}); upgrade lightning-qat to resume from it."
             )
@@ -469,7 +470,7 @@ class QATCallback(Callback):
             checkpoint["state_dict"] = checkpoint_io.mark(checkpoint["state_dict"])
 
     def check_preparation(self, saved_state: dict[str, Any]) -> None:
-        """Raise ``ValueError`` naming the first setting that prepared the checkpoint's network differently."""
+        """Raise ``CheckpointError`` naming the first setting that prepared the checkpoint's network differently."""
         current = {"backend": self.backend, "skip": list(self.skip), "relu6_to_relu": self.relu6_to_relu}
         current["module"] = self.target if self.target is not None else self.module  # None: found in setup
         current["mode"] = (

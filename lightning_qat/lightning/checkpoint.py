@@ -102,14 +102,14 @@ def qat_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def check_same_preparation(saved_state: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first setting of ``current`` the checkpoint was prepared with differently.
+    """Raise ``CheckpointError`` naming the first setting of ``current`` the checkpoint was prepared with differently.
 
     ``None`` in ``current`` means not chosen yet (found from the checkpoint); a setting the state lacks is not compared.
     """
     for key, value in current.items():
         saved = saved_state.get(key, value)
         if value is not None and saved != value:
-            raise ValueError(
+            raise CheckpointError(
                 f"This checkpoint was QAT-prepared with {key}={saved!r}, but the QATCallback now has "
                 f"{key}={value!r}. Resume with the same {key}, or start a new fit from the float weights."
             )

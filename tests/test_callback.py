@@ -273,11 +273,11 @@ trainer.fit(BoringClassifier(), datamodule=DigitsDataModule(image_size=8, channe
 """
 
 
-def test_sigterm_during_the_final_evaluation_exits_nonzero_and_keeps_the_artifact(tmp_path):
-    out, started = tmp_path / "out", tmp_path / "evaluating"
+def _terminated(tmp_path, script, started, *args):
+    """Run ``script`` as a user's job, send it SIGTERM once it creates ``started``; its exit code and stderr."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     job = subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_JOB, str(out), str(started)],
+        [sys.executable, "-c", script, *map(str, args)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -290,7 +290,13 @@ def test_sigterm_during_the_final_evaluation_exits_nonzero_and_keeps_the_artifac
     assert started.exists(), job.communicate()[1][-3000:]
     job.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=120)
-    assert job.returncode != 0
+    return job.returncode, stderr
+
+
+def test_sigterm_during_the_final_evaluation_exits_nonzero_and_keeps_the_artifact(tmp_path):
+    out, started = tmp_path / "out", tmp_path / "evaluating"
+    returncode, stderr = _terminated(tmp_path, SIGTERM_JOB, started, out, started)
+    assert returncode != 0
     assert "EvaluationInterrupted" in stderr
     assert "SIGTERM received during the QAT end of fit" in stderr
     report = json.loads((out / "qat_report.json").read_text())
@@ -352,22 +358,8 @@ trainer.fit(SlowFirstValidation(), datamodule=DigitsDataModule(image_size=8, cha
 
 def test_sigterm_during_the_preflight_evaluation_ends_the_run_nonzero_before_training(tmp_path):
     out, started, trained = tmp_path / "out", tmp_path / "preflight", tmp_path / "trained"
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    job = subprocess.Popen(
-        [sys.executable, "-c", PREFLIGHT_SIGTERM_JOB, str(out), str(started), str(trained)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while not started.exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert started.exists(), job.communicate()[1][-3000:]
-    job.send_signal(signal.SIGTERM)
-    _, stderr = job.communicate(timeout=120)
-    assert job.returncode != 0
+    returncode, stderr = _terminated(tmp_path, PREFLIGHT_SIGTERM_JOB, started, out, started, trained)
+    assert returncode != 0
     assert "SIGTERM received during the QAT preflight" in stderr
     assert not trained.exists()  # no training step ran after the signal
     assert not (out / ".lightning_qat.claim").exists()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 from lightning_qat.quantization import ao, compat
 from lightning_qat.quantization.inputs import map_tensors
@@ -168,6 +169,12 @@ def _record_leaf_calls(network: nn.Module, example_inputs: tuple[Any, ...]) -> l
                 calls.append((name, id(first), id(out)))
 
             handles.append(sub.register_forward_hook(hook))
+    _run_once(network, example_inputs, handles)
+    return calls
+
+
+def _run_once(network: nn.Module, example_inputs: tuple[Any, ...], handles: list[RemovableHandle]) -> None:
+    """One forward pass of ``network`` in eval mode without gradients, then its mode back and ``handles`` removed."""
     was_training = network.training
     network.eval()
     try:
@@ -177,7 +184,6 @@ def _record_leaf_calls(network: nn.Module, example_inputs: tuple[Any, ...]) -> l
         network.train(was_training)
         for handle in handles:
             handle.remove()
-    return calls
 
 
 def find_fusion_groups(network: nn.Module, example_inputs: tuple[Any, ...]) -> list[list[str]]:
@@ -380,15 +386,7 @@ def shared_stateful_modules(network: nn.Module, example_inputs: tuple[Any, ...])
         for name, module in network.named_modules()
         if name
     ]
-    was_training = network.training
-    network.eval()
-    try:
-        with torch.no_grad():
-            network(*example_inputs)
-    finally:
-        network.train(was_training)
-        for handle in handles:
-            handle.remove()
+    _run_once(network, example_inputs, handles)
     shared = sorted(name for name, count in counts.items() if count > 1 and _has_state(network.get_submodule(name)))
     return [name for name in shared if not any(_within(name, other) and name != other for other in shared)]
 

@@ -26,7 +26,7 @@ from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_networ
 from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
-from lightning_qat.quantization.measure import count_quantized_layers
+from lightning_qat.quantization.measure import count_weight_layers
 from lightning_qat.quantization.prepare import Prepared
 
 SUPPORTED_PRECISIONS = ("32-true", "32", 32)
@@ -84,7 +84,7 @@ def run_preflight(
             check_outputs(float_network, example_inputs, target)
         probe = check_example(prepared.module, example_inputs, target, prepared=True)
         quantized = check_conversion(probe, prepared.mode, backend, example_inputs, target)
-        if count_quantized_layers(quantized) == 0:
+        if count_weight_layers(quantized) == 0:
             rank_zero_warn(
                 f"QAT: nothing in `{target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
                 "int8 model would be no smaller and no faster than the float one."

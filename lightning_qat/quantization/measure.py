@@ -32,6 +32,22 @@ def count_quantized_layers(network: nn.Module) -> int:
     return modules + functions
 
 
+def count_weight_layers(network: nn.Module) -> int:
+    """Quantized layers with weights of a converted network.
+
+    int8 Conv / Linear / Embedding modules and, in FX graphs, int8 functional convolutions and linears (a bare
+    ``Conv2d`` traced as the whole network).
+    """
+    modules = sum(ao.is_quantized_module(m) and hasattr(m, "weight") for m in network.modules())
+    functions = 0
+    if isinstance(network, torch.fx.GraphModule):
+        functions = sum(
+            node.op == "call_function" and str(node.target).startswith(("quantized.conv", "quantized.linear"))
+            for node in network.graph.nodes
+        )
+    return modules + functions
+
+
 def float_parameters(network: nn.Module) -> dict[str, int]:
     """Float parameters left in a converted network, by module type (what int8 does not cover)."""
     counts: dict[str, int] = {}

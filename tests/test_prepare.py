@@ -151,3 +151,12 @@ def test_integer_tensors_computed_in_the_graph_are_not_fake_quantized():
 def test_an_example_batch_of_one_still_prepares_in_fx_mode():
     prepared = prepare_model(torchvision.models.resnet18(weights=None), "x86", "auto", [], (torch.randn(1, 3, 32, 32),))
     assert prepared.mode == "fx", prepared.reason
+
+
+def test_the_fake_quants_dropped_from_integer_tensors_are_gone():
+    """A fake-quant no node calls would never see data, and the conversion refuses uncalibrated observers."""
+    prepared = prepare_model(IdsFromPixels(), "x86", "fx", [], EXAMPLE8).module
+    called = {id(prepared.get_submodule(str(n.target))) for n in prepared.graph.nodes if n.op == "call_module"}
+    activations = [(name, fq) for name, fq in ao.fake_quant_modules(prepared) if "." not in name]  # graph nodes call
+    assert activations  # the float input and the embedding's output still are quantized
+    assert [name for name, fq in activations if id(fq) not in called] == []

@@ -464,12 +464,17 @@ def drop_fake_quant_of_integer_tensors(graph_module: torch.fx.GraphModule, examp
     if not finder.integer_nodes:
         return 0
     nodes = {node.name: node for node in graph_module.graph.nodes}
+    dropped = set()
     for name in finder.integer_nodes:
         node = nodes[name]
+        dropped.add(str(node.target))
         node.replace_all_uses_with(node.args[0])
         graph_module.graph.erase_node(node)
     graph_module.graph.eliminate_dead_code()
     graph_module.delete_all_unused_submodules()
+    still_called = {str(node.target) for node in graph_module.graph.nodes if node.op == "call_module"}
+    for target in sorted(dropped - still_called):  # delete_all_unused_submodules can leave them behind
+        graph_module.delete_submodule(target)
     graph_module.recompile()
     return len(finder.integer_nodes)
 

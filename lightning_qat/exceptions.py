@@ -7,6 +7,13 @@ working. This module imports nothing: every layer may raise from it.
 
 from __future__ import annotations
 
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch's dispatcher errors list every backend after it)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 __all__ = [
     "AccuracyBudgetError",
     "ArtifactError",

@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_qat.exceptions import CheckpointError, NotAQATCheckpointError
+from lightning_qat.exceptions import CheckpointError, NotAQATCheckpointError, first_line
 from lightning_qat.lightning import example_input
 from lightning_qat.lightning.install import install
 from lightning_qat.quantization import ao
@@ -53,10 +53,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{str(path)!r} holds Python objects besides tensors, and loading it would run code from the file; "
             "lightning-qat only loads weights (torch.load(weights_only=True) refused it: "
-            f"{_first_line(err)}). Re-save it with torch.save(model.state_dict(), path)."
+            f"{first_line(err)}). Re-save it with torch.save(model.state_dict(), path)."
         ) from err
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_first_line(err)}") from err
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {first_line(err)}") from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(data).__name__}, not a checkpoint (a dict).")
     return data
@@ -88,11 +88,6 @@ def check_readable(path: str | os.PathLike) -> None:
         ) from err
     if not any(name.endswith("data.pkl") for name in names):
         raise CheckpointError(f"{str(path)!r} is a zip archive but not a torch.save checkpoint (no data.pkl).")
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def qat_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

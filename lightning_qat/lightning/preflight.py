@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_qat import files
-from lightning_qat.exceptions import ConversionError, EvaluationInterrupted, PreflightError
+from lightning_qat.exceptions import ConversionError, EvaluationInterrupted, PreflightError, first_line
 from lightning_qat.export.onnx import onnx_bytes
 from lightning_qat.export.torchscript import to_torchscript
 from lightning_qat.lightning import internals
@@ -364,5 +364,4 @@ def check_onnx_export(probe: nn.Module, example_inputs: tuple[Any, ...], name: s
 
 
 def _short(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__).rstrip(".") + "."
+    return first_line(err).rstrip(".") + "."

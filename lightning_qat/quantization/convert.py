@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qat.exceptions import ConversionError
+from lightning_qat.exceptions import ConversionError, first_line
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.inputs import cpu_inputs
 
@@ -76,7 +76,7 @@ def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[
             quantized = ao.convert_fx(model) if mode == "fx" else ao.convert_eager(model)
         except Exception as err:
             raise ConversionError(
-                f"int8 conversion ({mode} mode, backend {backend!r}) failed: {_first_line(err)}. "
+                f"int8 conversion ({mode} mode, backend {backend!r}) failed: {first_line(err)}. "
                 "The trained QAT model is unchanged."
             ) from err
         try:
@@ -91,13 +91,7 @@ def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[
                 else ""
             )
             raise ConversionError(
-                f"the int8 model ({mode} mode) fails on an example batch: {_first_line(err)}.{hint} "
+                f"the int8 model ({mode} mode) fails on an example batch: {first_line(err)}.{hint} "
                 "The trained QAT model is unchanged."
             ) from err
     return quantized
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an exception's message (torch's dispatcher errors list every backend after it)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

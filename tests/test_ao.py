@@ -62,3 +62,17 @@ def test_transposed_convs_stay_float_where_the_int8_kernel_is_wrong(monkeypatch,
     quantized = [m for m in int8.modules() if isinstance(m, torch.ao.nn.quantized.ConvTranspose2d)]
     assert len(quantized) == (1 if works else 0)
     assert ("up" in " ".join(float_islands(int8))) == (not works and mode == "eager")
+
+
+@pytest.mark.parametrize("backend", ["x86", "fbgemm"])
+def test_a_reduced_range_activation_fake_quant_clamps_where_the_int8_model_does(backend):
+    """The scale of a 7-bit grid, the clamp of quint8: what torch's quantize (and ONNX's QuantizeLinear) compute."""
+    fake_quant = ao.qconfig(backend).activation()
+    fake_quant(torch.linspace(0, 1, 101))  # observed range [0, 1]
+    fake_quant.disable_observer()
+    assert float(fake_quant.scale) == pytest.approx(1 / 127)  # reduce_range: 127 steps over the observed range
+    x = torch.linspace(-0.5, 3, 351)  # beyond the observed range on both sides
+    int8 = torch.quantize_per_tensor(x, float(fake_quant.scale), int(fake_quant.zero_point), torch.quint8)
+    with torch.no_grad():
+        assert torch.equal(fake_quant(x), int8.dequantize())
+    assert float(fake_quant(torch.tensor([3.0]))) == pytest.approx(255 / 127)  # not clamped at 1.0

@@ -41,11 +41,13 @@ def test_export_form_folds_bn_and_computes_what_the_qat_network_computes(float_t
     with torch.no_grad(), ao.quiet():
         expected, actual = prepared(x), exported(x)
     step = float(dict(ao.fake_quant_modules(prepared))[_last_fake_quant(prepared)].scale)
-    # the same grid; a rounding tie flipped by the folded weights' float error moves a few outputs a few steps
+    # The same grids and clamps: only a rounding tie that the folded weights' float error flips differs, by a step
+    # there and rarely by more downstream (measured: 99.9% identical, max 1 step; before activations clamped to 8
+    # bits in QAT as in the export, 8 steps where QAT clamped at 127).
     diff = (expected - actual).abs()
     print(f"equal {(diff <= step * 0.01).float().mean():.4f}, max {float(diff.max() / step):.1f} steps")
-    assert (diff <= step * 0.01).float().mean() >= 0.95
-    assert diff.max() <= 4 * step
+    assert (diff <= step * 0.01).float().mean() >= 0.99
+    assert diff.max() <= 2 * step + 1e-6
     assert (expected.argmax(1) == actual.argmax(1)).float().mean() >= 0.99
 
 
@@ -72,6 +74,20 @@ def test_onnx_artifact_agrees_with_the_torchscript_artifact_on_digits(exported, 
         ts_logits = load_quantized(exported.artifact_path)(x)
     agreement = (onnx_logits.argmax(1) == ts_logits.argmax(1)).float().mean()
     assert agreement >= 0.99, float(agreement)
+
+
+def test_onnx_artifact_computes_what_the_qat_network_computes(exported, digits8):
+    """ONNX Runtime's int8 kernels on the QAT network's grids: a step of rounding apart at most, never a clamp."""
+    x, _ = digits8.splits["val"].tensors
+    qat = exported.finished.trained_network
+    with torch.no_grad(), ao.quiet():
+        onnx_logits, qat_logits = OnnxRuntimeNetwork(exported.onnx_path)(x), qat(x)
+    step = float(dict(ao.fake_quant_modules(qat))[_last_fake_quant(qat)].scale)
+    diff = (onnx_logits - qat_logits).abs()
+    agreement = (onnx_logits.argmax(1) == qat_logits.argmax(1)).float().mean()
+    print(f"max {float(diff.max() / step):.1f} steps, argmax {agreement:.4f}")
+    assert diff.max() <= 2 * step + 1e-6  # measured 1 step (8 where QAT clamped activations at 127 and ONNX at 255)
+    assert agreement >= 0.99
 
 
 def test_report_has_an_int8_onnx_row_evaluated_and_timed_in_onnx_runtime(exported):

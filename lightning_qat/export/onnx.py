@@ -80,15 +80,11 @@ def _qdq(fake_quant: ao.FakeQuantizeBase) -> nn.Module:
         return nn.Identity()
     if grid.float_qparams:
         raise _unsupported(fake_quant, "float-qparams (embedding) weight quantization has no ONNX QDQ form")
-    quant_min, quant_max = grid.quant_min, grid.quant_max
-    if (quant_min, quant_max) not in ((0, 255), (-128, 127), (0, 127), (-64, 63)):
-        raise _unsupported(fake_quant, f"quantization range [{quant_min}, {quant_max}] is not 8-bit")
-    # A reduced range (fbgemm: 7 bits) is the same grid inside the 8-bit one; ONNX only knows full 8-bit ranges.
-    if (quant_min, quant_max) == (0, 127):
-        quant_max = 255
-    if (quant_min, quant_max) == (-64, 63):
-        quant_min, quant_max = -128, 127
-    return QDQ(grid.scale, grid.zero_point, quant_min, quant_max, grid.axis)
+    # ONNX's QuantizeLinear clamps to the full 8-bit range; so do the int8 model and our QAT activations
+    # (ao.Int8RangeFakeQuantize): a narrower clamp has no QDQ form that ONNX Runtime still fuses into int8 kernels.
+    if (grid.quant_min, grid.quant_max) not in ((0, 255), (-128, 127)):
+        raise _unsupported(fake_quant, f"quantization range [{grid.quant_min}, {grid.quant_max}] is not 8-bit")
+    return QDQ(grid.scale, grid.zero_point, grid.quant_min, grid.quant_max, grid.axis)
 
 
 def _unsupported(module: nn.Module, why: str) -> ValueError:

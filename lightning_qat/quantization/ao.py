@@ -89,7 +89,7 @@ try:
         from torch.ao.quantization import fuse_modules_qat as _fuse_modules_qat
         from torch.ao.quantization import prepare as _eager_prepare
         from torch.ao.quantization import prepare_qat as _eager_prepare_qat
-        from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+        from torch.ao.quantization.fake_quantize import FakeQuantizeBase, FusedMovingAvgObsFakeQuantize
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
         from torch.ao.quantization.quantize_fx import convert_fx as _convert_fx
         from torch.ao.quantization.quantize_fx import prepare_fx as _prepare_ptq_fx
@@ -103,6 +103,7 @@ except ImportError as err:  # torch removed (part of) its eager/FX quantization 
 __all__ = [
     "DeQuantStub",
     "FakeQuantizeBase",
+    "Int8RangeFakeQuantize",
     "QConfig",
     "QConfigMapping",
     "QuantStub",
@@ -155,10 +156,61 @@ def engine(backend: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
+class Int8RangeFakeQuantize(FusedMovingAvgObsFakeQuantize):
+    """An activation fake-quant with a reduced-range (7-bit) scale that clamps where the int8 model does: 8 bits.
+
+    x86 and fbgemm observe activations with ``reduce_range=True``: the scale maps the observed range onto [0, 127],
+    so the int8 kernels' products cannot saturate on CPUs without VNNI. torch's fake-quant then also clamps at 127,
+    but the converted int8 model quantizes into quint8's full [0, 255] with that scale (and so does an ONNX
+    QuantizeLinear): a value above the observed range is clamped in QAT and kept in int8. This fake-quant observes
+    and picks its scale exactly as torch's does (same observer, same buffers, same checkpoints) and clamps to the
+    dtype's full range, so the QAT network computes the function its artifacts compute.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the clamp; the observer keeps its reduced range, from which the scale is computed
+        self.quant_min, self.quant_max = _FULL_RANGE[self.dtype]
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        """Observe (the 7-bit scale), then fake-quantize over the full 8-bit range.
+
+        torch's ``FakeQuantize.forward`` would clamp to the observer's reduced range, its fused kernel too.
+        """
+        if bool(self.observer_enabled[0]):
+            self.activation_post_process(X.detach())
+            scale, zero_point = self.calculate_qparams()
+            self.scale.resize_(scale.shape).copy_(scale)
+            self.zero_point.resize_(zero_point.shape).copy_(zero_point)
+        if bool(self.fake_quant_enabled[0]):
+            X = torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        return X
+
+
+_FULL_RANGE = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
+
+
+def _int8_range(config: QConfig | None) -> QConfig | None:
+    """``config`` with a reduced-range activation fake-quant replaced by :class:`Int8RangeFakeQuantize`."""
+    partial = getattr(getattr(config, "activation", None), "p", None)  # torch's `with_args` wrapper
+    if config is None or partial is None or partial.func is not FusedMovingAvgObsFakeQuantize:
+        return config
+    if not partial.keywords.get("reduce_range", False):
+        return config
+    return QConfig(activation=Int8RangeFakeQuantize.with_args(**partial.keywords), weight=config.weight)
+
+
 def qconfig(backend: str, qat: bool = True) -> QConfig:
-    """The backend's default QAT (or post-training) qconfig: per-channel weights where the backend has them."""
+    """The backend's default QAT (or post-training) qconfig: per-channel weights where the backend has them.
+
+    QAT activations of a reduced-range backend clamp to 8 bits (:class:`Int8RangeFakeQuantize`).
+    """
     with quiet():
-        return get_default_qat_qconfig(backend) if qat else get_default_qconfig(backend)
+        if not qat:
+            return get_default_qconfig(backend)
+        config = _int8_range(get_default_qat_qconfig(backend))
+    assert config is not None
+    return config
 
 
 def per_tensor_weight_qconfig(backend: str, qat: bool = True) -> QConfig:
@@ -222,6 +274,10 @@ def qconfig_mapping(
     """
     with quiet():
         mapping = get_default_qat_qconfig_mapping(backend) if qat else get_default_qconfig_mapping(backend)
+    if qat:  # reduced-range activations clamp to 8 bits, as the int8 model does (Int8RangeFakeQuantize)
+        mapping.set_global(_int8_range(mapping.global_qconfig))
+        for object_type, config in list(mapping.object_type_qconfigs.items()):
+            mapping.set_object_type(object_type, _int8_range(config))
     mapping.set_object_type(nn.Embedding, embedding_qconfig(qat))
     for module_type in float_types:
         mapping.set_object_type(module_type, None)
@@ -243,9 +299,8 @@ def prepare_fx(
     """
     config = PrepareCustomConfig().set_non_traceable_module_classes(list(leaf_classes))
     with quiet():
-        if qat:
-            return _prepare_qat_fx(module, mapping, example_inputs=example_inputs, prepare_custom_config=config)
-        return _prepare_ptq_fx(module, mapping, example_inputs=example_inputs, prepare_custom_config=config)
+        prepare = _prepare_qat_fx if qat else _prepare_ptq_fx
+        return prepare(module, mapping, example_inputs=example_inputs, prepare_custom_config=config)
 
 
 def prepare_eager(module: nn.Module, qat: bool = True) -> nn.Module:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import load_example, trainer_kwargs
+from conftest import load_example, subprocess_env, trainer_kwargs
 
 from lightning_qat.app.cli import DEFAULT_CONFIG
 from lightning_qat.app.data import DigitsDataModule
@@ -31,7 +31,7 @@ TINY = [
 
 def _cli(tmp_path, *args):
     cmd = [sys.executable, "-m", "lightning_qat", "fit", *TINY, *args]  # writes to ./outputs (default.yaml)
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=600)
 
 
 def test_cli_runs_end_to_end_and_applies_dotted_overrides(tmp_path):
@@ -142,7 +142,7 @@ def test_default_root_dir_override_moves_the_logger_too(tmp_path):
 
 def _sub(tmp_path, subcommand, *args):
     cmd = [sys.executable, "-m", "lightning_qat", subcommand, *TINY[:2], *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=600)
 
 
 def test_cli_checkpoint_workflows_test_validate_predict_convert_resume(tmp_path):
@@ -277,6 +277,9 @@ class MyModule(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
+    def on_train_end(self):
+        print(f"training steps: {self.trainer.global_step}")
+
 
 class MyData(DigitsDataModule):
     def __init__(self, batch_size: int = 64):
@@ -299,7 +302,7 @@ def test_cli_runs_your_own_module_and_data_by_class_path(tmp_path, how):
         args = ["--config=my.yaml"]
     else:
         args = ["--model=mypkg.MyModule", "--model.hidden=8", "--data=mypkg.MyData"]
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "lightning_qat", "fit", *args, *SHORT, "--pretrain.epochs=1"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -310,6 +313,8 @@ def test_cli_runs_your_own_module_and_data_by_class_path(tmp_path, how):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"] == {"class_path": "mypkg.MyModule", "init_args": {"hidden": 8, "lr": 0.005}}
     assert "Float pre-training: 1 epochs" in result.stderr + result.stdout
+    # --trainer.limit_train_batches=3 limits the float pre-training too, not only the QAT fit
+    assert result.stdout.count("training steps: 3\n") == 2, result.stdout[-2000:]
 
 
 RECIPE = Path(__file__).parents[1] / "configs" / "finetune_imagefolder.yaml"
@@ -343,7 +348,7 @@ def image_folder(tmp_path_factory):
 
 
 def _recipe(root, *args):
-    env = os.environ | {"TORCH_HOME": str(root / "torch_home")}
+    env = subprocess_env(TORCH_HOME=str(root / "torch_home"))
     cmd = [sys.executable, "-m", "lightning_qat", "fit", f"--config={RECIPE}", *RECIPE_TINY, *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=900)
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, load_example
+from conftest import EXAMPLES, load_example, subprocess_env
 
 from lightning_qat import load_quantized
 
@@ -15,7 +15,7 @@ from lightning_qat import load_quantized
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """This Python's scripts first on PATH (``python``, ``lightning-qat``), as in the venv the user installed into."""
     bin_dir = str(Path(sys.executable).parent)
-    return os.environ | {"PATH": os.pathsep.join([bin_dir, os.environ["PATH"]]), **extra}
+    return subprocess_env(PATH=os.pathsep.join([bin_dir, os.environ["PATH"]]), **extra)
 
 
 def test_custom_module(tmp_path, monkeypatch):

@@ -46,8 +46,9 @@ class QATLightningCLI(LightningCLI):
     ``ImageClassifier`` and ``DigitsDataModule``). ``--pretrain.epochs N`` trains the float model for N epochs with a
     separate trainer before the QAT fit starts, the usual recipe (train float, then QAT-fine-tune at a low learning
     rate) in one command; it needs only the module's own ``configure_optimizers``, and ``--pretrain.lr`` sets the
-    module's ``lr`` hyperparameter for that stage when it has one. ``--model.init_checkpoint`` or ``--model.weights``
-    start from float weights you already have instead.
+    module's ``lr`` hyperparameter for that stage when it has one; ``--trainer.limit_train_batches`` and
+    ``--trainer.limit_val_batches`` apply to it too. ``--model.init_checkpoint`` or ``--model.weights`` start from
+    float weights you already have instead.
     """
 
     @staticmethod
@@ -150,6 +151,8 @@ class QATLightningCLI(LightningCLI):
             enable_model_summary=False,
             enable_progress_bar=self.trainer.progress_bar_callback is not None,
             default_root_dir=self.trainer.default_root_dir,
+            limit_train_batches=self.trainer.limit_train_batches,  # --trainer.limit_*: the whole job, not QAT only
+            limit_val_batches=self.trainer.limit_val_batches,
         )
         trainer.fit(self.model, datamodule=copy.copy(self.datamodule))
         if qat_lr is not None:

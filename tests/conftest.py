@@ -71,6 +71,36 @@ class IdsFromPixels(nn.Module):
         return self.fc(self.embedding(ids).mean(1))
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in short: a BatchNorm2d whose forward calls F.batch_norm itself, then its activation."""
+
+    def __init__(self, num_features: int, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__(num_features)
+        self.drop, self.act = nn.Identity(), act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected a 4D input")
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        x = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class NormActNet(nn.Module):
+    """Conv + BatchNormAct2d(ReLU), Conv + BatchNormAct2d(SiLU): timm's building blocks, without timm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1, bias=False), BatchNormAct2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False), BatchNormAct2d(32, nn.SiLU)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
 class BoringClassifier(pl.LightningModule):
     """The tiny LightningModule of the tests (like Lightning's BoringModel)."""
 

@@ -160,3 +160,24 @@ def test_the_fake_quants_dropped_from_integer_tensors_are_gone():
     activations = [(name, fq) for name, fq in ao.fake_quant_modules(prepared) if "." not in name]  # graph nodes call
     assert activations  # the float input and the embedding's output still are quantized
     assert [name for name, fq in activations if id(fq) not in called] == []
+
+
+@pytest.mark.parametrize("mode", ["fx", "eager"])
+def test_a_batchnorm_initialised_to_zero_trains_without_nan(mode):
+    """torchvision's zero_init_residual (timm's zero_init_last): torch's fused Conv-BN QAT divides by the BN weight."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10, zero_init_residual=True)
+    reference = torchvision.models.resnet18(num_classes=10, zero_init_residual=True)
+    reference.load_state_dict(net.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    result = prepare_model(net, "x86", mode, [], (x[:2],))
+    assert any("1920 BatchNorm weights were exactly 0" in w for w in result.warnings)  # bn2 of 8 blocks
+    prepared = result.module.eval()
+    prepared.apply(torch.ao.quantization.disable_fake_quant)
+    with torch.no_grad():  # the float network's function, but for 1e-4 of the normalized activation on those channels
+        assert (prepared(x) - reference.eval()(x)).abs().max() <= 1e-3
+    prepared.apply(torch.ao.quantization.enable_fake_quant)
+    loss = prepared.train()(x).logsumexp(1).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in prepared.parameters() if p.grad is not None)

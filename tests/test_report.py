@@ -86,3 +86,19 @@ def test_an_int8_model_slower_than_float_is_said_first():
     assert "ONNX Runtime runs at 2.00x: deploy that one" in both.summary()[0]
     slow = _report(**MEASURED | {"latency_ms": {"float": 2.0, "int8": 4.0, "int8-onnx": 3.0}})
     assert slow.summary()[0].startswith("SLOWER THAN FLOAT: the int8 artifact runs at 0.67x")
+
+
+def test_the_report_counts_conv_bn_fusion_and_says_first_when_most_pairs_stay_unfused():
+    fused = _report(conv_bn_pairs=3)
+    assert "Conv-BN pairs fused: 3 of 3" in fused.summary()
+    unfused = ["c1 -> b1: the convolution's output is also used elsewhere", "c2 -> b2: not fused by torch"]
+    most = _report(conv_bn_pairs=3, conv_bn_unfused=unfused, **MEASURED)
+    first = most.summary()[0]
+    assert first.startswith("MOST BATCHNORMS UNFUSED: Conv-BN pairs fused: 1 of 3")
+    assert "c1 -> b1: the convolution's output is also used elsewhere" in first
+    assert f"**{first}**" in most.to_markdown()
+    some = _report(conv_bn_pairs=3, conv_bn_unfused=unfused[:1])
+    assert not some.summary()[0].startswith("MOST")
+    assert any(line.startswith("Conv-BN pairs fused: 2 of 3 (") for line in some.summary())
+    assert not any("Conv-BN" in line for line in _report().summary())  # not counted (eager mode): not said
+    assert QATReport.from_dict(most.to_dict()).conv_bn_unfused == unfused

@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
-from conftest import BoringClassifier, TinyNet, UntraceableNet, trainer_kwargs
+from conftest import BoringClassifier, NormActNet, TinyNet, UntraceableNet, trainer_kwargs
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -232,6 +232,21 @@ class TorchvisionConvNeXt(nn.Module):
         return self.convnext(x.expand(-1, 3, -1, -1))
 
 
+class Timm(nn.Module):
+    """A timm network (random weights, nothing downloaded) on the 1x8x8 digits, resized where it needs more pixels."""
+
+    def __init__(self, name: str, size: int = 8) -> None:
+        super().__init__()
+        timm = pytest.importorskip("timm")
+        self.size = size
+        self.net = timm.create_model(name, pretrained=False, num_classes=10, in_chans=1)
+
+    def forward(self, x):
+        if self.size != 8:  # decided at construction: a condition on x.shape would not trace
+            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.net(x)
+
+
 CLASSIFIER = {  # the others: BoringClassifier, images in
     "token ids + embedding": TokenClassifier,
     "token ids + embedding (eager)": TokenClassifier,
@@ -252,7 +267,15 @@ NETWORK_INPUT = {  # the network's positional inputs made from images
 # averages in float (eager mode observes module outputs only; FX also observes the mean): measured 9.6% / 9.5% relative
 # error and 87% / 87% top-1 agreement on torch 2.14.1 / 2.4.1 (FX: 2.7% / 2.7%, 95% / 96%).
 # The eager token network averages its quantized embedding output the same way: measured 6.3% on torch 2.14.1.
-TOLERANCE = {"dict in, dict out (eager)": (0.12, 0.85), "token ids + embedding (eager)": (0.12, 0.85)}
+TOLERANCE = {
+    "dict in, dict out (eager)": (0.12, 0.85),
+    "token ids + embedding (eager)": (0.12, 0.85),
+    # Not rounding: an open gap of issue #25 (int8 of MobileNetV3-style networks does not compute what QAT trained).
+    # Measured 18.7% / 77.8% (mobilenetv3: no single op is off, one-step differences grow through the hard-swish and
+    # squeeze-excite layers; qnnpack's 8-bit activations halve it) and 7.2% / 97.4% (regnety), torch 2.14.1.
+    "timm mobilenetv3 (hard-swish, hard-sigmoid gates)": (0.25, 0.7),
+    "timm regnety": (0.1, 0.9),
+}
 LOGITS = {"dict in, dict out": lambda out: out["logits"], "dict in, dict out (eager)": lambda out: out["logits"]}
 MODE = {
     "token ids + embedding (eager)": "eager",
@@ -287,6 +310,12 @@ ZOO = {
     "convtranspose decoder": Decoder,
     "convtranspose decoder (eager)": Decoder,
     "torchvision convnext (stochastic depth)": TorchvisionConvNeXt,
+    "timm-style BatchNormAct2d": NormActNet,
+    "timm resnet": lambda: Timm("test_resnet"),
+    "timm efficientnet (BatchNormAct2d, squeeze-excite)": lambda: Timm("test_efficientnet"),
+    "timm mobilenetv3 (hard-swish, hard-sigmoid gates)": lambda: Timm("mobilenetv3_small_050"),
+    "timm regnety": lambda: Timm("regnety_002"),
+    "timm convnext (LayerNorm2d, GELU)": lambda: Timm("test_convnext", size=32),
 }
 
 

@@ -195,6 +195,8 @@ class FinishPipeline:
             untrained_float=self.settings.untrained_float,
             float_params=float_parameters(self.quantized_model),
             network_params=sum(p.numel() for p in self.trained_network.parameters()),
+            conv_bn_pairs=run.prepared.conv_bn_pairs,
+            conv_bn_unfused=list(run.prepared.conv_bn_unfused),
         )
 
     def trained_weights(self) -> tuple[nn.Module, str]:

@@ -43,6 +43,11 @@ def install(
         f"{prepared.num_fused} fused modules, backend {backend!r}, skipped {list(skip) or 'nothing'}"
         + (f", {prepared.relu6_replaced} ReLU6 replaced by ReLU." if relu6_to_relu else ".")
     )
+    if prepared.conv_bn_unfused:
+        pairs, unfused = prepared.conv_bn_pairs or 0, len(prepared.conv_bn_unfused)
+        rank_zero_warn(
+            f"QAT: {unfused} of {pairs} Conv-BN pairs of `{target}` stay unfused: {prepared.conv_bn_unfused}"
+        )
     return prepared
 
 

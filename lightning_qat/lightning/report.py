@@ -37,6 +37,19 @@ class QATReport:
     status: str = "complete"
     float_params: dict[str, int] = field(default_factory=dict)
     network_params: int = 0
+    conv_bn_pairs: int | None = None  # convolutions followed by a BatchNorm (None: not counted, eager mode)
+    conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why" for each pair left unfused
+
+    def fusion(self) -> str | None:
+        """How many Conv-BN pairs were fused, and which were not and why; ``None`` when not counted."""
+        if self.conv_bn_pairs is None:
+            return None
+        fused = self.conv_bn_pairs - len(self.conv_bn_unfused)
+        line = f"Conv-BN pairs fused: {fused} of {self.conv_bn_pairs}"
+        if self.conv_bn_unfused:
+            shown = "; ".join(self.conv_bn_unfused[:5]) + ("; ..." if len(self.conv_bn_unfused) > 5 else "")
+            line += f" (each unfused BatchNorm runs in float between a dequantize and a quantize: {shown})"
+        return line
 
     @property
     def size_ratio(self) -> float | None:
@@ -116,6 +129,11 @@ class QATReport:
                 f"SLOWER THAN FLOAT in TorchScript: {self.speedup:.2f}x the float speed on this input; the ONNX "
                 f"artifact in ONNX Runtime runs at {self.onnx_speedup:.2f}x: deploy that one"
             )
+        fusion = self.fusion()
+        if fusion and 2 * len(self.conv_bn_unfused) > (self.conv_bn_pairs or 0):
+            lines.append(f"MOST BATCHNORMS UNFUSED: {fusion}")
+        elif fusion:
+            lines.append(fusion)
         if self.quantized_layers == 0:
             lines.append("nothing was quantized: the int8 model is the float network between quantize and dequantize")
         if self.float_params and self.network_params:
@@ -147,7 +165,7 @@ class QATReport:
     def to_markdown(self) -> str:
         """The report as a markdown document."""
         header, rows = self.table()
-        slower = [f"**{line}**" for line in self.summary() if line.startswith("SLOWER")]
+        slower = [f"**{line}**" for line in self.summary() if line.startswith(("SLOWER", "MOST"))]
         lines = ["# QAT report", "", *slower, *([""] if slower else []), self.headline(), ""]
         if rows:
             lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]

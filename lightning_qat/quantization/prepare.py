@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import copy
 import difflib
-import inspect
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.hooks import RemovableHandle
 
 from lightning_qat.quantization import ao, compat
 from lightning_qat.quantization.inputs import map_tensors
+from lightning_qat.quantization.trace import TRAIN_EVAL_LEAVES, conv_bn_pairs, own_forward_convs, run_once, trace
 
 Mode = Literal["auto", "fx", "eager"]
 
@@ -50,6 +47,8 @@ class Prepared:
     shared: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # for the user, said by the caller (the Lightning layer)
     folded: list[str] = field(default_factory=list)  # layers whose weight norm (or other parametrization) was folded
+    conv_bn_pairs: int | None = None  # convolutions followed by a BatchNorm (FX mode; None: not counted)
+    conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why", for the pairs left unfused
 
 
 class FloatIsland(nn.Module):
@@ -169,21 +168,8 @@ def _record_leaf_calls(network: nn.Module, example_inputs: tuple[Any, ...]) -> l
                 calls.append((name, id(first), id(out)))
 
             handles.append(sub.register_forward_hook(hook))
-    _run_once(network, example_inputs, handles)
+    run_once(network, example_inputs, handles)
     return calls
-
-
-def _run_once(network: nn.Module, example_inputs: tuple[Any, ...], handles: list[RemovableHandle]) -> None:
-    """One forward pass of ``network`` in eval mode without gradients, then its mode back and ``handles`` removed."""
-    was_training = network.training
-    network.eval()
-    try:
-        with torch.no_grad():
-            network(*example_inputs)
-    finally:
-        network.train(was_training)
-        for handle in handles:
-            handle.remove()
 
 
 def find_fusion_groups(network: nn.Module, example_inputs: tuple[Any, ...]) -> list[list[str]]:
@@ -309,6 +295,31 @@ def _unparametrized(module: nn.Module) -> nn.Module:
     return plain
 
 
+ZERO_BN_WEIGHT = 1e-4
+
+
+def nudge_zero_batch_norm_weights(network: nn.Module, skip: Sequence[str] = ()) -> int:
+    """Set BatchNorm weights that are exactly zero (outside ``skip``) to :data:`ZERO_BN_WEIGHT`; returns how many.
+
+    ``zero_init_residual`` (torchvision) and ``zero_init_last`` (timm) start the last BatchNorm of each residual block
+    at zero. torch's fused Conv-BN QAT module scales the convolution's weight by the BN weight before quantizing it and
+    divides by it afterwards: 0 / 0, NaN from the first step. A weight of 1e-4 keeps that channel's folded weights
+    above the weight quantizer's smallest scale, so the channel trains, and changes its output by 1e-4 of the
+    normalized activation.
+    """
+    kept = {id(m) for name in skip for m in network.get_submodule(name).modules()}
+    count = 0
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in kept:
+                weight = module.weight
+                if isinstance(weight, torch.Tensor):
+                    zeros = weight == 0
+                    count += int(zeros.sum())
+                    weight[zeros] = ZERO_BN_WEIGHT
+    return count
+
+
 def replace_relu6(network: nn.Module, skip: Sequence[str] = ()) -> int:
     """Swap every ``nn.ReLU6`` submodule of ``network`` outside ``skip`` for ``nn.ReLU``, in place; returns how many.
 
@@ -328,52 +339,6 @@ def replace_relu6(network: nn.Module, skip: Sequence[str] = ()) -> int:
     return count
 
 
-# Modules whose forward passes `self.training` to a function: traced, FX would bake the flag in as a constant.
-_TRAIN_EVAL_LEAVES: tuple[type[nn.Module], ...] = (torchvision.ops.StochasticDepth,)
-
-# Functionals whose behaviour depends on a training flag: (function, module class, argument names of the module).
-_TRAIN_EVAL_FUNCTIONS: tuple[tuple[Any, type[nn.Module], tuple[str, ...]], ...] = (
-    (F.dropout, nn.Dropout, ("p",)),
-    (F.dropout1d, nn.Dropout1d, ("p",)),
-    (F.dropout2d, nn.Dropout2d, ("p",)),
-    (F.dropout3d, nn.Dropout3d, ("p",)),
-    (F.alpha_dropout, nn.AlphaDropout, ("p",)),
-    (F.feature_alpha_dropout, nn.FeatureAlphaDropout, ("p",)),
-    (torchvision.ops.stochastic_depth, torchvision.ops.StochasticDepth, ("p", "mode")),
-)
-
-
-def make_train_eval_calls_follow_the_mode(graph_module: torch.fx.GraphModule) -> int:
-    """Replace each traced dropout-like function call by its module, so ``eval()`` turns it off again.
-
-    Tracing happens in training mode, so ``F.dropout(x, p, self.training)`` is recorded with ``training=True``
-    as a constant: the prepared network, the int8 model and the artifact would drop activations at random in
-    evaluation. A call traced with ``training=False`` stays as it is (it does nothing in either mode). Returns how
-    many calls were replaced.
-    """
-    replaced = 0
-    graph = graph_module.graph
-    for node in list(graph.nodes):
-        match = next((m for m in _TRAIN_EVAL_FUNCTIONS if node.op == "call_function" and node.target is m[0]), None)
-        if match is None:
-            continue
-        function, module_class, names = match
-        bound = inspect.signature(function).bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        if bound.arguments.get("training") is False:
-            continue
-        name = f"qat_{module_class.__name__.lower()}_{replaced}"
-        graph_module.add_submodule(name, module_class(*(bound.arguments[n] for n in names)))
-        with graph.inserting_before(node):
-            call = graph.call_module(name, (bound.arguments["input"],))
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-        replaced += 1
-    if replaced:
-        graph_module.recompile()
-    return replaced
-
-
 def shared_stateful_modules(network: nn.Module, example_inputs: tuple[Any, ...]) -> list[str]:
     """The topmost modules with parameters or buffers that one forward pass of ``network`` calls more than once.
 
@@ -386,7 +351,7 @@ def shared_stateful_modules(network: nn.Module, example_inputs: tuple[Any, ...])
         for name, module in network.named_modules()
         if name
     ]
-    _run_once(network, example_inputs, handles)
+    run_once(network, example_inputs, handles)
     shared = sorted(name for name, count in counts.items() if count > 1 and _has_state(network.get_submodule(name)))
     return [name for name in shared if not any(_within(name, other) and name != other for other in shared)]
 
@@ -407,12 +372,11 @@ def float_islands(network: nn.Module) -> list[str]:
 
 def _prepare_fx(
     network: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
-) -> tuple[nn.Module, list[str]]:
+) -> Prepared:
     """FX preparation, skipped and shared stateful modules wrapped in :class:`Unfused`.
 
     On a failure the wrappers are removed again, for the eager fallback.
     """
-    leaves = (*_TRAIN_EVAL_LEAVES, Unfused)
     shared = [
         name for name in shared_stateful_modules(network, example_inputs) if not any(_within(name, s) for s in skip)
     ]
@@ -421,18 +385,43 @@ def _prepare_fx(
     for name in islands:
         compat.set_submodule(network, name, Unfused(originals[name]))
     try:
+        traced = trace(network, (Unfused,), example_inputs)
+        pairs = conv_bn_pairs(traced.module)
         mapping = ao.qconfig_mapping(backend, (), qat, _float_types(network, backend))
-        prepared = ao.prepare_fx(network, mapping, example_inputs, qat, leaf_classes=leaves)
+        leaves = (*TRAIN_EVAL_LEAVES, Unfused, *own_forward_convs(traced.module))  # the ones not made static
+        prepared = ao.prepare_fx(traced.module, mapping, example_inputs, qat, leaf_classes=leaves)
     except Exception:
         for name in reversed(islands):
             compat.set_submodule(network, name, originals[name])
         raise
-    make_train_eval_calls_follow_the_mode(prepared)
     drop_fake_quant_of_integer_tensors(prepared, example_inputs)
     for name, value in vars(network).items():  # plain attributes (`self.net.num_classes`) keep working
         if not name.startswith("_") and name != "training" and not hasattr(prepared, name):
             setattr(prepared, name, value)
-    return prepared, shared
+    still_called = {str(node.target) for node in prepared.graph.nodes if node.op == "call_module"}
+    unfused = [f"{conv} -> {bn}: {why or 'not fused by torch'}" for conv, bn, why in pairs if bn in still_called]
+    said = []
+    if traced.same_padding:
+        size = "x".join(str(n) for n in _spatial_size(example_inputs))
+        said.append(
+            f"QAT: {len(traced.same_padding)} same-padding convolutions (timm's Conv2dSame) pad statically for the "
+            f"example input ({size}): the QAT and int8 networks expect inputs of that size."
+        )
+    return Prepared(
+        prepared,
+        "fx",
+        "",
+        _count_fused(prepared),
+        shared=shared,
+        warnings=said,
+        conv_bn_pairs=len(pairs),
+        conv_bn_unfused=unfused,
+    )
+
+
+def _spatial_size(example_inputs: tuple[Any, ...]) -> tuple[int, ...]:
+    first = next((x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() >= 3), None)
+    return tuple(first.shape[2:]) if first is not None else ()
 
 
 class _IntegerFakeQuantFinder(torch.fx.Interpreter):
@@ -504,11 +493,17 @@ def prepare_model(
     folded = fold_parametrizations(network, skip)
     replaced = replace_relu6(network, skip) if relu6_to_relu else 0
     said = [ao.transposed_conv_warning(backend)] if _float_types(network, backend) else []
+    zeros = nudge_zero_batch_norm_weights(network, skip) if qat else 0
+    if zeros:
+        said.append(
+            f"QAT: {zeros} BatchNorm weights were exactly 0 (zero_init_residual / zero_init_last) and are now "
+            f"{ZERO_BN_WEIGHT}: torch's fused Conv-BN QAT divides by them (NaN otherwise)."
+        )
     network.train(qat)
     with ao.engine(backend):
         if mode in ("auto", "fx"):
             try:
-                prepared, shared = _prepare_fx(network, backend, skip, example_inputs, qat)
+                fx = _prepare_fx(network, backend, skip, example_inputs, qat)
             except Exception as err:  # noqa: BLE001 - any tracing failure means "not traceable"
                 if mode == "fx":
                     raise RuntimeError(
@@ -517,8 +512,9 @@ def prepare_model(
                     ) from err
                 reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             else:
-                reason = "requested" if mode == "fx" else "the network is symbolically traceable"
-                return Prepared(prepared, "fx", reason, _count_fused(prepared), replaced, shared, said, folded)
+                fx.reason = "requested" if mode == "fx" else "the network is symbolically traceable"
+                fx.relu6_replaced, fx.warnings, fx.folded = replaced, said + fx.warnings, folded
+                return fx
         else:
             reason = "requested"
         prepared = _prepare_eager(network, backend, skip, example_inputs, qat)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import NormActNet
+from conftest import NormActNet, UntraceableNet
 from torch import nn
 
 from lightning_qat.quantization import ao
@@ -106,6 +106,36 @@ def test_a_same_padding_convolution_pads_statically_for_the_example_size_and_fus
         assert torch.allclose(prepared.module.eval()(x), reference(x), atol=1e-5)
 
 
+class SizeChecked(nn.Module):
+    """Checks its input size as segmentation networks do (a condition on shapes), and calls a slice of its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 10, 1))
+
+    def forward(self, x):
+        if x.shape[-1] % 4 != 0 or x.size(-2) % 4 != 0:
+            raise ValueError("the input size must be divisible by 4")
+        return self.features[3](self.features[:3](x)).mean((2, 3))  # `[:3]` is a new, unregistered Sequential
+
+
+def test_conditions_on_input_shapes_are_decided_for_the_example_input_and_said():
+    x = torch.randn(4, 1, 8, 8)
+    traced = trace(SizeChecked().train(), (), (x[:2],))
+    assert traced.specialized == ["ne(mod, 0) -> False", "ne(mod_1, 0) -> False"]  # `or` tests each side
+    prepared = prepare_model(SizeChecked(), "x86", "auto", [], (x[:2],))
+    assert prepared.mode == "fx"  # before: TraceError, then the eager fallback
+    assert (prepared.conv_bn_pairs, prepared.conv_bn_unfused) == (1, [])
+    assert any("2 conditions on input shapes were decided for the example input (8x8)" in w for w in prepared.warnings)
+
+
+def test_a_condition_on_tensor_values_is_still_not_traced():
+    """UntraceableNet branches on `x.amax()`: deciding it for the example input would bake in one batch's data."""
+    with pytest.raises(torch.fx.proxy.TraceError):
+        trace(UntraceableNet().train(), (), EXAMPLE8)
+    assert prepare_model(UntraceableNet(), "x86", "auto", [], EXAMPLE8).mode == "eager"
+
+
 def _timm(name):
     timm = pytest.importorskip("timm")
     return timm.create_model(name, pretrained=False, num_classes=10)
@@ -132,6 +162,29 @@ def test_timm_networks_fuse_every_conv_bn_pair_and_compute_the_float_function(na
     assert prepared.mode == "fx"
     assert (prepared.conv_bn_pairs, prepared.conv_bn_unfused) == (TIMM[name], [])
     assert sum(ao.is_conv_bn_qat(m) for m in prepared.module.modules()) == TIMM[name]
+    prepared.module.apply(torch.ao.quantization.disable_fake_quant)
+    with torch.no_grad():
+        expected, actual = reference(x), prepared.module.eval()(x)
+    assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1)
+
+
+def _smp(name, encoder):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    return getattr(smp, name)(encoder, encoder_weights=None, classes=3)
+
+
+# (network, Conv-BN pairs): FPN and DeepLabV3Plus check their input size (a condition on shapes) and stopped in setup
+SEGMENTATION = {("FPN", "mobilenet_v2"): 52, ("DeepLabV3Plus", "resnet18"): 29, ("Unet", "resnet18"): 30}
+
+
+@pytest.mark.parametrize(("name", "encoder"), list(SEGMENTATION), ids=lambda v: str(v))
+def test_segmentation_networks_trace_fuse_and_compute_the_float_function(name, encoder):
+    x = torch.randn(2, 3, 64, 64)
+    net = _with_statistics(_smp(name, encoder), x)
+    reference = copy.deepcopy(net).eval()
+    prepared = prepare_model(net, "x86", "auto", [], (x[:1],))
+    assert prepared.mode == "fx"
+    assert (prepared.conv_bn_pairs, prepared.conv_bn_unfused) == (SEGMENTATION[name, encoder], [])
     prepared.module.apply(torch.ao.quantization.disable_fake_quant)
     with torch.no_grad():
         expected, actual = reference(x), prepared.module.eval()(x)

@@ -401,11 +401,16 @@ def _prepare_fx(
     still_called = {str(node.target) for node in prepared.graph.nodes if node.op == "call_module"}
     unfused = [f"{conv} -> {bn}: {why or 'not fused by torch'}" for conv, bn, why in pairs if bn in still_called]
     said = []
+    size = "x".join(str(n) for n in _spatial_size(example_inputs))
     if traced.same_padding:
-        size = "x".join(str(n) for n in _spatial_size(example_inputs))
         said.append(
             f"QAT: {len(traced.same_padding)} same-padding convolutions (timm's Conv2dSame) pad statically for the "
             f"example input ({size}): the QAT and int8 networks expect inputs of that size."
+        )
+    if traced.specialized:
+        said.append(
+            f"QAT: {len(traced.specialized)} conditions on input shapes were decided for the example input ({size}) "
+            f"when tracing ({'; '.join(traced.specialized[:3])}): the QAT and int8 networks take those branches."
         )
     return Prepared(
         prepared,

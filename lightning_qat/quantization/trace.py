@@ -50,6 +50,7 @@ class Traced:
     train_eval_calls: int = 0  # dropout-like calls that follow the mode again
     batch_norms: list[str] = field(default_factory=list)  # BatchNorm subclasses now called as plain BatchNorms
     same_padding: list[str] = field(default_factory=list)  # same-padding convolutions, now padded statically
+    specialized: list[str] = field(default_factory=list)  # conditions on input shapes decided for the example input
 
 
 def own_forward_convs(network: nn.Module) -> list[type[nn.Module]]:
@@ -64,15 +65,93 @@ def own_forward_convs(network: nn.Module) -> list[type[nn.Module]]:
     )
 
 
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer with extra leaf classes (as torch.ao's quantization tracer takes them)."""
+_SHAPE_ATTRIBUTES = ("shape", "ndim")
+_SHAPE_METHODS = ("size", "dim")
 
-    def __init__(self, leaves: Sequence[type[nn.Module]]) -> None:
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with extra leaf classes, and control flow on input shapes decided for the example inputs.
+
+    A condition that reads only shapes (``if h % 32 != 0: raise ...``, segmentation_models_pytorch's input check)
+    is evaluated on ``example_inputs`` and the branch taken is traced; one that reads tensor values still raises
+    torch.fx's ``TraceError``. The conditions decided are in :attr:`specialized`.
+    """
+
+    def __init__(self, leaves: Sequence[type[nn.Module]], example_inputs: tuple[Any, ...] | None = None) -> None:
         super().__init__()
         self.leaves = tuple(leaves)
+        self.example_inputs = example_inputs
+        self.specialized: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        """Its qualified name; a ``Sequential`` made on the fly (``self.features[:2]``) is traced through, unnamed.
+
+        Its children are registered modules, called under their own names.
+        """
+        try:
+            return super().path_of_module(mod)
+        except NameError:
+            if type(mod) is not nn.Sequential:
+                raise
+            return "_sliced_sequential"
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        if self.example_inputs is None or not _reads_only_shapes(obj.node):
+            return super().to_bool(obj)
+        value = bool(_evaluate(self.root, self.graph, obj.node, self.example_inputs))
+        self.specialized.append(f"{_describe(obj.node)} -> {value}")
+        return value
+
+
+def _reads_only_shapes(node: torch.fx.Node) -> bool:
+    """Whether ``node`` depends on tensors through their shapes only (``x.shape``, ``x.size()``, ``x.dim()``)."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "call_function" and current.target is getattr and current.args[1] in _SHAPE_ATTRIBUTES:
+            continue
+        if current.op == "call_method" and current.target in _SHAPE_METHODS:
+            continue
+        if current.op in ("placeholder", "get_attr", "call_module"):
+            return False  # a tensor's values (or a module's output) reach the condition
+        stack.extend(current.all_input_nodes)
+    return True
+
+
+def _evaluate(root: nn.Module, graph: torch.fx.Graph, node: torch.fx.Node, example_inputs: tuple[Any, ...]) -> Any:
+    """The value of ``node`` (of the graph being traced) on ``example_inputs``: its ancestors run as a graph."""
+    partial = torch.fx.Graph()
+    copies: dict[torch.fx.Node, torch.fx.Node] = {}
+    needed = _ancestors(node)
+    for original in graph.nodes:
+        if original.op == "placeholder" or original in needed:
+            copies[original] = partial.node_copy(original, lambda n: copies[n])
+    partial.output(copies[node])
+    with torch.no_grad():  # forward, not __call__: the tracer in progress would record the call
+        return torch.fx.GraphModule(root, partial).forward(*example_inputs)
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    found, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in found:
+            found.add(current)
+            stack.extend(current.all_input_nodes)
+    return found
+
+
+def _describe(node: torch.fx.Node) -> str:
+    """A condition node as its graph line would read: ``mod(getitem, 32) != 0``, short."""
+    args = ", ".join(a.name if isinstance(a, torch.fx.Node) else repr(a) for a in node.args)
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{target}({args})"
 
 
 def trace(
@@ -80,13 +159,14 @@ def trace(
 ) -> Traced:
     """Symbolically trace ``network`` (``leaves`` not traced into) and rewrite its train/eval-dependent calls.
 
-    With ``example_inputs``, same-padding convolutions (:func:`own_forward_convs`) pad statically for their size.
+    With ``example_inputs``, same-padding convolutions (:func:`own_forward_convs`) pad statically for their size, and
+    control flow on input shapes takes the branch the example inputs take.
 
     Raises:
         Exception: whatever torch.fx raises for a network it cannot trace.
     """
     own_forward = own_forward_convs(network)
-    tracer = _Tracer((*TRAIN_EVAL_LEAVES, *leaves, *own_forward))
+    tracer = _Tracer((*TRAIN_EVAL_LEAVES, *leaves, *own_forward), example_inputs)
     graph = tracer.trace(network)
     module = torch.fx.GraphModule(tracer.root, graph, type(network).__name__)
     _drop_no_ops(module)
@@ -95,7 +175,7 @@ def trace(
     same = _same_padding_to_static(module, _conv_inputs(network, own_forward, example_inputs)) if own_forward else []
     module.graph.lint()
     module.recompile()
-    return Traced(module, calls, batch_norms, same)
+    return Traced(module, calls, batch_norms, same, tracer.specialized)
 
 
 def _conv_inputs(

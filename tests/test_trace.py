@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torchvision
 from conftest import NormActNet, UntraceableNet
 from torch import nn
 
@@ -168,24 +169,40 @@ def test_timm_networks_fuse_every_conv_bn_pair_and_compute_the_float_function(na
     assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1)
 
 
-def _smp(name, encoder):
+def _smp(name):
     smp = pytest.importorskip("segmentation_models_pytorch")
-    return getattr(smp, name)(encoder, encoder_weights=None, classes=3)
+    architecture, encoder = name.split("(")
+    return getattr(smp, architecture)(encoder.rstrip(")"), encoder_weights=None, classes=3)
 
 
-# (network, Conv-BN pairs): FPN and DeepLabV3Plus check their input size (a condition on shapes) and stopped in setup
-SEGMENTATION = {("FPN", "mobilenet_v2"): 52, ("DeepLabV3Plus", "resnet18"): 29, ("Unet", "resnet18"): 30}
+def _torchvision(name):
+    return getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=3)
 
 
-@pytest.mark.parametrize(("name", "encoder"), list(SEGMENTATION), ids=lambda v: str(v))
-def test_segmentation_networks_trace_fuse_and_compute_the_float_function(name, encoder):
+# (network, Conv-BN pairs). smp's FPN and DeepLabV3Plus check their input size (a condition on shapes) and stopped in
+# setup; torchvision's return a dict ("out"), which the comparison below reads.
+SEGMENTATION = {
+    "FPN(mobilenet_v2)": (_smp, 52),
+    "DeepLabV3Plus(resnet18)": (_smp, 29),
+    "Unet(resnet18)": (_smp, 30),
+    "lraspp_mobilenet_v3_large": (_torchvision, 47),
+    "deeplabv3_mobilenet_v3_large": (_torchvision, 53),
+}
+
+
+@pytest.mark.parametrize("name", list(SEGMENTATION))
+def test_segmentation_networks_trace_fuse_and_compute_the_float_function(name):
+    build, pairs = SEGMENTATION[name]
     x = torch.randn(2, 3, 64, 64)
-    net = _with_statistics(_smp(name, encoder), x)
+    net = _with_statistics(build(name), x)
     reference = copy.deepcopy(net).eval()
     prepared = prepare_model(net, "x86", "auto", [], (x[:1],))
     assert prepared.mode == "fx"
-    assert (prepared.conv_bn_pairs, prepared.conv_bn_unfused) == (SEGMENTATION[name, encoder], [])
+    assert (prepared.conv_bn_pairs, prepared.conv_bn_unfused) == (pairs, [])
     prepared.module.apply(torch.ao.quantization.disable_fake_quant)
     with torch.no_grad():
         expected, actual = reference(x), prepared.module.eval()(x)
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected)
+        expected, actual = expected["out"], actual["out"]
     assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1)

@@ -463,3 +463,67 @@ def test_an_embedding_network_passes_lightning_s_sanity_check_and_converts(tmp_p
     assert qat.report.mode == mode
     assert any(isinstance(m, torch.ao.nn.quantized.Embedding) for m in qat.quantized_model.modules())
     assert "val_acc" in qat.report.metrics["int8"]
+
+
+def digit_masks(x, y):
+    """Segmentation masks from the digits: pixels brighter than the middle grey take the digit's class (1..10)."""
+    return torch.where(x[:, 0] > 0.5, y[:, None, None] + 1, 0)
+
+
+class TinySegmenter(nn.Module):
+    """A DeepLab-shaped network: a strided stem, an atrous convolution, `out` and `aux` heads upsampled to the input."""
+
+    def __init__(self, classes: int = 11):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.atrous = nn.Sequential(nn.Conv2d(32, 32, 3, padding=2, dilation=2), nn.BatchNorm2d(32), nn.ReLU())
+        self.head, self.aux = nn.Conv2d(32, classes, 1), nn.Conv2d(32, classes, 1)
+
+    def forward(self, x):
+        features = self.atrous(self.stem(x))
+        up = lambda t: nn.functional.interpolate(t, size=x.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
+        return {"out": up(self.head(features)), "aux": up(self.aux(features))}
+
+
+class Segmentation(pl.LightningModule):
+    """A segmentation LightningModule: cross-entropy on `out` and `aux`, mIoU (torchmetrics) on `out`."""
+
+    def __init__(self, net):
+        super().__init__()
+        from torchmetrics.classification import MulticlassJaccardIndex
+
+        self.net, self.val_miou = net, MulticlassJaccardIndex(11)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out, masks = self(x), digit_masks(x, y)
+        return nn.functional.cross_entropy(out["out"], masks) + 0.4 * nn.functional.cross_entropy(out["aux"], masks)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_miou(self(x)["out"].argmax(1), digit_masks(x, y))
+        self.log("val_miou", self.val_miou)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_a_segmentation_network_converts_evaluates_miou_and_ships_its_dict(tmp_path, digits8):
+    pl.seed_everything(0)
+    net = TinySegmenter()
+    pl.Trainer(**trainer_kwargs(tmp_path / "float", max_epochs=6)).fit(Segmentation(net), digits8)
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=1, latency_repeats=2)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, callbacks=[qat])).fit(Segmentation(net), digits8)
+    miou = {row: metrics["val_miou"] for row, metrics in qat.report.metrics.items()}
+    print(miou)
+    assert qat.report.mode == "fx"
+    assert miou["float"] > 0.3  # learned (11 classes; background and one digit class per image)
+    assert abs(miou["int8"] - miou["qat"]) <= 0.03  # int8 computes what QAT trained
+    x = digits8.splits["val"].tensors[0][:4]
+    with torch.no_grad(), ao.quiet():
+        shipped = load_quantized(qat.artifact_path)(x)
+    assert set(shipped) == {"out", "aux"}  # the artifact returns the network's structure
+    assert shipped["out"].shape == (4, 11, 8, 8)

@@ -130,6 +130,27 @@ def test_conditions_on_input_shapes_are_decided_for_the_example_input_and_said()
     assert any("2 conditions on input shapes were decided for the example input (8x8)" in w for w in prepared.warnings)
 
 
+class ChecksAModuleOutput(nn.Module):
+    """A condition on the shape of a module's output (U-Net decoders compare feature sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[-1] != x.shape[-1]:
+            y = nn.functional.interpolate(y, size=x.shape[-2:])
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_condition_on_a_module_output_shape_is_not_decided():
+    """Deciding it would run the module inside the trace; it stays torch.fx's error, and the eager fallback works."""
+    with pytest.raises(torch.fx.proxy.TraceError):
+        trace(ChecksAModuleOutput().train(), (), EXAMPLE8)
+    assert prepare_model(ChecksAModuleOutput(), "x86", "auto", [], EXAMPLE8).mode == "eager"
+
+
 def test_a_condition_on_tensor_values_is_still_not_traced():
     """UntraceableNet branches on `x.amax()`: deciding it for the example input would bake in one batch's data."""
     with pytest.raises(torch.fx.proxy.TraceError):

@@ -101,6 +101,8 @@ class _Tracer(torch.fx.Tracer):
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         if self.example_inputs is None or not _reads_only_shapes(obj.node):
             return super().to_bool(obj)
+        if any(n.op == "call_module" for n in _ancestors(obj.node)):  # a module's output shape: running the module
+            return super().to_bool(obj)  # inside the trace would record it; not decided (the eager fallback, as before)
         value = bool(_evaluate(self.root, self.graph, obj.node, self.example_inputs))
         self.specialized.append(f"{_describe(obj.node)} -> {value}")
         return value

@@ -38,7 +38,7 @@ class UntraceableNet(TinyNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.bn1(self.conv1(x)))
-        if x.amax() >= 0:  # always true after a ReLU, but on tensor values: a Proxy in FX -> TraceError
+        if x.max() >= 0:  # always true after a ReLU, but on tensor values: a Proxy in FX -> TraceError
             x = self.relu2(self.bn2(self.conv2(x)))
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return self.fc2(self.relu3(self.fc1(x)))

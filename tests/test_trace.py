@@ -152,7 +152,7 @@ def test_a_condition_on_a_module_output_shape_is_not_decided():
 
 
 def test_a_condition_on_tensor_values_is_still_not_traced():
-    """UntraceableNet branches on `x.amax()`: deciding it for the example input would bake in one batch's data."""
+    """UntraceableNet branches on `x.max()`: deciding it for the example input would bake in one batch's data."""
     with pytest.raises(torch.fx.proxy.TraceError):
         trace(UntraceableNet().train(), (), EXAMPLE8)
     assert prepare_model(UntraceableNet(), "x86", "auto", [], EXAMPLE8).mode == "eager"

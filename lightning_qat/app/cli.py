@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -171,6 +172,10 @@ def main(args: list[str] | None = None) -> None:
     except _OUR_ERRORS as err:
         print(f"error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    # A DDP run (--trainer.strategy=ddp) ends its process group, as torch asks of every DDP process: Lightning keeps it
+    # alive, and gloo's threads can abort the exit otherwise. After success only: a failed rank must not wait here.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 _OUR_ERRORS = tuple(getattr(exceptions, name) for name in exceptions.__all__)

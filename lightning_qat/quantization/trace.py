@@ -7,6 +7,10 @@ with batch statistics in evaluation, forever, and torch's fuser, which matches m
 the convolution before it. Each such call becomes a module call again: dropouts their ``nn.Dropout*`` module, a
 ``F.batch_norm`` on a BatchNorm's own buffers that BatchNorm as a plain ``nn.BatchNorm{1,2,3}d`` (same tensors, same
 children), which then follows ``train()``/``eval()`` and fuses with its convolution.
+
+The tracer also goes where torch.fx alone stops: a condition on input shapes is decided for the example input, a
+``Sequential`` sliced on the fly is traced through, and a same-padding convolution pads statically for its input
+size. Traced asserts and identities, which would keep the fuser from matching, are dropped.
 """
 
 from __future__ import annotations

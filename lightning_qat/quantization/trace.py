@@ -105,9 +105,10 @@ class _Tracer(torch.fx.Tracer):
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         if self.example_inputs is None or not _reads_only_shapes(obj.node):
             return super().to_bool(obj)
-        if any(n.op == "call_module" for n in _ancestors(obj.node)):  # a module's output shape: running the module
+        needed = _ancestors(obj.node)
+        if any(n.op == "call_module" for n in needed):  # a module's output shape: running the module
             return super().to_bool(obj)  # inside the trace would record it; not decided (the eager fallback, as before)
-        value = bool(_evaluate(self.root, self.graph, obj.node, self.example_inputs))
+        value = bool(_evaluate(self.root, self.graph, obj.node, needed, self.example_inputs))
         self.specialized.append(f"{_describe(obj.node)} -> {value}")
         return value
 
@@ -130,11 +131,16 @@ def _reads_only_shapes(node: torch.fx.Node) -> bool:
     return True
 
 
-def _evaluate(root: nn.Module, graph: torch.fx.Graph, node: torch.fx.Node, example_inputs: tuple[Any, ...]) -> Any:
-    """The value of ``node`` (of the graph being traced) on ``example_inputs``: its ancestors run as a graph."""
+def _evaluate(
+    root: nn.Module,
+    graph: torch.fx.Graph,
+    node: torch.fx.Node,
+    needed: set[torch.fx.Node],
+    example_inputs: tuple[Any, ...],
+) -> Any:
+    """The value of ``node`` (of the graph being traced) on ``example_inputs``: its ancestors (``needed``) run."""
     partial = torch.fx.Graph()
     copies: dict[torch.fx.Node, torch.fx.Node] = {}
-    needed = _ancestors(node)
     for original in graph.nodes:
         if original.op == "placeholder" or original in needed:
             copies[original] = partial.node_copy(original, lambda n: copies[n])

@@ -64,6 +64,38 @@ def test_transposed_convs_stay_float_where_the_int8_kernel_is_wrong(monkeypatch,
     assert ("up" in " ".join(float_islands(int8))) == (not works and mode == "eager")
 
 
+def test_qnnpack_int8_depthwise_conv_does_not_saturate_above_the_observed_range():
+    assert ao.depthwise_saturation("qnnpack") == 0  # its kernels accumulate in int32 (fbgemm's: 40 steps here)
+
+
+class _Depthwise(torch.nn.Module):
+    def __init__(self, depthwise: bool):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8 if depthwise else 1)
+
+    def forward(self, x):
+        return self.dw(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("depthwise", [True, False])
+@pytest.mark.parametrize("steps", [0, 40])
+def test_a_saturating_depthwise_kernel_is_said_at_prepare_when_the_network_has_depthwise_convs(
+    monkeypatch, depthwise, steps
+):
+    from lightning_qat.quantization.prepare import prepare_model
+
+    monkeypatch.setattr(ao, "depthwise_saturation", lambda backend: steps)
+    prepared = prepare_model(_Depthwise(depthwise), "fbgemm", "auto", [], (torch.randn(2, 1, 8, 8),))
+    said = [w for w in prepared.warnings if "depthwise convolution saturates" in w]
+    assert len(said) == (1 if depthwise and steps else 0)
+    if said:
+        assert "in depthwise convolutions (1 here)" in said[0]
+        assert "backend='x86'" in said[0]
+    skipped = prepare_model(_Depthwise(depthwise), "fbgemm", "auto", ["dw"], (torch.randn(2, 1, 8, 8),))
+    assert not [w for w in skipped.warnings if "depthwise" in w]  # a float layer has no int8 kernel to worry about
+
+
 @pytest.mark.parametrize("backend", ["x86", "fbgemm"])
 def test_a_reduced_range_activation_fake_quant_clamps_where_the_int8_model_does(backend):
     """The scale of a 7-bit grid, the clamp of quint8: what torch's quantize (and ONNX's QuantizeLinear) compute."""

@@ -181,3 +181,46 @@ def test_a_batchnorm_initialised_to_zero_trains_without_nan(mode):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in prepared.parameters() if p.grad is not None)
+
+
+class AtrousNet(torch.nn.Module):
+    """A DeepLab / LR-ASPP MobileNetV3 tail: a dilated depthwise Conv-BN-ReLU next to a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        block = lambda dilation: torch.nn.Sequential(  # noqa: E731
+            torch.nn.Conv2d(16, 16, 3, padding=dilation, dilation=dilation, groups=16),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.ReLU(),
+        )
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+        self.plain, self.atrous = block(1), block(2)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.atrous(self.plain(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["fx", "eager"])
+@pytest.mark.parametrize("slowdown", [1.0, 100.0])
+def test_a_dilated_depthwise_conv_stays_float_where_its_int8_kernel_is_slow(monkeypatch, digits8, mode, slowdown):
+    """x86 and fbgemm have no dilated depthwise int8 kernel: 110x slower than float here, LR-ASPP 0.23x as fast."""
+    from lightning_qat.quantization.convert import to_int8
+
+    monkeypatch.setattr(ao, "dilated_depthwise_slowdown", lambda backend: slowdown)
+    torch.manual_seed(0)
+    x = digits8.splits["train"].tensors[0][:64]
+    prepared = prepare_model(AtrousNet(), "x86", mode, [], (x[:2],))
+    slow = slowdown > 4
+    assert list(prepared.kept_float) == (["atrous.0"] if slow else [])
+    assert any("1 dilated depthwise convolutions stay float" in w for w in prepared.warnings) == slow
+    with torch.no_grad(), ao.quiet():
+        prepared.module(x)  # calibrate
+    qat_net = prepared.module.eval()
+    int8 = to_int8(qat_net, prepared.mode, "x86", (x[:2],))
+    int8_convs = {name for name, m in int8.named_modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)}
+    assert any("plain" in name for name in int8_convs)
+    assert any("atrous" in name for name in int8_convs) == (not slow)
+    with torch.no_grad(), ao.quiet(), ao.engine("x86"):
+        expected, actual = qat_net(x), int8(x)
+    assert (actual - expected).abs().mean() <= 0.05 * expected.abs().mean()  # the float layer sits between int8 ones

@@ -102,3 +102,13 @@ def test_the_report_counts_conv_bn_fusion_and_says_first_when_most_pairs_stay_un
     assert any(line.startswith("Conv-BN pairs fused: 2 of 3 (") for line in some.summary())
     assert not any("Conv-BN" in line for line in _report().summary())  # not counted (eager mode): not said
     assert QATReport.from_dict(most.to_dict()).conv_bn_unfused == unfused
+
+
+def test_the_report_names_the_layers_kept_float_and_what_the_artifact_holds():
+    why = "int8 dilated depthwise convolution is 110x slower on 'x86'"
+    report = _report(kept_float={"a.0": why, "b.0": why}, artifact="model_int8.pt", module="model.backbone")
+    assert f"kept float by lightning-qat: 2 layers (a.0, b.0): {why}" in report.summary()
+    assert "int8 artifact: model_int8.pt" in report.summary()  # the whole LightningModule's network
+    part = _report(artifact="model_int8.pt", module="model.backbone", outside_params=1234)
+    assert "int8 artifact: model_int8.pt (`model.backbone` only: 1,234 parameters" in "\n".join(part.summary())
+    assert QATReport.from_dict(report.to_dict()).kept_float == report.kept_float

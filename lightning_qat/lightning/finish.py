@@ -197,6 +197,11 @@ class FinishPipeline:
             network_params=sum(p.numel() for p in self.trained_network.parameters()),
             conv_bn_pairs=run.prepared.conv_bn_pairs,
             conv_bn_unfused=list(run.prepared.conv_bn_unfused),
+            kept_float=dict(run.prepared.kept_float),
+            module=run.target,
+            outside_params=sum(
+                p.numel() for name, p in run.pl_module.named_parameters() if not name.startswith(f"{run.target}.")
+            ),
         )
 
     def trained_weights(self) -> tuple[nn.Module, str]:

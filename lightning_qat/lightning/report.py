@@ -39,6 +39,9 @@ class QATReport:
     network_params: int = 0
     conv_bn_pairs: int | None = None  # convolutions followed by a BatchNorm (None: not counted, eager mode)
     conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why" for each pair left unfused
+    kept_float: dict[str, str] = field(default_factory=dict)  # layers kept float by lightning-qat: name -> why
+    module: str = ""  # the LightningModule's submodule that was quantized: what the artifact computes
+    outside_params: int = 0  # parameters of the LightningModule outside ``module``: not in the artifact
 
     def fusion(self) -> str | None:
         """How many Conv-BN pairs were fused, and which were not and why; ``None`` when not counted."""
@@ -134,6 +137,10 @@ class QATReport:
             lines.append(f"MOST BATCHNORMS UNFUSED: {fusion}")
         elif fusion:
             lines.append(fusion)
+        for why in dict.fromkeys(self.kept_float.values()):
+            names = [name for name, reason in self.kept_float.items() if reason == why]
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            lines.append(f"kept float by lightning-qat: {len(names)} layers ({shown}): {why}")
         if self.quantized_layers == 0:
             lines.append("nothing was quantized: the int8 model is the float network between quantize and dequantize")
         if self.float_params and self.network_params:
@@ -157,7 +164,13 @@ class QATReport:
                 f"({_threads(self.latency_threads)})"
             )
         if self.artifact:
-            lines.append(f"int8 artifact: {self.artifact}")
+            part = (
+                f" (`{self.module}` only: {self.outside_params:,} parameters of the LightningModule outside it stay "
+                "in your code, in float)"
+                if self.outside_params
+                else ""
+            )
+            lines.append(f"int8 artifact: {self.artifact}{part}")
         if self.onnx_artifact:
             lines.append(f"int8 ONNX artifact: {self.onnx_artifact}")
         return lines

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ _TESTED_TORCH = "2.4 to 2.14"
 try:
     with _silenced():
         from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+        from torch.ao.nn.quantized import Conv2d as _Int8Conv2d
         from torch.ao.quantization import (
             DeQuantStub,
             QConfig,
@@ -119,6 +121,11 @@ __all__ = [
     "TRANSPOSED_CONVS",
     "transposed_conv_warning",
     "transposed_conv_int8_works",
+    "depthwise_saturation",
+    "depthwise_warning",
+    "is_depthwise",
+    "is_dilated_depthwise",
+    "dilated_depthwise_slowdown",
     "first_notice",
     "QuantGrid",
     "quant_grid",
@@ -255,6 +262,92 @@ def transposed_conv_warning(backend: str) -> str:
         f"QAT: ConvTranspose layers stay float: torch {torch.__version__}'s int8 transposed convolution on the "
         f"{backend!r} engine does not compute what the float layer does on this CPU (checked at start). "
         "backend='qnnpack' quantizes them correctly."
+    )
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A 2-d convolution with one input channel per group (MobileNet, EfficientNet, SSDlite backbones)."""
+    return type(module) is nn.Conv2d and module.groups > 1 and module.groups == module.in_channels
+
+
+@functools.cache
+def depthwise_saturation(backend: str) -> int:
+    """How many output steps this torch's int8 depthwise 3x3 convolution is off on ``backend`` (checked once).
+
+    ``x86``/``fbgemm`` observe activations with a 7-bit scale so that a kernel multiplying uint8 activations by int8
+    weights in int16 pairs cannot saturate; a value above the observed range still quantizes to 128-255. Measured
+    on an AVX-512 VNNI CPU with torch 2.14.1: ``fbgemm``'s depthwise kernel is then off by about 40 steps, ``x86``
+    and ``qnnpack`` by 0. Returns 0 when the kernel is right (or missing: nothing to warn about).
+    """
+    generator = torch.Generator().manual_seed(0)
+    channels = 16
+    activations = torch.randint(128, 256, (1, channels, 6, 6), generator=generator) * 0.05
+    sign = torch.where(torch.rand(channels, 1, 1, 1, generator=generator) > 0.5, 1.0, -1.0)
+    weight = torch.randint(100, 128, (channels, 1, 3, 3), generator=generator) * sign * 0.01
+    with engine(backend), quiet():
+        x = torch.quantize_per_tensor(activations, 0.05, 0, torch.quint8)
+        weight_q = torch.quantize_per_channel(
+            weight, torch.full((channels,), 0.01), torch.zeros(channels, dtype=torch.long), 0, torch.qint8
+        )
+        reference = nn.functional.conv2d(x.dequantize(), weight_q.dequantize(), padding=1, groups=channels)
+        scale = float(reference.abs().max()) / 120
+        expected = torch.quantize_per_tensor(reference, scale, 128, torch.quint8).dequantize()
+        try:
+            conv = _Int8Conv2d(channels, channels, 3, padding=1, groups=channels)
+            conv.set_weight_bias(weight_q, None)
+            conv.scale, conv.zero_point = scale, 128
+            actual = conv(x).dequantize()
+        except Exception:  # noqa: BLE001 - an engine without the kernel
+            return 0
+    return round(float((actual - expected).abs().max()) / scale)
+
+
+def is_dilated_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution with a dilation (atrous: DeepLab/LR-ASPP MobileNetV3 backbones)."""
+    return is_depthwise(module) and any(d > 1 for d in module.dilation)  # type: ignore[union-attr]
+
+
+@functools.cache
+def dilated_depthwise_slowdown(backend: str) -> float:
+    """How many times slower this torch's int8 dilated depthwise convolution is than the float one (measured once).
+
+    Measured on an AVX-512 VNNI CPU with torch 2.14.1 (672 channels, 5x5, dilation 2, 8x8, 1 thread): ``x86`` and
+    ``fbgemm`` about 110x (they have no dilated depthwise kernel), ``qnnpack`` 1.4x. A layer this slow makes a whole
+    int8 network slower than float (torchvision's LR-ASPP MobileNetV3: 0.23x).
+    """
+    channels = 256
+    conv = nn.Conv2d(channels, channels, 5, padding=4, dilation=2, groups=channels).eval()
+    x = torch.rand(1, channels, 8, 8)
+    try:
+        with engine(backend), quiet(), torch.no_grad():
+            int8 = _Int8Conv2d(channels, channels, 5, padding=4, dilation=2, groups=channels)
+            weight = torch.quantize_per_channel(
+                conv.weight, torch.full((channels,), 0.01), torch.zeros(channels, dtype=torch.long), 0, torch.qint8
+            )
+            int8.set_weight_bias(weight, None)
+            x_q = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
+            return _fastest(int8, x_q) / _fastest(conv, x)
+    except Exception:  # noqa: BLE001 - an engine without the kernel: nothing to keep float for speed
+        return 1.0
+
+
+def _fastest(layer: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    layer(x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        layer(x)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def depthwise_warning(backend: str, count: int) -> str:
+    """What to tell the user when ``backend``'s depthwise kernel saturates and the network has ``count`` of them."""
+    return (
+        f"QAT: backend {backend!r}: torch {torch.__version__}'s int8 depthwise convolution saturates on this CPU when "
+        f"an activation exceeds its observed range (checked at start: {depthwise_saturation(backend)} quantization "
+        f"steps off), so the int8 model can compute other values than QAT in depthwise convolutions ({count} here). "
+        "backend='x86' (the default) computes them exactly on this CPU."
     )
 
 

@@ -49,6 +49,7 @@ class Prepared:
     folded: list[str] = field(default_factory=list)  # layers whose weight norm (or other parametrization) was folded
     conv_bn_pairs: int | None = None  # convolutions followed by a BatchNorm (FX mode; None: not counted)
     conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why", for the pairs left unfused
+    kept_float: dict[str, str] = field(default_factory=dict)  # layers kept float by :func:`kept_float`: name -> why
 
 
 class FloatIsland(nn.Module):
@@ -205,13 +206,40 @@ def _count_fused(network: nn.Module) -> int:
     return sum(ao.is_fused_module(m) for m in network.modules())
 
 
-def _float_types(network: nn.Module, backend: str) -> tuple[type[nn.Module], ...]:
-    """Module types kept float because this torch's int8 kernel for them is wrong on ``backend``."""
-    if any(isinstance(m, ao.TRANSPOSED_CONVS) for m in network.modules()) and not ao.transposed_conv_int8_works(
-        backend
-    ):
-        return ao.TRANSPOSED_CONVS
-    return ()
+SLOW_INT8 = 4.0  # an int8 layer this many times slower than its float form stays float
+
+
+def kept_float(network: nn.Module, backend: str, skip: Sequence[str] = ()) -> dict[str, str]:
+    """Layers outside ``skip`` kept float because this torch's int8 kernel is wrong or slow on ``backend``: name -> why.
+
+    ConvTranspose layers where :func:`ao.transposed_conv_int8_works` says no; dilated depthwise convolutions where
+    :func:`ao.dilated_depthwise_slowdown` is above :data:`SLOW_INT8` (a fused BatchNorm stays float with its conv).
+    """
+    layers = [(n, m) for n, m in network.named_modules() if n and not any(_within(n, s) for s in skip)]
+    kept: dict[str, str] = {}
+    transposed = [n for n, m in layers if isinstance(m, ao.TRANSPOSED_CONVS)]
+    if transposed and not ao.transposed_conv_int8_works(backend):
+        kept |= dict.fromkeys(transposed, f"int8 transposed convolution is wrong on {backend!r} here")
+    dilated = [n for n, m in layers if ao.is_dilated_depthwise(m)]
+    if dilated and (slowdown := ao.dilated_depthwise_slowdown(backend)) > SLOW_INT8:
+        kept |= dict.fromkeys(dilated, f"int8 dilated depthwise convolution is {slowdown:.0f}x slower on {backend!r}")
+    return kept
+
+
+def kept_float_warning(kept: dict[str, str], backend: str) -> list[str]:
+    """What to tell the user about :func:`kept_float`'s layers, one line per reason."""
+    said = []
+    if any("transposed" in why for why in kept.values()):
+        said.append(ao.transposed_conv_warning(backend))
+    dilated = [n for n, why in kept.items() if "dilated" in why]
+    if dilated:
+        said.append(
+            f"QAT: {len(dilated)} dilated depthwise convolutions stay float, with their BatchNorm "
+            f"({', '.join(dilated[:3])}{', ...' if len(dilated) > 3 else ''}): torch {torch.__version__}'s int8 "
+            f"kernel for them on {backend!r} is {ao.dilated_depthwise_slowdown(backend):.0f}x slower than float on "
+            "this CPU (measured at start), enough to make the whole int8 network slower than float."
+        )
+    return said
 
 
 def _prepare_eager(
@@ -219,6 +247,7 @@ def _prepare_eager(
 ) -> nn.Module:
     # A network with its own QuantStub (torchvision's quantizable models) places its own quant/dequant.
     has_stubs = any(isinstance(m, ao.QuantStub) for m in network.modules())
+    kept = kept_float(network, backend, skip)  # before fusion: found by the layers' own types
     fuse_model = getattr(network, "fuse_model", None)
     if callable(fuse_model):
         try:
@@ -229,14 +258,7 @@ def _prepare_eager(
         groups = [g for g in find_fusion_groups(network, example_inputs) if not any(n in skip for n in g)]
         if groups:
             ao.fuse_modules(network, groups, qat=qat)
-    transposed_float = bool(_float_types(network, backend))
-    islands = list(skip)
-    if transposed_float:  # float layers inside the int8 region need a dequantize before and a quantize after
-        islands += [
-            name
-            for name, m in network.named_modules()
-            if isinstance(m, ao.TRANSPOSED_CONVS) and not any(_within(name, s) for s in skip)
-        ]
+    islands = list(skip) + list(kept)  # float layers in the int8 region: a dequantize before, a quantize after
     for name in islands:
         island = FloatIsland(network.get_submodule(name))
         ao.set_qconfig(island.module, None)
@@ -249,7 +271,7 @@ def _prepare_eager(
     ao.set_qconfig(wrapped, ao.qconfig(backend, qat=qat))
     for module in network.modules():  # per-channel weights are not supported for transposed convolutions
         if isinstance(module, ao.TRANSPOSED_CONVS) and getattr(module, "qconfig", True) is not None:
-            ao.set_qconfig(module, None if transposed_float else ao.per_tensor_weight_qconfig(backend, qat=qat))
+            ao.set_qconfig(module, ao.per_tensor_weight_qconfig(backend, qat=qat))
     wrapped.train(qat)
     return ao.prepare_eager(wrapped, qat=qat)
 
@@ -387,7 +409,7 @@ def _prepare_fx(
     try:
         traced = trace(network, (Unfused,), example_inputs)
         pairs = conv_bn_pairs(traced.module)
-        mapping = ao.qconfig_mapping(backend, (), qat, _float_types(network, backend))
+        mapping = ao.qconfig_mapping(backend, list(kept_float(network, backend, islands)), qat)
         leaves = (*TRAIN_EVAL_LEAVES, Unfused, *own_forward_convs(traced.module))  # the ones not made static
         prepared = ao.prepare_fx(traced.module, mapping, example_inputs, qat, leaf_classes=leaves)
     except Exception:
@@ -497,7 +519,13 @@ def prepare_model(
     check_skip(network, skip)
     folded = fold_parametrizations(network, skip)
     replaced = replace_relu6(network, skip) if relu6_to_relu else 0
-    said = [ao.transposed_conv_warning(backend)] if _float_types(network, backend) else []
+    kept = kept_float(network, backend, skip)
+    said = kept_float_warning(kept, backend)
+    depthwise = sum(
+        ao.is_depthwise(m) for n, m in network.named_modules() if not any(_within(n, s) for s in [*skip, *kept])
+    )
+    if depthwise and ao.depthwise_saturation(backend):
+        said.append(ao.depthwise_warning(backend, depthwise))
     zeros = nudge_zero_batch_norm_weights(network, skip) if qat else 0
     if zeros:
         said.append(
@@ -518,9 +546,11 @@ def prepare_model(
                 reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             else:
                 fx.reason = "requested" if mode == "fx" else "the network is symbolically traceable"
-                fx.relu6_replaced, fx.warnings, fx.folded = replaced, said + fx.warnings, folded
+                fx.relu6_replaced, fx.warnings, fx.folded, fx.kept_float = replaced, said + fx.warnings, folded, kept
                 return fx
         else:
             reason = "requested"
         prepared = _prepare_eager(network, backend, skip, example_inputs, qat)
-    return Prepared(prepared, "eager", reason, _count_fused(prepared), replaced, warnings=said, folded=folded)
+    return Prepared(
+        prepared, "eager", reason, _count_fused(prepared), replaced, warnings=said, folded=folded, kept_float=kept
+    )

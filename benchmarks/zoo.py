@@ -1,13 +1,13 @@
 """The model zoo through the callback's path: what fused, what stayed float, int8 speed-up, size, int8-vs-QAT agreement.
 
     python -m benchmarks.zoo --quick    # smoke test: two networks, a few steps (the test suite runs it)
-    python -m benchmarks.zoo            # full: torchvision, timm and segmentation_models_pytorch networks (~15 min)
+    python -m benchmarks.zoo            # full: torchvision, timm and segmentation_models_pytorch networks (~40 min)
 
-Every network has random weights (nothing is downloaded) and sees scikit-learn's digits at 64x64 (3 channels):
-float steps, then QAT steps with the BatchNorm and observer freezes, then the int8 TorchScript artifact as
-``load_quantized`` loads it. Speed-up: float eager / artifact, median of interleaved runs, 1 thread. Agreement: the
-share of validation images (pixels, for segmentation) where int8 predicts the class QAT predicts; QAT accuracy (pixel
-accuracy) beside it says whether the network learned anything to agree on.
+Every network has random weights (nothing is downloaded) and sees scikit-learn's digits at 64x64 (3 channels): 150
+float steps, then 150 QAT steps (batch 32, Adam) with the BatchNorm and observer freezes at 60% and 80%, then the
+int8 TorchScript artifact as ``load_quantized`` loads it. Speed-up: float eager / artifact, median of interleaved
+runs, 1 thread. Agreement: the share of validation images (pixels, for segmentation) where int8 predicts the class QAT
+predicts; QAT accuracy (pixel accuracy) beside it says whether the network learned anything to agree on.
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ def row(network: Network, steps: int, repeats: int, workdir: Path) -> str:
     return line
 
 
-def zoo(quick: bool) -> tuple[list[str], list[str]]:
-    """The table's lines, and the networks not run (their package is absent)."""
+def zoo(quick: bool, steps: int = 150, only: str = "") -> tuple[list[str], list[str]]:
+    """The table's lines, and the networks not run (their package is absent); ``only``: names containing it."""
     lines = [
         "| network | mode | Conv-BN pairs fused | kept float (why) | int8 speed-up b1 | b8 | size ratio "
         "| int8-vs-QAT agreement | QAT accuracy |",
@@ -182,12 +182,12 @@ def zoo(quick: bool) -> tuple[list[str], list[str]]:
     skipped = []
     with tempfile.TemporaryDirectory() as tmp:
         for network in NETWORKS:
-            if quick and network.name not in QUICK:
+            if (quick and network.name not in QUICK) or only not in network.name:
                 continue
             if network.needs and importlib.util.find_spec(network.needs) is None:
                 skipped.append(f"{network.name} (not installed: {network.needs})")
                 continue
-            lines.append(row(network, steps=4 if quick else 60, repeats=3 if quick else 15, workdir=Path(tmp)))
+            lines.append(row(network, steps=4 if quick else steps, repeats=3 if quick else 15, workdir=Path(tmp)))
     return lines, skipped
 
 
@@ -195,14 +195,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two networks, a few steps: a smoke test")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default benchmarks/zoo[_quick].md)")
+    parser.add_argument("--steps", type=int, default=150, help="float steps, then as many QAT steps (full mode)")
+    parser.add_argument("--only", default="", help="only the networks whose name contains this")
     args = parser.parse_args()
-    lines, skipped = zoo(args.quick)
+    lines, skipped = zoo(args.quick, args.steps, args.only)
     text = "\n".join(
         [
             f"# The model zoo through lightning-qat ({'quick' if args.quick else 'full'} mode)",
             "",
-            f"torch {torch.__version__}, torchvision {torchvision.__version__}; x86 backend; digits at {IMAGE}x{IMAGE}; "
-            "speed-up: float eager / int8 TorchScript artifact, 1 thread.",
+            f"torch {torch.__version__}, torchvision {torchvision.__version__}; x86 backend; digits at "
+            f"{IMAGE}x{IMAGE}; speed-up: float eager / int8 TorchScript artifact, 1 thread.",
             "",
             *lines,
             "",

@@ -108,3 +108,23 @@ def test_a_reduced_range_activation_fake_quant_clamps_where_the_int8_model_does(
     with torch.no_grad():
         assert torch.equal(fake_quant(x), int8.dequantize())
     assert float(fake_quant(torch.tensor([3.0]))) == pytest.approx(255 / 127)  # not clamped at 1.0
+
+
+@pytest.mark.parametrize("backend", ["x86", "fbgemm", "qnnpack"])
+def test_int8_weights_are_the_fake_quantized_weights_qat_trained(backend):
+    """torch's fused weight fake-quant scales by max|w| / 127, its conversion by max|w| / 127.5: 0.4% apart."""
+    from lightning_qat.quantization.convert import to_int8
+    from lightning_qat.quantization.prepare import prepare_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 1))
+    x = torch.randn(8, 3, 8, 8)
+    prepared = prepare_model(net, backend, "fx", [], (x[:1],)).module
+    with torch.no_grad(), ao.quiet():
+        prepared(x)  # observe
+    conv = prepared.get_submodule("2")
+    with torch.no_grad(), ao.quiet():
+        trained = conv.weight_fake_quant(conv.weight)  # what QAT computes with
+    int8 = to_int8(prepared.eval(), "fx", backend, (x[:1],))
+    converted = int8.get_submodule("2").weight().dequantize()
+    assert torch.equal(converted, trained)

@@ -39,3 +39,25 @@ def test_quick_benchmarks_write_every_section_with_numbers(tmp_path):
             assert f"{path}: not installed: {package}" in sections[0]
     latency_rows = [line for line in sections[1].splitlines() if line.startswith("| resnet18 |")]
     assert {row.split("|")[2].strip() for row in latency_rows} == {"x86", "fbgemm", "qnnpack"}
+
+
+def test_the_quick_zoo_benchmark_writes_a_row_per_network(tmp_path):
+    out = tmp_path / "zoo.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.zoo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| torchvision")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "torchvision resnet18",
+        "torchvision lraspp_mobilenet_v3_large",
+    ]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert re.fullmatch(r"\d+ of \d+", cells[2]), cells  # Conv-BN pairs fused, counted
+        assert all(re.fullmatch(r"\d+\.\d+x", c) for c in cells[4:7]), cells
+        assert all(re.fullmatch(r"\d+\.\d%", c) for c in cells[7:9]), cells

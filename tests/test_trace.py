@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import NormActNet, UntraceableNet
 from torch import nn
@@ -227,3 +228,36 @@ def test_segmentation_networks_trace_fuse_and_compute_the_float_function(name):
         assert set(actual) == set(expected)
         expected, actual = expected["out"], actual["out"]
     assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max().clamp(min=1)
+
+
+class TorchReluNet(nn.Module):
+    """Conv-BN followed by each spelling of ReLU that torch's fuser does not know as F.relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(1 if i == 0 else 8, 8, 3, padding=1) for i in range(3))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(3))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        for conv, bn, relu in zip(self.convs, self.bns, (torch.relu, torch.relu_, F.relu_), strict=True):
+            x = relu(bn(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_torch_relu_fuses_with_its_conv_bn_and_runs_in_int8():
+    from lightning_qat.quantization.convert import to_int8
+    from lightning_qat.quantization.measure import float_ops
+
+    x = torch.randn(16, 1, 8, 8)
+    net = _with_statistics(TorchReluNet(), x)
+    reference = copy.deepcopy(net).eval()
+    prepared = prepare_model(net, "x86", "fx", [], (x[:2],))
+    fused = [m for m in prepared.module.modules() if type(m).__name__ == "ConvBnReLU2d"]
+    assert len(fused) == 3
+    qat = prepared.module.eval()
+    qat.apply(torch.ao.quantization.disable_fake_quant)
+    with torch.no_grad():
+        assert torch.allclose(qat(x), reference(x), atol=1e-5)  # the in-place ones too: the same function
+    qat.apply(torch.ao.quantization.enable_fake_quant)
+    assert float_ops(to_int8(qat, "fx", "x86", (x[:2],))) == {}  # no ReLU left in float between int8 layers

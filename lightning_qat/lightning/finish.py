@@ -32,6 +32,7 @@ from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inferen
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
 from lightning_qat.quantization.measure import (
     count_quantized_layers,
+    float_ops,
     float_parameters,
     measure_latency,
     serialized_size,
@@ -194,6 +195,7 @@ class FinishPipeline:
             converted_from=converted_from,
             untrained_float=self.settings.untrained_float,
             float_params=float_parameters(self.quantized_model),
+            float_ops=float_ops(self.quantized_model),
             network_params=sum(p.numel() for p in self.trained_network.parameters()),
             conv_bn_pairs=run.prepared.conv_bn_pairs,
             conv_bn_unfused=list(run.prepared.conv_bn_unfused),

@@ -36,6 +36,7 @@ class QATReport:
     untrained_float: bool = False
     status: str = "complete"
     float_params: dict[str, int] = field(default_factory=dict)
+    float_ops: dict[str, int] = field(default_factory=dict)  # parameter-free ops run in float (FX), by name
     network_params: int = 0
     conv_bn_pairs: int | None = None  # convolutions followed by a BatchNorm (None: not counted, eager mode)
     conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why" for each pair left unfused
@@ -147,6 +148,12 @@ class QATReport:
             kept = sum(self.float_params.values())
             parts = ", ".join(f"{name} {count:,}" for name, count in self.float_params.items())
             lines.append(f"kept in float: {kept / self.network_params:.1%} of the parameters ({parts})")
+        if self.float_ops:
+            parts = ", ".join(f"{name} {count}" for name, count in self.float_ops.items())
+            lines.append(
+                f"run in float between int8 layers (torch has no int8 kernel for them; each costs a dequantize and a "
+                f"quantize): {parts}"
+            )
         if self.untrained_float:
             lines.append("the float row is the untrained network QAT started from: not a baseline to compare with")
         if self.converted_from != "last":

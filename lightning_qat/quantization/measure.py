@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import operator
 import statistics
 import time
 from typing import Any
@@ -75,3 +76,31 @@ def measure_latency(
                 network(*inputs)
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+_NOT_OPS = (getattr, operator.getitem, "size", "dim", "dequantize", torch.quantize_per_tensor)
+
+
+def float_ops(network: nn.Module) -> dict[str, int]:
+    """Parameter-free operations of a converted FX network that run in float on dequantized int8 tensors, by name.
+
+    Each costs a dequantize before and a quantize after: torch has no int8 kernel for it (timm's SiLU, say). Layers
+    with weights kept float are :func:`float_parameters`'. Empty for an eager-mode network (not counted).
+    """
+    if not isinstance(network, torch.fx.GraphModule):
+        return {}
+    counts: dict[str, int] = {}
+    for node in network.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or node.target in _NOT_OPS:
+            continue
+        if not any(arg.op == "call_method" and arg.target == "dequantize" for arg in node.all_input_nodes):
+            continue
+        if node.op == "call_module":
+            module = network.get_submodule(str(node.target))
+            if any(True for _ in module.parameters()):
+                continue
+            name = type(module).__name__
+        else:
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))

@@ -10,7 +10,8 @@ children), which then follows ``train()``/``eval()`` and fuses with its convolut
 
 The tracer also goes where torch.fx alone stops: a condition on input shapes is decided for the example input, a
 ``Sequential`` sliced on the fly is traced through, and a same-padding convolution pads statically for its input
-size. Traced asserts and identities, which would keep the fuser from matching, are dropped.
+size. Traced asserts and identities, which would keep the fuser from matching, are dropped, and ``torch.relu``
+becomes the ``F.relu`` torch's fuser matches.
 """
 
 from __future__ import annotations
@@ -277,17 +278,31 @@ def _static_same_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[nn.ZeroPad2d
     return (pad if same else None), plain
 
 
-def _drop_no_ops(graph_module: torch.fx.GraphModule) -> None:
-    """Remove traced calls that compute nothing: ``torch._assert`` checks (timm's ``x.ndim == 4``) and ``nn.Identity``.
+# Spellings of a function that torch's FX quantization knows only as another: (that function, in place).
+_TORCH_FUSES_AS: dict[Any, tuple[Any, bool]] = {
+    torch.relu: (F.relu, False),
+    torch.relu_: (F.relu, True),
+    F.relu_: (F.relu, True),
+}
 
-    The ``ndim`` an assert reads is a second use of a convolution's output, and an identity between a BatchNorm and
-    its ReLU (timm's ``drop``) breaks the Conv-BN-ReLU chain: either keeps torch's fuser from folding them.
+
+def _drop_no_ops(graph_module: torch.fx.GraphModule) -> None:
+    """Remove traced calls that compute nothing, and name ReLUs as torch's fuser knows them.
+
+    Dropped: ``torch._assert`` checks (timm's ``x.ndim == 4``) and ``nn.Identity``. The ``ndim`` an assert reads is a
+    second use of a convolution's output, and an identity between a BatchNorm and its ReLU (timm's ``drop``) breaks
+    the Conv-BN-ReLU chain: either keeps torch's fuser from folding them. ``torch.relu(x)`` becomes ``F.relu(x)``:
+    torch neither fuses nor quantizes the former (it ran in float between a dequantize and a quantize).
     """
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch._assert:
             graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _TORCH_FUSES_AS:
+            node.target, inplace = _TORCH_FUSES_AS[node.target]
+            if inplace:
+                node.kwargs = {**node.kwargs, "inplace": True}
         elif node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)

@@ -15,6 +15,12 @@ from lightning_qat.quantization.trace import conv_bn_pairs, trace
 EXAMPLE8 = (torch.randn(4, 1, 8, 8),)
 
 
+@pytest.fixture(autouse=True)
+def int8_kernels_all_fast(monkeypatch):
+    """Fusion counts here must not depend on this CPU's int8 kernels (a slow depthwise shape would stay float)."""
+    monkeypatch.setattr(ao, "depthwise_slowdown", lambda backend, shape: 1.0)
+
+
 def _with_statistics(net, x):
     """``net`` with BatchNorm statistics and affine parameters that are not the initial ones (so none stands in)."""
     torch.manual_seed(0)

@@ -125,8 +125,9 @@ __all__ = [
     "depthwise_saturation",
     "depthwise_warning",
     "is_depthwise",
-    "is_dilated_depthwise",
-    "dilated_depthwise_slowdown",
+    "depthwise_shape",
+    "depthwise_slowdown",
+    "describe_depthwise",
     "first_notice",
     "QuantGrid",
     "quant_grid",
@@ -297,7 +298,7 @@ def transposed_conv_warning(backend: str) -> str:
 
 def is_depthwise(module: nn.Module) -> bool:
     """A 2-d convolution with one input channel per group (MobileNet, EfficientNet, SSDlite backbones)."""
-    return type(module) is nn.Conv2d and module.groups > 1 and module.groups == module.in_channels
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
 @functools.cache
@@ -332,25 +333,37 @@ def depthwise_saturation(backend: str) -> int:
     return round(float((actual - expected).abs().max()) / scale)
 
 
-def is_dilated_depthwise(module: nn.Module) -> bool:
-    """A depthwise convolution with a dilation (atrous: DeepLab/LR-ASPP MobileNetV3 backbones)."""
-    return is_depthwise(module) and any(d > 1 for d in module.dilation)  # type: ignore[union-attr]
+DepthwiseShape = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def depthwise_shape(module: nn.Module) -> DepthwiseShape | None:
+    """(kernel, stride, padding, dilation) of a depthwise convolution; ``None`` for any other module."""
+    if not is_depthwise(module):
+        return None
+    conv = module
+    assert isinstance(conv, nn.Conv2d)
+    padding = conv.padding if isinstance(conv.padding, tuple) else (0, 0)  # "same"/"valid" strings: as torch's own
+    return tuple(conv.kernel_size), tuple(conv.stride), tuple(padding), tuple(conv.dilation)
 
 
 @functools.cache
-def dilated_depthwise_slowdown(backend: str) -> float:
-    """How many times slower this torch's int8 dilated depthwise convolution is than the float one (measured once).
+def depthwise_slowdown(backend: str, shape: DepthwiseShape) -> float:
+    """How many times slower this torch's int8 depthwise convolution of ``shape`` is than float (measured once).
 
-    Measured on an AVX-512 VNNI CPU with torch 2.14.1 (672 channels, 5x5, dilation 2, 8x8, 1 thread): ``x86`` and
-    ``fbgemm`` about 110x (they have no dilated depthwise kernel), ``qnnpack`` 1.4x. A layer this slow makes a whole
-    int8 network slower than float (torchvision's LR-ASPP MobileNetV3: 0.23x).
+    ``x86`` and ``fbgemm`` have fast depthwise kernels only for some shapes; the others take a generic path.
+    Measured on an AVX-512 VNNI CPU with torch 2.14.1 (1 thread, 8x8 to 19x19 maps): dilation 2 (DeepLab's and
+    LR-ASPP's MobileNetV3) 110x slower than float, a 5x5 stride-2 convolution without padding (TensorFlow's "same"
+    padding made static, timm's ``tf_`` networks) 60x; with the usual padding, 0.5-0.8x. ``qnnpack``: 1.2x for
+    dilation 2. One such layer can make a whole int8 network slower than float (LR-ASPP MobileNetV3: 0.23x).
     """
-    channels = 256
-    conv = nn.Conv2d(channels, channels, 5, padding=4, dilation=2, groups=channels).eval()
-    x = torch.rand(1, channels, 8, 8)
+    kernel, stride, padding, dilation = shape
+    channels = 128
+    size = [24 + (k - 1) * d for k, d in zip(kernel, dilation, strict=True)]  # small maps hide the gap
+    conv = nn.Conv2d(channels, channels, kernel, stride, padding, dilation, groups=channels).eval()  # type: ignore[arg-type]
+    x = torch.rand(1, channels, *size)
     try:
         with engine(backend), quiet(), torch.no_grad():
-            int8 = _Int8Conv2d(channels, channels, 5, padding=4, dilation=2, groups=channels)
+            int8 = _Int8Conv2d(channels, channels, kernel, stride, padding, dilation, groups=channels)
             weight = torch.quantize_per_channel(
                 conv.weight, torch.full((channels,), 0.01), torch.zeros(channels, dtype=torch.long), 0, torch.qint8
             )
@@ -359,6 +372,14 @@ def dilated_depthwise_slowdown(backend: str) -> float:
             return _fastest(int8, x_q) / _fastest(conv, x)
     except Exception:  # noqa: BLE001 - an engine without the kernel: nothing to keep float for speed
         return 1.0
+
+
+def describe_depthwise(shape: DepthwiseShape) -> str:
+    """``5x5, stride 2, padding 0`` (and the dilation when there is one)."""
+    kernel, stride, padding, dilation = shape
+    text = f"{'x'.join(map(str, kernel))}, stride {'x'.join(map(str, set(stride)))}, padding "
+    text += "x".join(map(str, set(padding)))
+    return text + (f", dilation {'x'.join(map(str, set(dilation)))}" if any(d > 1 for d in dilation) else "")
 
 
 def _fastest(layer: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:

@@ -206,23 +206,26 @@ def _count_fused(network: nn.Module) -> int:
     return sum(ao.is_fused_module(m) for m in network.modules())
 
 
-SLOW_INT8 = 4.0  # an int8 layer this many times slower than its float form stays float
+SLOW_INT8 = 8.0  # an int8 layer this many times slower than its float form stays float (measured: 0.6-0.9x or 13x+)
 
 
 def kept_float(network: nn.Module, backend: str, skip: Sequence[str] = ()) -> dict[str, str]:
     """Layers outside ``skip`` kept float because this torch's int8 kernel is wrong or slow on ``backend``: name -> why.
 
-    ConvTranspose layers where :func:`ao.transposed_conv_int8_works` says no; dilated depthwise convolutions where
-    :func:`ao.dilated_depthwise_slowdown` is above :data:`SLOW_INT8` (a fused BatchNorm stays float with its conv).
+    ConvTranspose layers where :func:`ao.transposed_conv_int8_works` says no; depthwise convolutions of a shape whose
+    :func:`ao.depthwise_slowdown` is above :data:`SLOW_INT8` (a fused BatchNorm stays float with its conv).
     """
     layers = [(n, m) for n, m in network.named_modules() if n and not any(_within(n, s) for s in skip)]
     kept: dict[str, str] = {}
     transposed = [n for n, m in layers if isinstance(m, ao.TRANSPOSED_CONVS)]
     if transposed and not ao.transposed_conv_int8_works(backend):
         kept |= dict.fromkeys(transposed, f"int8 transposed convolution is wrong on {backend!r} here")
-    dilated = [n for n, m in layers if ao.is_dilated_depthwise(m)]
-    if dilated and (slowdown := ao.dilated_depthwise_slowdown(backend)) > SLOW_INT8:
-        kept |= dict.fromkeys(dilated, f"int8 dilated depthwise convolution is {slowdown:.0f}x slower on {backend!r}")
+    for name, module in layers:
+        shape = ao.depthwise_shape(module)
+        if shape is not None and (slowdown := ao.depthwise_slowdown(backend, shape)) > SLOW_INT8:
+            kept[name] = (
+                f"int8 depthwise convolution ({ao.describe_depthwise(shape)}) is {slowdown:.0f}x slower on {backend!r}"
+            )
     return kept
 
 
@@ -231,13 +234,14 @@ def kept_float_warning(kept: dict[str, str], backend: str) -> list[str]:
     said = []
     if any("transposed" in why for why in kept.values()):
         said.append(ao.transposed_conv_warning(backend))
-    dilated = [n for n, why in kept.items() if "dilated" in why]
-    if dilated:
+    slow = [n for n, why in kept.items() if "depthwise" in why]
+    if slow:
+        shown = ", ".join(f"{n} ({kept[n].split('(')[1].split(')')[0]})" for n in slow[:3])
         said.append(
-            f"QAT: {len(dilated)} dilated depthwise convolutions stay float, with their BatchNorm "
-            f"({', '.join(dilated[:3])}{', ...' if len(dilated) > 3 else ''}): torch {torch.__version__}'s int8 "
-            f"kernel for them on {backend!r} is {ao.dilated_depthwise_slowdown(backend):.0f}x slower than float on "
-            "this CPU (measured at start), enough to make the whole int8 network slower than float."
+            f"QAT: {len(slow)} depthwise convolutions stay float, with their BatchNorm ({shown}"
+            f"{', ...' if len(slow) > 3 else ''}): torch {torch.__version__}'s int8 kernel for their shape on "
+            f"{backend!r} is more than {SLOW_INT8:.0f}x slower than float on this CPU (measured at start), enough to "
+            "make the whole int8 network slower than float."
         )
     return said
 

@@ -350,11 +350,11 @@ def depthwise_shape(module: nn.Module) -> DepthwiseShape | None:
 def depthwise_slowdown(backend: str, shape: DepthwiseShape) -> float:
     """How many times slower this torch's int8 depthwise convolution of ``shape`` is than float (measured once).
 
-    ``x86`` and ``fbgemm`` have fast depthwise kernels only for some shapes; the others take a generic path.
-    Measured on an AVX-512 VNNI CPU with torch 2.14.1 (1 thread, 8x8 to 19x19 maps): dilation 2 (DeepLab's and
-    LR-ASPP's MobileNetV3) 110x slower than float, a 5x5 stride-2 convolution without padding (TensorFlow's "same"
-    padding made static, timm's ``tf_`` networks) 60x; with the usual padding, 0.5-0.8x. ``qnnpack``: 1.2x for
-    dilation 2. One such layer can make a whole int8 network slower than float (LR-ASPP MobileNetV3: 0.23x).
+    ``x86`` and ``fbgemm`` have fast depthwise kernels only for some shapes; the others take a generic path. Measured
+    on an AVX-512 VNNI CPU with torch 2.14.1 (128 channels, 24x24 maps, 1 thread): 3x3 and 5x5 with the usual padding
+    0.6-0.9x the float time; strided without padding (TensorFlow's "same" padding made static, timm's ``tf_``
+    networks) 13-34x; dilated (DeepLab's and LR-ASPP's MobileNetV3) 52-125x. ``qnnpack``: 1.3-4x for all of them.
+    One such layer can make a whole int8 network slower than float (LR-ASPP MobileNetV3: 0.23x).
     """
     kernel, stride, padding, dilation = shape
     channels = 128
@@ -369,7 +369,8 @@ def depthwise_slowdown(backend: str, shape: DepthwiseShape) -> float:
             )
             int8.set_weight_bias(weight, None)
             x_q = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
-            return _fastest(int8, x_q) / _fastest(conv, x)
+            int8_time, float_time = _fastest((int8, x_q), (conv, x))
+            return int8_time / float_time
     except Exception:  # noqa: BLE001 - an engine without the kernel: nothing to keep float for speed
         return 1.0
 
@@ -382,14 +383,16 @@ def describe_depthwise(shape: DepthwiseShape) -> str:
     return text + (f", dilation {'x'.join(map(str, set(dilation)))}" if any(d > 1 for d in dilation) else "")
 
 
-def _fastest(layer: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
-    layer(x)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        layer(x)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _fastest(*calls: tuple[nn.Module, torch.Tensor], repeats: int = 10) -> list[float]:
+    """The fastest of ``repeats`` runs of each ``(layer, input)``, run in turns so a busy moment hits all of them."""
+    times: list[list[float]] = [[] for _ in calls]
+    for round_ in range(3 + repeats):  # 3 warm-up rounds
+        for i, (layer, x) in enumerate(calls):
+            start = time.perf_counter()
+            layer(x)
+            if round_ >= 3:
+                times[i].append(time.perf_counter() - start)
+    return [min(t) for t in times]
 
 
 def depthwise_warning(backend: str, count: int) -> str:

@@ -20,7 +20,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.runtimes import PATHS, runtimes
+from benchmarks.runtimes import PATHS, pinned_threads, runtimes
 from lightning_qat import QATCallback, load_quantized
 from lightning_qat.app.cli import main as cli_main
 from lightning_qat.export.torchscript import save_torchscript, to_torchscript
@@ -178,7 +178,7 @@ def latency_and_size(sizes: Sizes, workdir: Path) -> tuple[list[str], list[str],
             for batch in sizes.batches:
                 x = (torch.randn(batch, 3, sizes.image, sizes.image),)
                 for threads in sizes.threads:
-                    with _threads(threads):
+                    with pinned_threads(threads):
                         ms = measure_latency(
                             {"fp32": fp32, "ours": artifact, "hand": hand}, x, backend, repeats=sizes.repeats, warmup=2
                         )
@@ -269,7 +269,7 @@ def step_overhead(sizes: Sizes) -> list[str]:
         ao.set_observers(frozen, False)
         channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
         hand = hand_qat_model(arch, "x86")
-        with _threads(threads):
+        with pinned_threads(threads):
             plain = _plain_steps_ms(
                 {
                     "fp32": fp32,
@@ -331,16 +331,6 @@ def accuracy(sizes: Sizes, workdir: Path) -> list[str]:
         )
         print(rows[-1], flush=True)
     return rows
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _cpu_name() -> str:

@@ -25,7 +25,7 @@ import importlib.util
 import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +218,7 @@ def runtimes(
     ]
     sizes = ["| model | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
     notes: dict[str, str] = {}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with pinned_threads(threads):
         for arch in models:
             paths = Paths(arch, image, workdir)
             for batch in batches:
@@ -242,6 +240,15 @@ def runtimes(
                 + " | ".join(f"{paths.sizes[n] / 2**20:.1f} MiB" if n in paths.sizes else "-" for n in names)
                 + " |"
             )
+    return latency, sizes, notes
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block, and back after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(previous)
-    return latency, sizes, notes

@@ -25,6 +25,7 @@ import torchvision
 from sklearn.datasets import load_digits
 from torch import nn
 
+from benchmarks.runtimes import pinned_threads
 from lightning_qat import load_quantized
 from lightning_qat.export.torchscript import save_torchscript
 from lightning_qat.quantization import ao
@@ -154,12 +155,8 @@ def row(network: Network, steps: int, repeats: int, workdir: Path) -> str:
     accuracy = (qat_pred == truth).float().mean().item()
     speedups = []
     for batch in (1, 8):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with pinned_threads(1):
             ms = measure_latency({"fp32": fp32.eval(), "int8": artifact}, (x_val[:batch],), "x86", repeats=repeats)
-        finally:
-            torch.set_num_threads(previous)
         speedups.append(ms["fp32"] / ms["int8"])
     fused = (
         f"{prepared.conv_bn_pairs - len(prepared.conv_bn_unfused)} of {prepared.conv_bn_pairs}"

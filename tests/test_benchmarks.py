@@ -9,17 +9,21 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
-def test_quick_benchmarks_write_every_section_with_numbers(tmp_path):
-    out = tmp_path / "bench.md"
+def run_quick(module: str, out: Path) -> str:
+    """``python -m <module> --quick --out <out>`` from the repository root; the markdown it wrote."""
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        [sys.executable, "-m", module, "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    text = out.read_text()
+    return out.read_text()
+
+
+def test_quick_benchmarks_write_every_section_with_numbers(tmp_path):
+    text = run_quick("benchmarks.run", tmp_path / "bench.md")
     sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
     assert [s.split(" ")[0] for s in sections] == ["Deployment", "int8", "Size", "QAT", "Accuracy"]
     for section in sections:
@@ -42,16 +46,8 @@ def test_quick_benchmarks_write_every_section_with_numbers(tmp_path):
 
 
 def test_the_quick_zoo_benchmark_writes_a_row_per_network(tmp_path):
-    out = tmp_path / "zoo.md"
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.zoo", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| torchvision")]
+    text = run_quick("benchmarks.zoo", tmp_path / "zoo.md")
+    rows = [line for line in text.splitlines() if line.startswith("| torchvision")]
     assert [row.split("|")[1].strip() for row in rows] == [
         "torchvision resnet18",
         "torchvision lraspp_mobilenet_v3_large",

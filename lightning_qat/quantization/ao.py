@@ -316,16 +316,12 @@ def depthwise_saturation(backend: str) -> int:
     sign = torch.where(torch.rand(channels, 1, 1, 1, generator=generator) > 0.5, 1.0, -1.0)
     weight = torch.randint(100, 128, (channels, 1, 3, 3), generator=generator) * sign * 0.01
     with engine(backend), quiet():
-        x = torch.quantize_per_tensor(activations, 0.05, 0, torch.quint8)
-        weight_q = torch.quantize_per_channel(
-            weight, torch.full((channels,), 0.01), torch.zeros(channels, dtype=torch.long), 0, torch.qint8
-        )
-        reference = nn.functional.conv2d(x.dequantize(), weight_q.dequantize(), padding=1, groups=channels)
-        scale = float(reference.abs().max()) / 120
-        expected = torch.quantize_per_tensor(reference, scale, 128, torch.quint8).dequantize()
         try:
-            conv = _Int8Conv2d(channels, channels, 3, padding=1, groups=channels)
-            conv.set_weight_bias(weight_q, None)
+            conv, weight_q = _int8_depthwise(weight, padding=1)
+            x = torch.quantize_per_tensor(activations, 0.05, 0, torch.quint8)
+            reference = nn.functional.conv2d(x.dequantize(), weight_q.dequantize(), padding=1, groups=channels)
+            scale = float(reference.abs().max()) / 120
+            expected = torch.quantize_per_tensor(reference, scale, 128, torch.quint8).dequantize()
             conv.scale, conv.zero_point = scale, 128
             actual = conv(x).dequantize()
         except Exception:  # noqa: BLE001 - an engine without the kernel
@@ -363,16 +359,26 @@ def depthwise_slowdown(backend: str, shape: DepthwiseShape) -> float:
     x = torch.rand(1, channels, *size)
     try:
         with engine(backend), quiet(), torch.no_grad():
-            int8 = _Int8Conv2d(channels, channels, kernel, stride, padding, dilation, groups=channels)
-            weight = torch.quantize_per_channel(
-                conv.weight, torch.full((channels,), 0.01), torch.zeros(channels, dtype=torch.long), 0, torch.qint8
-            )
-            int8.set_weight_bias(weight, None)
+            int8, _ = _int8_depthwise(conv.weight, stride=stride, padding=padding, dilation=dilation)
             x_q = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
             int8_time, float_time = _fastest((int8, x_q), (conv, x))
             return int8_time / float_time
     except Exception:  # noqa: BLE001 - an engine without the kernel: nothing to keep float for speed
         return 1.0
+
+
+def _int8_depthwise(weight: torch.Tensor, **conv: Any) -> tuple[_Int8Conv2d, torch.Tensor]:
+    """An int8 depthwise ``Conv2d`` (``conv``: its stride, padding, dilation) of ``weight`` at scale 0.01 per channel.
+
+    Returns the layer and its quantized weight.
+    """
+    channels = weight.shape[0]
+    weight_q = torch.quantize_per_channel(
+        weight, torch.full((channels,), 0.01), torch.zeros(channels, dtype=torch.long), 0, torch.qint8
+    )
+    layer = _Int8Conv2d(channels, channels, tuple(weight.shape[2:]), groups=channels, **conv)
+    layer.set_weight_bias(weight_q, None)
+    return layer, weight_q
 
 
 def describe_depthwise(shape: DepthwiseShape) -> str:

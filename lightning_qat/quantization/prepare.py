@@ -247,11 +247,15 @@ def kept_float_warning(kept: dict[str, str], backend: str) -> list[str]:
 
 
 def _prepare_eager(
-    network: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
+    network: nn.Module,
+    backend: str,
+    skip: Sequence[str],
+    example_inputs: tuple[Any, ...],
+    qat: bool,
+    kept: dict[str, str],
 ) -> nn.Module:
     # A network with its own QuantStub (torchvision's quantizable models) places its own quant/dequant.
     has_stubs = any(isinstance(m, ao.QuantStub) for m in network.modules())
-    kept = kept_float(network, backend, skip)  # before fusion: found by the layers' own types
     fuse_model = getattr(network, "fuse_model", None)
     if callable(fuse_model):
         try:
@@ -397,7 +401,12 @@ def float_islands(network: nn.Module) -> list[str]:
 
 
 def _prepare_fx(
-    network: nn.Module, backend: str, skip: Sequence[str], example_inputs: tuple[Any, ...], qat: bool
+    network: nn.Module,
+    backend: str,
+    skip: Sequence[str],
+    example_inputs: tuple[Any, ...],
+    qat: bool,
+    kept: dict[str, str],
 ) -> Prepared:
     """FX preparation, skipped and shared stateful modules wrapped in :class:`Unfused`.
 
@@ -413,7 +422,7 @@ def _prepare_fx(
     try:
         traced = trace(network, (Unfused,), example_inputs)
         pairs = conv_bn_pairs(traced.module)
-        mapping = ao.qconfig_mapping(backend, list(kept_float(network, backend, islands)), qat)
+        mapping = ao.qconfig_mapping(backend, [n for n in kept if not any(_within(n, i) for i in islands)], qat)
         leaves = (*TRAIN_EVAL_LEAVES, Unfused, *own_forward_convs(traced.module))  # the ones not made static
         prepared = ao.prepare_fx(traced.module, mapping, example_inputs, qat, leaf_classes=leaves)
     except Exception:
@@ -523,7 +532,7 @@ def prepare_model(
     check_skip(network, skip)
     folded = fold_parametrizations(network, skip)
     replaced = replace_relu6(network, skip) if relu6_to_relu else 0
-    kept = kept_float(network, backend, skip)
+    kept = kept_float(network, backend, skip)  # before fusion: found by the layers' own types
     said = kept_float_warning(kept, backend)
     depthwise = sum(
         ao.is_depthwise(m) for n, m in network.named_modules() if not any(_within(n, s) for s in [*skip, *kept])
@@ -540,7 +549,7 @@ def prepare_model(
     with ao.engine(backend):
         if mode in ("auto", "fx"):
             try:
-                fx = _prepare_fx(network, backend, skip, example_inputs, qat)
+                fx = _prepare_fx(network, backend, skip, example_inputs, qat, kept)
             except Exception as err:  # noqa: BLE001 - any tracing failure means "not traceable"
                 if mode == "fx":
                     raise RuntimeError(
@@ -554,7 +563,7 @@ def prepare_model(
                 return fx
         else:
             reason = "requested"
-        prepared = _prepare_eager(network, backend, skip, example_inputs, qat)
+        prepared = _prepare_eager(network, backend, skip, example_inputs, qat, kept)
     return Prepared(
         prepared, "eager", reason, _count_fused(prepared), replaced, warnings=said, folded=folded, kept_float=kept
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,19 +200,20 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only the networks whose name contains this")
     args = parser.parse_args()
     lines, skipped = zoo(args.quick, args.steps, args.only)
-    text = "\n".join(
-        [
-            f"# The model zoo through lightning-qat ({'quick' if args.quick else 'full'} mode)",
-            "",
-            f"torch {torch.__version__}, torchvision {torchvision.__version__}; x86 backend; digits at "
-            f"{IMAGE}x{IMAGE}; speed-up: float eager / int8 TorchScript artifact, 1 thread.",
-            "",
-            *lines,
-            "",
-            *([f"Not run: {'; '.join(skipped)}.", ""] if skipped else []),
-        ]
+    intro = (
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}; x86 backend; digits at {IMAGE}x{IMAGE}; "
+        "speed-up: float eager / int8 TorchScript artifact, 1 thread."
     )
+    notes = [f"Not run: {'; '.join(skipped)}."] if skipped else []
     out = args.out or Path(__file__).with_name("zoo_quick.md" if args.quick else "zoo.md")
+    write_table(
+        out, f"The model zoo through lightning-qat ({'quick' if args.quick else 'full'} mode)", intro, lines, notes
+    )
+
+
+def write_table(out: Path, title: str, intro: str, lines: list[str], notes: Sequence[str] = ()) -> None:
+    """A benchmark's markdown: title, one intro line, the table, notes; written to ``out`` and printed."""
+    text = "\n".join([f"# {title}", "", intro, "", *lines, "", *(f"{note}\n" for note in notes)])
     out.write_text(text)
     print(text)
 

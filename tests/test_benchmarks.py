@@ -57,3 +57,15 @@ def test_the_quick_zoo_benchmark_writes_a_row_per_network(tmp_path):
         assert re.fullmatch(r"\d+ of \d+", cells[2]), cells  # Conv-BN pairs fused, counted
         assert all(re.fullmatch(r"\d+\.\d+x", c) for c in cells[4:7]), cells
         assert all(re.fullmatch(r"\d+\.\d%", c) for c in cells[7:9]), cells
+
+
+def test_the_quick_transformer_benchmark_writes_its_row(tmp_path):
+    text = run_quick("benchmarks.transformers", tmp_path / "transformers.md")
+    rows = [line for line in text.splitlines() if line.startswith("| text encoder")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[1] == "fx, 4 MHA"  # every nn.MultiheadAttention decomposed into int8 Linears
+    assert re.fullmatch(r"\d+\.\d%", cells[2]), cells
+    assert re.fullmatch(r"\d+\.\d+x", cells[3]), cells
+    for speedups in cells[4:8]:  # static / dynamic / torch's own dynamic quantization (fails on TransformerEncoder)
+        assert re.fullmatch(r"\d+\.\d+x / \d+\.\d+x / (\d+\.\d+x|fails)", speedups), speedups

@@ -102,6 +102,7 @@ def test_initial_state_and_defaults():
         ({"max_metric_drop": 0.01}, r"max_metric_drop=0\.01.*monitor"),
         ({"skip": "fc"}, r"skip='fc'.*list of submodule names"),
         ({"relu6_to_relu": "yes"}, r"relu6_to_relu='yes'.*True or False"),
+        ({"activations": "int4"}, r"activations=.int4.*\[.auto., .static., .dynamic.\]"),
     ],
 )
 def test_bad_arguments_name_value_and_choices(kwargs, match):

@@ -2,7 +2,9 @@ import pytest
 import torch
 import torchvision
 from conftest import IdsFromPixels, SelfFusingNet, TinyNet, UntraceableNet
+from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
+from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_qat
 from lightning_qat.quantization import ao
@@ -226,3 +228,45 @@ def test_a_depthwise_conv_stays_float_where_the_int8_kernel_for_its_shape_is_slo
     with torch.no_grad(), ao.quiet(), ao.engine("x86"):
         expected, actual = qat_net(x), int8(x)
     assert (actual - expected).abs().mean() <= 0.05 * expected.abs().mean()  # the float layer sits between int8 ones
+
+
+class ClassToken(nn.Module):
+    """A class token expanded to the batch and put before the patches (ViT, DeiT): FX observes the expanded view."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Linear(8, 16)
+        self.token = nn.Parameter(torch.randn(1, 1, 16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.patches(x.flatten(1, 2))
+        tokens = torch.cat([self.token.expand(tokens.shape[0], -1, -1), tokens], 1)
+        return self.fc(tokens[:, 0])
+
+
+def test_a_parameter_view_gets_a_copy_so_lightning_s_flop_count_works():
+    x = torch.randn(4, 1, 8, 8)
+    prepared = prepare_model(ClassToken(), "x86", "fx", [], (x,)).module
+    assert "clone" in prepared.code
+    with torch.no_grad(), FlopCounterMode(display=False):  # what Lightning's model summary runs
+        prepared.eval()(x)
+
+
+def test_the_inputs_of_a_cat_share_one_quantizer_so_int8_cat_keeps_every_input(recwarn):
+    """torch's int8 cat takes its first input's scale: a class token with a scale of its own clipped the patches."""
+    from test_zoo import TorchvisionViT
+
+    from lightning_qat.quantization.convert import to_int8
+
+    x = torch.randn(64, 1, 8, 8)
+    prepared = prepare_model(TorchvisionViT(), "x86", "fx", [], (x[:2],)).module
+    with torch.no_grad():
+        prepared(x)
+    int8 = to_int8(prepared.eval(), "fx", "x86", (x[:2],))
+    with torch.no_grad():
+        int8(x)
+    assert not [w for w in recwarn if "must share the same quantization parameters" in str(w.message)]
+    cat = next(n for n in int8.graph.nodes if n.target is torch.cat)
+    token = cat.args[0][0]  # quantize_per_tensor(class token, scale, zero point)
+    assert float(getattr(int8, token.args[1].target)) == int8.vit.conv_proj.scale  # the patches' scale

@@ -87,6 +87,8 @@ def test_state_dict_holds_the_preparation_and_refuses_another_one():
         "relu6_to_relu": False,
         "float_state_dict": None,
         "example_inputs": None,
+        "activations": "static",
+        "activation_ms": {},
     }
     qat.load_state_dict(state)  # the same settings
     qat.load_state_dict({})  # a checkpoint from before these keys

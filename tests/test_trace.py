@@ -267,3 +267,39 @@ def test_torch_relu_fuses_with_its_conv_bn_and_runs_in_int8():
         assert torch.allclose(qat(x), reference(x), atol=1e-5)  # the in-place ones too: the same function
     qat.apply(torch.ao.quantization.enable_fake_quant)
     assert float_ops(to_int8(qat, "fx", "x86", (x[:2],))) == {}  # no ReLU left in float between int8 layers
+
+
+class DropPath(nn.Module):
+    """A user's stochastic depth: parameter-free, its forward reads self.training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, 1) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class DropPathNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.drop = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), DropPath(0.5)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc((x + self.drop(self.conv2(x))).mean((2, 3)))
+
+
+def test_a_module_reading_self_training_stays_a_module_that_follows_the_mode():
+    x = torch.randn(16, 1, 8, 8)
+    prepared = prepare_model(DropPathNet(), "x86", "fx", [], (x[:2],)).module  # traced in training mode
+    prepared.apply(torch.ao.quantization.disable_fake_quant)
+    ao.set_observers(prepared, False)
+    with torch.no_grad():
+        assert not torch.equal(prepared.train()(x), prepared(x))
+        prepared.eval()
+        assert torch.equal(prepared(x), prepared(x))

@@ -235,11 +235,11 @@ class TorchvisionConvNeXt(nn.Module):
 class Timm(nn.Module):
     """A timm network (random weights, nothing downloaded) on the 1x8x8 digits, resized where it needs more pixels."""
 
-    def __init__(self, name: str, size: int = 8) -> None:
+    def __init__(self, name: str, size: int = 8, **kwargs) -> None:
         super().__init__()
         timm = pytest.importorskip("timm")
         self.size = size
-        self.net = timm.create_model(name, pretrained=False, num_classes=10, in_chans=1)
+        self.net = timm.create_model(name, pretrained=False, num_classes=10, in_chans=1, **kwargs)
 
     def forward(self, x):
         if self.size != 8:  # decided at construction: a condition on x.shape would not trace
@@ -247,9 +247,69 @@ class Timm(nn.Module):
         return self.net(x)
 
 
+class TorchvisionViT(nn.Module):
+    """torchvision's VisionTransformer (nn.MultiheadAttention in every block), 2x2 patches of the digits."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = torchvision.models.VisionTransformer(
+            image_size=8, patch_size=2, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+        )
+
+    def forward(self, x):
+        return self.vit(x.expand(-1, 3, -1, -1))
+
+
+class TorchvisionSwin(nn.Module):
+    """torchvision's Swin (shifted windows; qkv / proj Linears torchvision calls through a function), 2 stages."""
+
+    def __init__(self):
+        super().__init__()
+        self.swin = torchvision.models.SwinTransformer(
+            patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2], num_classes=10
+        )
+
+    def forward(self, x):
+        return self.swin(x.expand(-1, 3, -1, -1))
+
+
+class TextEncoder(nn.Module):
+    """Token ids through nn.TransformerEncoder with a padding mask (id 0), any sequence length up to 64."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(18, 32, padding_idx=0)
+        self.position = nn.Parameter(torch.zeros(1, 64, 32))
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, ids):
+        padding = ids == 0
+        x = self.embedding(ids) + self.position[:, : ids.shape[1]]
+        return self.fc(self.encoder(x, src_key_padding_mask=padding).mean(1))
+
+
+def to_padded_ids(x):
+    """The digits' pixels as ids 1..17 (grey levels), the last row padding (id 0): (N, 64) int64."""
+    ids = to_token_ids(x) + 1
+    ids[:, 56:] = 0
+    return ids
+
+
+class PaddedTokenClassifier(BoringClassifier):
+    def __init__(self, net):
+        super().__init__(net)
+        self.example_input_array = to_padded_ids(torch.zeros(2, 1, 8, 8))
+
+    def forward(self, x):
+        return self.net(to_padded_ids(x))
+
+
 CLASSIFIER = {  # the others: BoringClassifier, images in
     "token ids + embedding": TokenClassifier,
     "token ids + embedding (eager)": TokenClassifier,
+    "text encoder (nn.TransformerEncoder, padding mask)": PaddedTokenClassifier,
     "two inputs (image + meta)": TwoInputClassifier,
     "two inputs (eager)": TwoInputClassifier,
     "dict in, dict out": DictClassifier,
@@ -258,6 +318,7 @@ CLASSIFIER = {  # the others: BoringClassifier, images in
 NETWORK_INPUT = {  # the network's positional inputs made from images
     "token ids + embedding": lambda x: (to_token_ids(x),),
     "token ids + embedding (eager)": lambda x: (to_token_ids(x),),
+    "text encoder (nn.TransformerEncoder, padding mask)": lambda x: (to_padded_ids(x),),
     "two inputs (image + meta)": lambda x: (x, meta_features(x)),
     "two inputs (eager)": lambda x: (x, meta_features(x)),
     "dict in, dict out": lambda x: ({"image": x},),
@@ -313,6 +374,21 @@ ZOO = {
     "timm mobilenetv3 (hard-swish, hard-sigmoid gates)": lambda: Timm("mobilenetv3_small_050"),
     "timm regnety": lambda: Timm("regnety_002"),
     "timm convnext (LayerNorm2d, GELU)": lambda: Timm("test_convnext", size=32),
+    "torchvision vit (nn.MultiheadAttention)": TorchvisionViT,
+    "text encoder (nn.TransformerEncoder, padding mask)": TextEncoder,
+    "torchvision swin (shifted window attention)": TorchvisionSwin,
+    "timm deit (Linear + scaled_dot_product_attention)": lambda: Timm(
+        "deit_tiny_patch16_224", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2
+    ),
+    "timm swin (window attention)": lambda: Timm(
+        "swin_tiny_patch4_window7_224",
+        img_size=8,
+        patch_size=2,
+        window_size=2,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(2, 2),
+    ),
 }
 
 
@@ -354,6 +430,7 @@ def test_every_shape_trains_freezes_converts_and_reloads(tmp_path, digits8, shap
         freeze_observers_after=5,
         evaluate=None,
         latency_repeats=1,
+        activations="static",  # "auto" times static against dynamic on transformers: machine-dependent
     )
     watcher = BatchNormWatcher(qat)
     model = classifier(net)
@@ -441,7 +518,9 @@ def test_a_network_with_nothing_to_quantize_says_so_at_setup(tmp_path, digits8):
 
 
 def test_the_report_lists_what_stays_float(tmp_path, digits8):
-    qat = QATCallback(skip=["fc2"], evaluate=None, latency_repeats=1, freeze_bn_after=1, freeze_observers_after=1)
+    qat = QATCallback(
+        skip=["fc2"], evaluate=None, freeze_bn_after=1, freeze_observers_after=1, activations="static"
+    )  # "auto" could time dynamic int8 faster for this all-Linear network: machine-dependent
     model = BoringClassifier(NormGeluBlock())
     pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[qat])).fit(model, digits8)
     assert qat.report.float_params == {"Linear": 650}  # fc2: 64 x 10 + 10
@@ -472,7 +551,7 @@ def test_the_report_counts_the_ops_that_run_in_float_between_int8_layers(tmp_pat
 @pytest.mark.parametrize("mode", ["fx", "eager"])
 def test_an_embedding_network_passes_lightning_s_sanity_check_and_converts(tmp_path, digits8, mode):
     """Lightning validates before the first training step: the per-row embedding observer has seen nothing yet."""
-    qat = QATCallback(mode=mode, save_artifact=False, latency_repeats=1)
+    qat = QATCallback(mode=mode, save_artifact=False, latency_repeats=1, activations="static")  # all-Linear: not timed
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=3, num_sanity_val_steps=2, callbacks=[qat])
     )

@@ -23,8 +23,10 @@ from typing_extensions import override
 from lightning_qat import files
 from lightning_qat.choices import check_choice, check_count, check_flag
 from lightning_qat.exceptions import CheckpointError
+from lightning_qat.lightning import activations as activation_choice
 from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning import example_input, internals, preflight
+from lightning_qat.lightning.activations import Activations
 from lightning_qat.lightning.evaluate import EvalData, Stage, eval_data
 from lightning_qat.lightning.finish import (
     ConvertFrom,
@@ -94,6 +96,11 @@ class QATCallback(Callback):
         overwrite: let a run write into a ``save_dir`` that already holds an earlier run's artifact or report
             (refused by default, before training). With no logger and no ``save_dir``, every run gets a fresh
             ``default_root_dir/qat/version_N``.
+        activations: how the int8 artifact quantizes activations: ``"static"`` (scales calibrated by QAT, every
+            layer int8), ``"dynamic"`` (Linears in int8 with activations quantized per batch at run time, the other
+            layers float; QAT then trains the weights' quantization only) or ``"auto"`` (static, unless the network
+            is Linear-heavy, a transformer, and dynamic is faster on the example input: both are timed in
+            ``setup``, before training, and the report says which won and by how much).
 
     Raises:
         ValueError: for any argument outside the values listed above.
@@ -144,6 +151,7 @@ class QATCallback(Callback):
         convert: ConvertFrom = "last",
         untrained_float: bool = False,
         overwrite: bool = False,
+        activations: Activations = "auto",
     ) -> None:
         super().__init__()
         self.backend = resolve_backend(backend)
@@ -153,6 +161,7 @@ class QATCallback(Callback):
         check_choice("monitor_mode", monitor_mode, MonitorMode)
         check_choice("on_drop", on_drop, OnDrop)
         check_choice("convert", convert, ConvertFrom)
+        check_choice("activations", activations, Activations)
         if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
             raise ValueError(f"skip={skip!r} must be a list of submodule names, e.g. ['classifier', 'features.0'].")
         check_after("freeze_bn_after", freeze_bn_after)
@@ -192,9 +201,12 @@ class QATCallback(Callback):
         self.convert = convert
         self.untrained_float = untrained_float
         self.overwrite = overwrite
+        self.activations = activations
 
         self.target: str | None = None
         self.prepared: Prepared | None = None
+        self.chosen_activations: Literal["static", "dynamic"] = "static"  # decided in setup("fit"), or restored
+        self._activation_ms: dict[str, float] = {}
         self.report: QATReport | None = None
         self.finished: FinishPipeline | None = None  # the last end-of-fit pipeline run, with its results
         self.bn_frozen = False
@@ -273,9 +285,22 @@ class QATCallback(Callback):
             torchscript="torchscript" in self.export and self.save_artifact,
             monitor=self.monitor,
         )
+        self._choose_activations(trainer, prepared)
         if not trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning's debugging connector
             self._out_dir = preflight.output_dir(trainer, self.save_dir, self.overwrite)
             self._claim = preflight.claim_output_dir(trainer, self._out_dir)  # last: nothing after it can fail
+
+    def _choose_activations(self, trainer: pl.Trainer, prepared: Prepared) -> None:
+        """Static or dynamic int8 activations for the artifact (rank 0's timing for every rank), trained for now."""
+        choice = activation_choice.choose(
+            prepared, self.backend, self._example_inputs, self.activations, self.latency_repeats
+        )
+        if trainer.world_size > 1:
+            choice = trainer.strategy.broadcast(choice, src=0)
+        self.chosen_activations, self._activation_ms = choice
+        if self.chosen_activations == "dynamic" or self._activation_ms:
+            rank_zero_info(activation_choice.describe(*choice))
+        ao.set_activation_fake_quant(prepared.module, self.chosen_activations == "static")
 
     def _prepare_like_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]
@@ -431,6 +456,8 @@ class QATCallback(Callback):
             relu6_to_relu=self.relu6_to_relu,
             best_checkpoint=best or "",
             loaded_from=self._loaded_from,
+            activations=self.chosen_activations,
+            activation_ms=dict(self._activation_ms),
         )
 
     # ------------------------------------------------------------------ resume
@@ -447,6 +474,8 @@ class QATCallback(Callback):
             "relu6_to_relu": self.relu6_to_relu,
             "float_state_dict": self._float_network.state_dict() if self._float_network is not None else None,
             "example_inputs": example_input.storable(self._example_inputs),
+            "activations": self.chosen_activations,
+            "activation_ms": dict(self._activation_ms),
         }
 
     @override
@@ -458,6 +487,12 @@ class QATCallback(Callback):
                 f"understands ({_STATE_VERSION}); upgrade lightning-qat to resume from it."
             )
         self.check_preparation(state_dict)
+        # what QAT trained for (the activation fake-quant switches are buffers: they come back with the weights)
+        saved = state_dict.get("activations", "static")
+        if saved != self.chosen_activations and self.prepared is not None:
+            rank_zero_info(f"QAT: the checkpoint's run trained for {saved} int8 activations: the artifact keeps them.")
+        self.chosen_activations = saved
+        self._activation_ms = dict(state_dict.get("activation_ms", {}))
         float_state = state_dict.get("float_state_dict")
         if float_state is not None and self._float_network is not None:
             self._float_network.load_state_dict(float_state)

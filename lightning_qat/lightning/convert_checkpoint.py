@@ -18,7 +18,7 @@ from lightning_qat.lightning.report import QATReport
 from lightning_qat.quantization.convert import cpu_eval_copy
 
 # QATCallback arguments that describe how the checkpoint's network was prepared or trained: the checkpoint decides.
-_FROM_CHECKPOINT = {"module", "backend", "mode", "skip", "relu6_to_relu"}
+_FROM_CHECKPOINT = {"module", "backend", "mode", "skip", "relu6_to_relu", "activations"}
 _TRAINING_ONLY = {"freeze_bn_after", "freeze_observers_after", "interval", "sync_observers", "convert"}
 
 
@@ -84,6 +84,8 @@ def convert_checkpoint(
         skip=list(state["skip"]),
         relu6_to_relu=state["relu6_to_relu"],
         loaded_from=str(ckpt_path),
+        activations=state.get("activations", "static"),
+        activation_ms=dict(state.get("activation_ms", {})),
     )
 
     def calibration() -> Any:  # the PTQ baseline's training batches, the datamodule set up as a fit would

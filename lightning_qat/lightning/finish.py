@@ -29,6 +29,7 @@ from lightning_qat.lightning.report import MonitorMode, QATReport
 from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
+from lightning_qat.quantization.dynamic import to_dynamic
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
 from lightning_qat.quantization.measure import (
     count_quantized_layers,
@@ -89,6 +90,8 @@ class QATRun:
     relu6_to_relu: bool = False
     best_checkpoint: str = ""
     loaded_from: str | None = None
+    activations: str = "static"  # what the artifact quantizes activations with, chosen in setup (activations.choose)
+    activation_ms: dict[str, float] = field(default_factory=dict)  # the candidates' timing behind that choice
 
 
 @dataclass
@@ -182,9 +185,12 @@ class FinishPipeline:
         """Convert a CPU copy of the trained QAT network (last or best weights) to int8; a report to fill."""
         run = self.qat_run
         self.trained_network, converted_from = self.trained_weights()
-        self.quantized_model = to_int8(
-            self.trained_network, run.prepared.mode, self.settings.backend, run.example_inputs
-        )
+        if run.activations == "dynamic":  # QAT trained the weights' quantization only, for this artifact
+            self.quantized_model = to_dynamic(self.trained_network)
+        else:
+            self.quantized_model = to_int8(
+                self.trained_network, run.prepared.mode, self.settings.backend, run.example_inputs
+            )
         return QATReport(
             backend=self.settings.backend,
             mode=run.prepared.mode,
@@ -204,6 +210,9 @@ class FinishPipeline:
             outside_params=sum(
                 p.numel() for name, p in run.pl_module.named_parameters() if not name.startswith(f"{run.target}.")
             ),
+            activations=run.activations,
+            activation_ms=dict(run.activation_ms),
+            attention=run.prepared.attention,
         )
 
     def trained_weights(self) -> tuple[nn.Module, str]:
@@ -236,6 +245,7 @@ class FinishPipeline:
                 run.example_inputs,
                 mode=run.prepared.mode,
                 skipped=run.skip,
+                activations=report.activations,
             )
             report.artifact = str(self.artifact_path)
         if "onnx" in self.settings.export:

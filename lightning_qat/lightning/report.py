@@ -43,6 +43,9 @@ class QATReport:
     kept_float: dict[str, str] = field(default_factory=dict)  # layers kept float by lightning-qat: name -> why
     module: str = ""  # the LightningModule's submodule that was quantized: what the artifact computes
     outside_params: int = 0  # parameters of the LightningModule outside ``module``: not in the artifact
+    activations: str = "static"  # int8 activations: "static" (calibrated scales) or "dynamic" (per batch, Linears)
+    activation_ms: dict[str, float] = field(default_factory=dict)  # the two candidates timed: "static"/"dynamic" -> ms
+    attention: int = 0  # nn.MultiheadAttention modules whose projections were quantized
 
     def fusion(self) -> str | None:
         """How many Conv-BN pairs were fused, and which were not and why; ``None`` when not counted."""
@@ -154,6 +157,18 @@ class QATReport:
                 f"run in float between int8 layers (torch has no int8 kernel for them; each costs a dequantize and a "
                 f"quantize): {parts}"
             )
+        if self.attention:
+            lines.append(
+                f"attention: the in- and out-projections of {self.attention} nn.MultiheadAttention modules are int8 "
+                "Linears; the softmax attention between them runs in float"
+            )
+        if self.activations == "dynamic":
+            lines.append(
+                "activations: dynamic int8 (Linears quantize their input per batch at run time; the other layers run "
+                f"in float){_timed(self.activation_ms, 'dynamic', 'static')}"
+            )
+        elif self.activation_ms:
+            lines.append(f"activations: static int8{_timed(self.activation_ms, 'static', 'dynamic')}")
         if self.untrained_float:
             lines.append("the float row is the untrained network QAT started from: not a baseline to compare with")
         if self.converted_from != "last":
@@ -219,6 +234,12 @@ class QATReport:
         write_text_atomic(json_path, json.dumps(self.to_dict(), indent=2))
         write_text_atomic(md_path, self.to_markdown())
         return json_path, md_path
+
+
+def _timed(ms: dict[str, float], chosen: str, other: str) -> str:
+    if chosen not in ms or other not in ms:
+        return ""
+    return f", chosen by timing: {ms[chosen]:.3g} ms against {ms[other]:.3g} ms for {other} on the example input"
 
 
 def _ratio(values: dict[str, Any], row: str = "int8") -> float | None:

@@ -70,8 +70,14 @@ _TESTED_TORCH = "2.4 to 2.14"
 
 try:
     with _silenced():
+        from torch.ao.nn.intrinsic.qat import LinearReLU as _QATLinearReLU
         from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+        from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU as _DynamicLinearReLU
+        from torch.ao.nn.qat import Embedding as _QATEmbedding
+        from torch.ao.nn.qat import Linear as _QATLinear
         from torch.ao.nn.quantized import Conv2d as _Int8Conv2d
+        from torch.ao.nn.quantized import Embedding as _Int8Embedding
+        from torch.ao.nn.quantized.dynamic import Linear as _DynamicLinear
         from torch.ao.quantization import (
             DeQuantStub,
             QConfig,
@@ -146,11 +152,17 @@ __all__ = [
     "embedding_qconfig",
     "quiet",
     "set_observers",
+    "set_activation_fake_quant",
     "uncalibrated",
     "pause_observers",
     "restore_observers",
     "set_qconfig",
     "qconfig_of",
+    "is_qat_module",
+    "dynamic_linear",
+    "dynamic_linear_type",
+    "int8_embedding",
+    "to_float",
 ]
 
 
@@ -527,6 +539,13 @@ def set_observers(module: nn.Module, enabled: bool) -> None:
         fq.enable_observer(enabled)
 
 
+def set_activation_fake_quant(module: nn.Module, enabled: bool) -> None:
+    """Switch the fake quantization of every activation of ``module`` on or off (weights' stays, observers observe)."""
+    for name, fq in fake_quant_modules(module):
+        if not name.endswith("weight_fake_quant"):
+            fq.enable_fake_quant(enabled)
+
+
 def pause_observers(module: nn.Module) -> list[dict[str, Any]]:
     """Switch the observers of ``module`` off and return what :func:`restore_observers` needs to undo it exactly.
 
@@ -678,3 +697,54 @@ def set_observer_range(fake_quant: FakeQuantizeBase, low: torch.Tensor, high: to
         scale, zero_point = observer.calculate_qparams()  # type: ignore[operator]
     _tensor(fake_quant, "scale").resize_(scale.shape).copy_(scale)
     _tensor(fake_quant, "zero_point").resize_(zero_point.shape).copy_(zero_point)
+
+
+def is_qat_module(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch's QAT modules (a layer with its weight fake-quant: Linear, Conv-BN...)."""
+    return type(module).__module__.startswith(("torch.ao.nn.qat", "torch.ao.nn.intrinsic.qat"))
+
+
+def to_float(module: nn.Module) -> nn.Module:
+    """The float module a QAT module stands for (BatchNorm folded into the conv / linear), with its trained weights."""
+    with quiet():
+        return module.to_float()  # type: ignore[operator]  # every torch QAT module has it
+
+
+def dynamic_linear_type(module: nn.Module) -> bool:
+    """Whether :func:`dynamic_linear` takes ``module`` (a QAT ``Linear`` or ``LinearReLU``)."""
+    return type(module) in (_QATLinear, _QATLinearReLU)
+
+
+@torch.no_grad()
+def dynamic_linear(module: nn.Module) -> nn.Module | None:
+    """A QAT ``Linear`` / ``LinearReLU`` as torch's dynamic int8 Linear, ``None`` for other modules.
+
+    Its weights are quantized on the grid its weight fake-quant trained with (its ``calculate_qparams``, which
+    :class:`WeightFakeQuantize` keeps equal to the forward's); activations are quantized per batch at run time.
+    """
+    if not dynamic_linear_type(module):
+        return None
+    fake_quant = weight_fake_quant(module)
+    assert fake_quant is not None
+    weight = _tensor(module, "weight").detach().float()
+    bias = _tensor(module, "bias").detach().float() if getattr(module, "bias", None) is not None else None
+    with quiet():
+        scale, zero_point = fake_quant.calculate_qparams()
+    axis = getattr(fake_quant, "ch_axis", 0) if scale.numel() > 1 else None
+    if axis is None:
+        int8 = torch.quantize_per_tensor(weight, float(scale), int(zero_point), torch.qint8)
+    else:
+        int8 = torch.quantize_per_channel(weight, scale.double(), zero_point.long(), int(axis), torch.qint8)
+    cls = _DynamicLinearReLU if type(module) is _QATLinearReLU else _DynamicLinear
+    with quiet():
+        dynamic = cls(weight.shape[1], weight.shape[0], bias is not None, dtype=torch.qint8)  # `bias_` / `bias`
+        dynamic.set_weight_bias(int8, bias)
+    return dynamic
+
+
+def int8_embedding(module: nn.Module) -> nn.Module | None:
+    """A QAT ``Embedding`` as torch's weight-only int8 Embedding (float out), ``None`` for other modules."""
+    if type(module) is not _QATEmbedding:
+        return None
+    with quiet():
+        return _Int8Embedding.from_float(module)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import operator
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,8 +15,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_qat.quantization import ao, compat
+from lightning_qat.quantization.attention import decompose_attention, restore
 from lightning_qat.quantization.inputs import map_tensors
-from lightning_qat.quantization.trace import TRAIN_EVAL_LEAVES, conv_bn_pairs, own_forward_convs, run_once, trace
+from lightning_qat.quantization.trace import conv_bn_pairs, own_forward_convs, run_once, trace, train_eval_leaves
 
 Mode = Literal["auto", "fx", "eager"]
 
@@ -50,6 +52,7 @@ class Prepared:
     conv_bn_pairs: int | None = None  # convolutions followed by a BatchNorm (FX mode; None: not counted)
     conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why", for the pairs left unfused
     kept_float: dict[str, str] = field(default_factory=dict)  # layers kept float by :func:`kept_float`: name -> why
+    attention: int = 0  # nn.MultiheadAttention modules decomposed so their projections are quantized (FX)
 
 
 class FloatIsland(nn.Module):
@@ -408,10 +411,11 @@ def _prepare_fx(
     qat: bool,
     kept: dict[str, str],
 ) -> Prepared:
-    """FX preparation, skipped and shared stateful modules wrapped in :class:`Unfused`.
+    """FX preparation, skipped and shared stateful modules wrapped in :class:`Unfused`, attention decomposed.
 
-    On a failure the wrappers are removed again, for the eager fallback.
+    On a failure the wrappers and the attention rewrites are removed again, for the eager fallback.
     """
+    decomposed, attention_float = decompose_attention(network, skip)
     shared = [
         name for name in shared_stateful_modules(network, example_inputs) if not any(_within(name, s) for s in skip)
     ]
@@ -423,13 +427,16 @@ def _prepare_fx(
         traced = trace(network, (Unfused,), example_inputs)
         pairs = conv_bn_pairs(traced.module)
         mapping = ao.qconfig_mapping(backend, [n for n in kept if not any(_within(n, i) for i in islands)], qat)
-        leaves = (*TRAIN_EVAL_LEAVES, Unfused, *own_forward_convs(traced.module))  # the ones not made static
+        leaves = (*train_eval_leaves(network), Unfused, *own_forward_convs(traced.module))  # the ones not made static
         prepared = ao.prepare_fx(traced.module, mapping, example_inputs, qat, leaf_classes=leaves)
     except Exception:
         for name in reversed(islands):
             compat.set_submodule(network, name, originals[name])
+        restore(network, decomposed)
         raise
     drop_fake_quant_of_integer_tensors(prepared, example_inputs)
+    copy_parameter_views(prepared)
+    share_cat_quantizers(prepared)
     for name, value in vars(network).items():  # plain attributes (`self.net.num_classes`) keep working
         if not name.startswith("_") and name != "training" and not hasattr(prepared, name):
             setattr(prepared, name, value)
@@ -456,6 +463,8 @@ def _prepare_fx(
         warnings=said,
         conv_bn_pairs=len(pairs),
         conv_bn_unfused=unfused,
+        kept_float=attention_float,
+        attention=len([m for m in decomposed.values() if isinstance(m, nn.MultiheadAttention)]),
     )
 
 
@@ -465,7 +474,7 @@ def _spatial_size(example_inputs: tuple[Any, ...]) -> tuple[int, ...]:
 
 
 class _IntegerFakeQuantFinder(torch.fx.Interpreter):
-    """Runs the graph, passing integer tensors through fake-quant modules and noting where that happened."""
+    """Runs the graph, passing non-float values (integer tensors, shapes) through fake-quant modules, noting where."""
 
     def __init__(self, module: torch.fx.GraphModule) -> None:
         super().__init__(module)
@@ -474,17 +483,19 @@ class _IntegerFakeQuantFinder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op == "call_module" and ao.is_fake_quant(self.module.get_submodule(str(n.target))):
             value = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
-            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):  # ids, masks, shape tuples
                 self.integer_nodes.append(n.name)
                 return value
         return super().run_node(n)
 
 
 def drop_fake_quant_of_integer_tensors(graph_module: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> int:
-    """Remove the fake-quant FX put on integer tensors (token ids, masks, ``.long()`` results); returns how many.
+    """Remove the fake-quant FX put on integer tensors and on values that are not tensors; returns how many.
 
-    FX decides where to quantize from the ops alone, so an integer tensor computed in the graph can get a
-    float-only fake-quant (a dtype error on the first batch). Found by running a copy once on ``example_inputs``.
+    FX decides where to quantize from the ops alone, so an integer tensor computed in the graph (token ids, masks,
+    ``.long()`` results) can get a float-only fake-quant (a dtype error on the first batch), and so can a ``mul`` of
+    Python numbers (a window size times 2 in timm's Swin: a tuple). Found by running a copy once on
+    ``example_inputs``.
     """
     probe = copy.deepcopy(graph_module).eval()  # eval: a batch of one through BatchNorm
     finder = _IntegerFakeQuantFinder(probe)
@@ -506,6 +517,96 @@ def drop_fake_quant_of_integer_tensors(graph_module: torch.fx.GraphModule, examp
         graph_module.delete_submodule(target)
     graph_module.recompile()
     return len(finder.integer_nodes)
+
+
+_VIEWS = {"expand", "expand_as", "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten"}
+
+
+def copy_parameter_views(graph_module: torch.fx.GraphModule) -> int:
+    """Feed each fake-quant that observes a view of a parameter (a class token ``expand``-ed to the batch) a copy.
+
+    Under ``torch.no_grad`` such a view is a leaf that requires grad and has no grad function, and torch's module
+    tracker (``FlopCounterMode``: Lightning's model summary with an ``example_input_array``) fails on any module it
+    enters ("Expected gradient function to be set"). The float network passes it to a function, never to a module;
+    the fake-quant FX puts on it is a module. A ``clone`` changes neither the values nor the gradients. Returns how
+    many.
+    """
+    count = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_module" or not ao.is_fake_quant(graph_module.get_submodule(str(node.target))):
+            continue
+        source = node.args[0]
+        chain = []
+        while isinstance(source, torch.fx.Node) and source.op == "call_method" and source.target in _VIEWS:
+            chain.append(source)
+            source = source.args[0]
+        if chain and isinstance(source, torch.fx.Node) and source.op == "get_attr":
+            with graph_module.graph.inserting_before(node):
+                copied = graph_module.graph.call_method("clone", (node.args[0],))
+            node.replace_input_with(node.args[0], copied)
+            count += 1
+    if count:
+        graph_module.recompile()
+    return count
+
+
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+_SHAPE_METHODS = {"reshape", "view", "view_as", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze"}
+_SHAPE_METHODS |= {"unsqueeze", "expand", "expand_as"}
+_SHAPE_FUNCTIONS = (operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze)
+
+
+def share_cat_quantizers(graph_module: torch.fx.GraphModule) -> int:
+    """Give the fake-quantized inputs of each ``torch.cat`` one quantizer; returns how many quantizers were merged.
+
+    torch's int8 ``torch.cat`` takes the first input's scale for all of them: an input quantized with another scale
+    (a ViT's class token next to its patch embeddings: 0.1011 against 0.1021) is rescaled wrongly and clipped, which
+    the fake-quant network never did (torch warns "All inputs of this cat operator must share the same quantization
+    parameters"). The scale an int8 input carries is the one of the fake-quant before its shape ops (``reshape``,
+    ``permute``: int8 tensors pass through them, conversion drops the fake-quants FX puts after them), so those
+    quantizers, and every one after their shape ops, become one module: the same scale in QAT and in int8.
+    """
+
+    def is_quantizer(node: Any) -> bool:
+        return (
+            isinstance(node, torch.fx.Node)
+            and node.op == "call_module"
+            and ao.is_fake_quant(graph_module.get_submodule(str(node.target)))
+        )
+
+    def root(node: torch.fx.Node) -> torch.fx.Node:  # the fake-quant whose scale ``node``'s int8 value keeps
+        source = node.args[0]
+        while isinstance(source, torch.fx.Node) and (
+            (source.op == "call_method" and source.target in _SHAPE_METHODS)
+            or (source.op == "call_function" and source.target in _SHAPE_FUNCTIONS)
+        ):
+            source = source.args[0]
+        return root(source) if isinstance(source, torch.fx.Node) and is_quantizer(source) else node
+
+    merged: dict[str, str] = {}
+
+    def find(target: str) -> str:
+        while merged.get(target, target) != target:
+            target = merged[target]
+        return target
+
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in _CATS and isinstance(node.args[0], (list, tuple)):
+            targets = [find(str(root(arg).target)) for arg in node.args[0] if is_quantizer(arg)]
+            for target in targets[1:]:
+                if target != targets[0]:
+                    merged[target] = targets[0]
+    moved = set()
+    for node in graph_module.graph.nodes:
+        if merged and is_quantizer(node) and (target := find(str(root(node).target))) != node.target:
+            moved.add(str(node.target))
+            node.target = target
+    still_called = {str(node.target) for node in graph_module.graph.nodes if node.op == "call_module"}
+    for target in sorted(moved - still_called):
+        graph_module.delete_submodule(target)
+    if moved:
+        graph_module.recompile()
+    return len(moved)
 
 
 def _within(name: str, ancestor: str) -> bool:
@@ -559,7 +660,8 @@ def prepare_model(
                 reason = f"FX tracing failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
             else:
                 fx.reason = "requested" if mode == "fx" else "the network is symbolically traceable"
-                fx.relu6_replaced, fx.warnings, fx.folded, fx.kept_float = replaced, said + fx.warnings, folded, kept
+                fx.relu6_replaced, fx.warnings, fx.folded = replaced, said + fx.warnings, folded
+                fx.kept_float = kept | fx.kept_float
                 return fx
         else:
             reason = "requested"

@@ -28,9 +28,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_qat.quantization import compat
+from lightning_qat.quantization.attention import AttentionCore, WindowCore
 
 # Modules whose forward passes `self.training` to a function: traced, FX would bake the flag in as a constant.
-TRAIN_EVAL_LEAVES: tuple[type[nn.Module], ...] = (torchvision.ops.StochasticDepth,)
+TRAIN_EVAL_LEAVES: tuple[type[nn.Module], ...] = (torchvision.ops.StochasticDepth, AttentionCore, WindowCore)
 
 # Functionals whose behaviour depends on a training flag: (function, module class, argument names of the module).
 _TRAIN_EVAL_FUNCTIONS: tuple[tuple[Any, type[nn.Module], tuple[str, ...]], ...] = (
@@ -56,6 +57,25 @@ class Traced:
     batch_norms: list[str] = field(default_factory=list)  # BatchNorm subclasses now called as plain BatchNorms
     same_padding: list[str] = field(default_factory=list)  # same-padding convolutions, now padded statically
     specialized: list[str] = field(default_factory=list)  # conditions on input shapes decided for the example input
+
+
+def train_eval_leaves(network: nn.Module) -> list[type[nn.Module]]:
+    """:data:`TRAIN_EVAL_LEAVES` and the parameter-free module classes of ``network`` whose forward reads the mode.
+
+    timm's ``DropPath`` or a user's own stochastic layer: traced, their ``self.training`` would be baked in.
+    """
+    found = set(TRAIN_EVAL_LEAVES)
+    for module in network.modules():
+        kind = type(module)
+        if kind in found or kind.__module__.startswith("torch.") or next(module.parameters(), None) is not None:
+            continue
+        try:
+            source = inspect.getsource(kind.forward)
+        except (OSError, TypeError):
+            continue
+        if "self.training" in source:
+            found.add(kind)
+    return sorted(found, key=lambda t: t.__qualname__)
 
 
 def own_forward_convs(network: nn.Module) -> list[type[nn.Module]]:
@@ -179,7 +199,7 @@ def trace(
         Exception: whatever torch.fx raises for a network it cannot trace.
     """
     own_forward = own_forward_convs(network)
-    tracer = _Tracer((*TRAIN_EVAL_LEAVES, *leaves, *own_forward), example_inputs)
+    tracer = _Tracer((*train_eval_leaves(network), *leaves, *own_forward), example_inputs)
     graph = tracer.trace(network)
     module = torch.fx.GraphModule(tracer.root, graph, type(network).__name__)
     _drop_no_ops(module)

@@ -1,0 +1,62 @@
+"""Static or dynamic int8 activations: chosen in ``setup`` by timing both artifacts, so QAT trains for what ships.
+
+Static int8 quantizes every activation with a scale QAT calibrates; dynamic int8 quantizes each Linear's input per
+batch at run time and runs the rest in float. For a dynamic artifact, QAT trains with weight fake-quant only (the
+activation fake-quant is switched off, its observers keep observing), so the network learns the function it will
+compute; deciding at the end of fit would ship a function QAT never trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_qat.export.torchscript import to_torchscript
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
+from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dynamic
+from lightning_qat.quantization.inputs import cpu_inputs
+from lightning_qat.quantization.measure import measure_latency
+from lightning_qat.quantization.prepare import Prepared
+
+Activations = Literal["auto", "static", "dynamic"]
+
+
+def choose(
+    prepared: Prepared, backend: str, example_inputs: tuple[Any, ...], wanted: Activations, repeats: int = 20
+) -> tuple[Literal["static", "dynamic"], dict[str, float]]:
+    """The activations the artifact will use, and the milliseconds timed on ``example_inputs`` (empty: not timed).
+
+    ``"auto"`` times both candidates only for Linear-heavy networks (:data:`LINEAR_HEAVY` of the multiply-accumulates
+    in Linears: transformers), on a calibrated copy; a network without a Linear is static whatever ``wanted`` says.
+    """
+    network = prepared.module
+    if wanted == "static" or not any(ao.dynamic_linear_type(m) for m in network.modules()):
+        return "static", {}
+    if wanted == "dynamic":
+        return "dynamic", {}
+    if linear_share(network, example_inputs) < LINEAR_HEAVY:
+        return "static", {}
+    probe = cpu_eval_copy(network)
+    with torch.no_grad(), ao.quiet():
+        probe(*cpu_inputs(example_inputs))  # observers see data once: scales to convert with
+    candidates: dict[str, nn.Module] = {
+        "static": to_torchscript(to_int8(probe, prepared.mode, backend, example_inputs), backend, example_inputs),
+        "dynamic": to_torchscript(to_dynamic(probe), backend, example_inputs),
+    }
+    ms = measure_latency(candidates, example_inputs, backend, repeats=repeats)
+    return ("dynamic" if ms["dynamic"] < ms["static"] else "static"), ms
+
+
+def describe(chosen: str, ms: dict[str, float]) -> str:
+    """The choice in one line, for the set-up log."""
+    other = "static" if chosen == "dynamic" else "dynamic"
+    timed = f" ({ms[chosen]:.3g} ms against {ms[other]:.3g} ms for {other} on the example input)" if ms else ""
+    if chosen == "dynamic":
+        return (
+            f"QAT: the int8 artifact will quantize activations dynamically{timed}: Linears in int8, activations "
+            "quantized per batch at run time, the rest in float; QAT trains the weights' quantization only."
+        )
+    return f"QAT: the int8 artifact will quantize activations statically{timed}."

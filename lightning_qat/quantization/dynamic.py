@@ -1,0 +1,68 @@
+"""Dynamic int8: the QAT network's Linears with int8 weights on the grids QAT trained, activations quantized per batch.
+
+For Linear-heavy networks (transformers) at small batches this can beat static int8, which quantizes and
+dequantizes around every op without an int8 kernel (LayerNorm, softmax attention, GELU). Everything but the Linears
+runs in float (Embeddings keep their int8 weights): convolutions with their BatchNorm folded and their trained weights,
+activations unquantized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_qat.quantization import ao, compat
+from lightning_qat.quantization.convert import cpu_eval_copy
+from lightning_qat.quantization.inputs import cpu_inputs
+
+LINEAR_HEAVY = 0.5  # the share of the multiply-accumulates in Linears from which dynamic int8 is a candidate
+
+
+def linear_share(prepared: nn.Module, example_inputs: tuple[Any, ...]) -> float:
+    """The share of a QAT network's multiply-accumulates in its fake-quantized layers that Linears do.
+
+    Counted on a copy run once on ``example_inputs``: a layer does ``weight.numel()`` per output channel position.
+    """
+    probe = cpu_eval_copy(prepared)  # a copy: its observers may observe (an uncalibrated one must, to run)
+    macs = {"linear": 0, "all": 0}
+
+    def count(module: nn.Module, _args: Any, out: Any) -> None:
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and isinstance(out, torch.Tensor):  # Embeddings are not hooked: lookups
+            n = weight.numel() * out.numel() // max(weight.shape[0], 1)
+            macs["all"] += n
+            macs["linear"] += n if ao.dynamic_linear_type(module) else 0
+
+    layers = [m for m in probe.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    handles = [m.register_forward_hook(count) for m in layers if ao.weight_fake_quant(m) is not None]
+    try:
+        with torch.no_grad(), ao.quiet():
+            probe(*cpu_inputs(example_inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs["linear"] / macs["all"] if macs["all"] else 0.0
+
+
+def to_dynamic(prepared: nn.Module) -> nn.Module:
+    """A CPU copy of the QAT network ``prepared`` with dynamic int8 Linears, every other layer float.
+
+    Activation fake-quant modules become ``nn.Identity``; QAT Linears torch's dynamic int8 Linear
+    (:func:`ao.dynamic_linear`), Embeddings its weight-only int8 Embedding (:func:`ao.int8_embedding`: float out as
+    before); other QAT layers their float form (:func:`ao.to_float`). ``prepared`` is not changed.
+    """
+    model = cpu_eval_copy(prepared)
+    modules = dict(model.named_modules(remove_duplicate=False))  # FX registers a shared fake-quant under two names
+    names = [name for name in modules if name]
+    for name in names:
+        if any(name.startswith(f"{done}.") for done in names if ao.is_qat_module(modules[done])):
+            continue  # inside a QAT layer, replaced whole below
+        module = modules[name]
+        if ao.is_qat_module(module):
+            int8 = ao.dynamic_linear(module) or ao.int8_embedding(module) or ao.to_float(module)
+            compat.set_submodule(model, name, int8)
+        elif ao.is_fake_quant(module):
+            compat.set_submodule(model, name, nn.Identity())
+    return model

@@ -173,3 +173,27 @@ def test_lightning_s_model_summary_counts_the_flops_of_a_qat_vision_transformer(
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[qat], enable_model_summary=True))
     trainer.fit(model, datamodule=digits8)
     assert qat.report is not None
+
+
+class AttentionPool(nn.Module):
+    """A learned query attends over the patches: cross-attention, sequence-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.query = nn.Conv2d(1, 32, 2, 2), nn.Parameter(torch.randn(1, 1, 32) * 0.1)
+        self.attn, self.fc = nn.MultiheadAttention(32, 4), nn.Linear(32, 10)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).permute(2, 0, 1)
+        return self.fc(self.attn(self.query.expand(1, x.shape[0], -1), tokens, tokens)[0][0])
+
+
+def test_cross_attention_projects_with_three_int8_linears(digits8):
+    x, _ = digits8.splits["train"].tensors
+    prepared = prepare_model(AttentionPool(), "x86", "fx", [], (x[:2],)).module
+    with torch.no_grad():
+        prepared(x[:64])
+    int8 = to_int8(prepared.eval(), "fx", "x86", (x[:2],))
+    linears = [n for n in int8.graph.nodes if n.target is torch.ops.quantized.linear]
+    assert len(linears) == 3  # query, key, value: slices of in_proj (out_proj and fc are int8 modules)
+    assert float_parameters(int8) == {"GraphModule": 32}  # only the query token stays float

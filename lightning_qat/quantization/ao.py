@@ -746,5 +746,13 @@ def int8_embedding(module: nn.Module) -> nn.Module | None:
     """A QAT ``Embedding`` as torch's weight-only int8 Embedding (float out), ``None`` for other modules."""
     if type(module) is not _QATEmbedding:
         return None
-    with quiet():
-        return _Int8Embedding.from_float(module)
+    fake_quant = weight_fake_quant(module)
+    assert fake_quant is not None
+    with quiet(), torch.no_grad():  # not from_float: torch 2.4's wants an activation observer on the QAT module
+        scale, offset = fake_quant.calculate_qparams()
+        weight = torch.quantize_per_channel(  # float zero points: per-row scale and offset
+            _tensor(module, "weight").detach().float(), scale.float(), offset.float(), 0, torch.quint8
+        )
+        int8 = _Int8Embedding(weight.shape[0], weight.shape[1], padding_idx=getattr(module, "padding_idx", None))
+        int8.set_weight(weight)
+    return int8

@@ -92,7 +92,8 @@ class Attention(nn.Module):
     """``nn.MultiheadAttention`` as Linear modules FX quantizes: ``in_proj`` (E -> 3E) and ``out_proj`` (E -> E).
 
     Same parameters (the same tensors), same arguments and outputs. Self-attention (one tensor as query, key and
-    value) runs ``in_proj`` as one int8 Linear; cross-attention projects in float with its slices of the weight.
+    value) runs ``in_proj`` as one int8 Linear; cross-attention projects each input with its slice of the weight
+    through ``F.linear``, which FX quantizes as a functional linear.
     """
 
     def __init__(self, mha: nn.MultiheadAttention) -> None:
@@ -230,7 +231,7 @@ class WindowCore(nn.Module):
             qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         windows = (height // wh) * (width // ww)
         qkv = qkv.view(batch, height // wh, wh, width // ww, ww, channels).permute(0, 1, 3, 2, 4, 5)
-        q, k, v = qkv.reshape(batch * windows, wh * ww, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(batch * windows, wh * ww, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)
         size = wh * ww
         attn = attn + table[index].view(size, size, -1).permute(2, 0, 1).unsqueeze(0)

@@ -10,40 +10,39 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from lightning_qat.export.torchscript import to_torchscript
 from lightning_qat.quantization import ao
-from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dynamic
-from lightning_qat.quantization.inputs import cpu_inputs
 from lightning_qat.quantization.measure import measure_latency
-from lightning_qat.quantization.prepare import Prepared
 
 Activations = Literal["auto", "static", "dynamic"]
 
 
 def choose(
-    prepared: Prepared, backend: str, example_inputs: tuple[Any, ...], wanted: Activations, repeats: int = 20
+    probe: nn.Module,
+    static: nn.Module,
+    backend: str,
+    example_inputs: tuple[Any, ...],
+    wanted: Activations,
+    repeats: int = 20,
 ) -> tuple[Literal["static", "dynamic"], dict[str, float]]:
     """The activations the artifact will use, and the milliseconds timed on ``example_inputs`` (empty: not timed).
 
-    ``"auto"`` times both candidates only for Linear-heavy networks (:data:`LINEAR_HEAVY` of the multiply-accumulates
-    in Linears: transformers), on a calibrated copy; a network without a Linear is static whatever ``wanted`` says.
+    ``probe``: a throw-away copy of the QAT network whose observers have seen the example (the preflight's);
+    ``static``: its static int8 conversion. ``"auto"`` times both candidates only for Linear-heavy networks
+    (:data:`LINEAR_HEAVY` of the multiply-accumulates in Linears: transformers); a network without a Linear is static
+    whatever ``wanted`` says.
     """
-    network = prepared.module
-    if wanted == "static" or not any(ao.dynamic_linear_type(m) for m in network.modules()):
+    if wanted == "static" or not any(ao.dynamic_linear_type(m) for m in probe.modules()):
         return "static", {}
     if wanted == "dynamic":
         return "dynamic", {}
-    if linear_share(network, example_inputs) < LINEAR_HEAVY:
+    if linear_share(probe, example_inputs) < LINEAR_HEAVY:
         return "static", {}
-    probe = cpu_eval_copy(network)
-    with torch.no_grad(), ao.quiet():
-        probe(*cpu_inputs(example_inputs))  # observers see data once: scales to convert with
     candidates: dict[str, nn.Module] = {
-        "static": to_torchscript(to_int8(probe, prepared.mode, backend, example_inputs), backend, example_inputs),
+        "static": to_torchscript(static, backend, example_inputs),
         "dynamic": to_torchscript(to_dynamic(probe), backend, example_inputs),
     }
     ms = measure_latency(candidates, example_inputs, backend, repeats=repeats)

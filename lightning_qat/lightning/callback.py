@@ -272,7 +272,7 @@ class QATCallback(Callback):
         # the checked copy is the float baseline (an eval forward pass leaves a float network as it was)
         self._float_network = preflight.check_example(network, self._example_inputs, self.target)
         prepared = self._install(pl_module, network, self.mode)
-        preflight.run_preflight(
+        probe, quantized = preflight.run_preflight(
             pl_module,
             self.target,
             prepared,
@@ -285,15 +285,20 @@ class QATCallback(Callback):
             torchscript="torchscript" in self.export and self.save_artifact,
             monitor=self.monitor,
         )
-        self._choose_activations(trainer, prepared)
+        self._choose_activations(trainer, prepared, probe, quantized)
         if not trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning's debugging connector
             self._out_dir = preflight.output_dir(trainer, self.save_dir, self.overwrite)
             self._claim = preflight.claim_output_dir(trainer, self._out_dir)  # last: nothing after it can fail
 
-    def _choose_activations(self, trainer: pl.Trainer, prepared: Prepared) -> None:
-        """Static or dynamic int8 activations for the artifact (rank 0's timing for every rank), trained for now."""
+    def _choose_activations(
+        self, trainer: pl.Trainer, prepared: Prepared, probe: nn.Module, quantized: nn.Module
+    ) -> None:
+        """Static or dynamic int8 activations for the artifact (rank 0's timing for every rank), trained for now.
+
+        ``probe`` and ``quantized``: the preflight's calibrated copy of the prepared network and its int8 conversion.
+        """
         choice = activation_choice.choose(
-            prepared, self.backend, self._example_inputs, self.activations, self.latency_repeats
+            probe, quantized, self.backend, self._example_inputs, self.activations, self.latency_repeats
         )
         if trainer.world_size > 1:
             choice = trainer.strategy.broadcast(choice, src=0)

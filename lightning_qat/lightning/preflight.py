@@ -70,12 +70,13 @@ def run_preflight(
     onnx: bool,
     torchscript: bool = True,
     monitor: str | None = None,
-) -> None:
+) -> tuple[nn.Module, nn.Module]:
     """What would fail at the end of fit, checked now: determinism, conversion, tracing, ONNX, one int8 batch.
 
     Every rank runs it (the same checks on the same network), so a failure stops every rank in ``setup``. Also says,
     on rank 0, when the int8 network would hold no quantized layer. A SIGTERM meanwhile raises
-    :class:`~lightning_qat.EvaluationInterrupted`.
+    :class:`~lightning_qat.EvaluationInterrupted`. Returns the throw-away QAT copy that saw the example (its observers
+    calibrated) and its int8 conversion, for the checks after it.
     """
     with sigterm_raises("the QAT preflight"):
         start = time.perf_counter()
@@ -114,6 +115,7 @@ def run_preflight(
         rank_zero_info(
             f"QAT: preflight passed in {time.perf_counter() - start:.2f} s (int8 conversion and evaluation)."
         )
+    return probe, quantized
 
 
 def check_outputs(float_network: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:

@@ -20,12 +20,12 @@ from lightning_qat.quantization.inputs import cpu_inputs
 LINEAR_HEAVY = 0.5  # the share of the multiply-accumulates in Linears from which dynamic int8 is a candidate
 
 
-def linear_share(prepared: nn.Module, example_inputs: tuple[Any, ...]) -> float:
+def linear_share(network: nn.Module, example_inputs: tuple[Any, ...]) -> float:
     """The share of a QAT network's multiply-accumulates in its fake-quantized layers that Linears do.
 
-    Counted on a copy run once on ``example_inputs``: a layer does ``weight.numel()`` per output channel position.
+    Counted by running ``network`` (a CPU copy in eval mode: its observers observe) once on ``example_inputs``: a
+    layer does ``weight.numel()`` per output channel position.
     """
-    probe = cpu_eval_copy(prepared)  # a copy: its observers may observe (an uncalibrated one must, to run)
     macs = {"linear": 0, "all": 0}
 
     def count(module: nn.Module, _args: Any, out: Any) -> None:
@@ -35,11 +35,11 @@ def linear_share(prepared: nn.Module, example_inputs: tuple[Any, ...]) -> float:
             macs["all"] += n
             macs["linear"] += n if ao.dynamic_linear_type(module) else 0
 
-    layers = [m for m in probe.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    layers = [m for m in network.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     handles = [m.register_forward_hook(count) for m in layers if ao.weight_fake_quant(m) is not None]
     try:
         with torch.no_grad(), ao.quiet():
-            probe(*cpu_inputs(example_inputs))
+            network(*cpu_inputs(example_inputs))
     finally:
         for handle in handles:
             handle.remove()
@@ -55,11 +55,10 @@ def to_dynamic(prepared: nn.Module) -> nn.Module:
     """
     model = cpu_eval_copy(prepared)
     modules = dict(model.named_modules(remove_duplicate=False))  # FX registers a shared fake-quant under two names
-    names = [name for name in modules if name]
-    for name in names:
-        if any(name.startswith(f"{done}.") for done in names if ao.is_qat_module(modules[done])):
+    layers = [name for name, module in modules.items() if ao.is_qat_module(module)]
+    for name, module in modules.items():
+        if not name or any(name.startswith(f"{layer}.") for layer in layers):
             continue  # inside a QAT layer, replaced whole below
-        module = modules[name]
         if ao.is_qat_module(module):
             int8 = ao.dynamic_linear(module) or ao.int8_embedding(module) or ao.to_float(module)
             compat.set_submodule(model, name, int8)

@@ -478,10 +478,11 @@ class _IntegerFakeQuantFinder(torch.fx.Interpreter):
 
     def __init__(self, module: torch.fx.GraphModule) -> None:
         super().__init__(module)
+        self.graph_module = module
         self.integer_nodes: list[str] = []
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        if n.op == "call_module" and ao.is_fake_quant(self.module.get_submodule(str(n.target))):
+        if _is_fake_quant_call(self.graph_module, n):
             value = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
             if not (isinstance(value, torch.Tensor) and value.is_floating_point()):  # ids, masks, shape tuples
                 self.integer_nodes.append(n.name)
@@ -512,14 +513,41 @@ def drop_fake_quant_of_integer_tensors(graph_module: torch.fx.GraphModule, examp
         graph_module.graph.erase_node(node)
     graph_module.graph.eliminate_dead_code()
     graph_module.delete_all_unused_submodules()
-    still_called = {str(node.target) for node in graph_module.graph.nodes if node.op == "call_module"}
-    for target in sorted(dropped - still_called):  # delete_all_unused_submodules can leave them behind
-        graph_module.delete_submodule(target)
-    graph_module.recompile()
+    _delete_uncalled(graph_module, dropped)
     return len(finder.integer_nodes)
 
 
-_VIEWS = {"expand", "expand_as", "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten"}
+# Ops an int8 tensor passes through with its scale (conversion drops the fake-quants FX puts after them).
+_SHAPE_METHODS = {"reshape", "view", "view_as", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze"}
+_SHAPE_METHODS |= {"unsqueeze", "expand", "expand_as"}
+_SHAPE_FUNCTIONS = (operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze)
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _is_fake_quant_call(graph_module: torch.fx.GraphModule, node: Any) -> bool:
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_module"
+        and ao.is_fake_quant(graph_module.get_submodule(str(node.target)))
+    )
+
+
+def _before_shape_ops(value: Any) -> Any:
+    """What ``value`` is computed from through shape ops only (``expand``, ``reshape``, ``x[:, 0]``): itself if none."""
+    while isinstance(value, torch.fx.Node) and (
+        (value.op == "call_method" and value.target in _SHAPE_METHODS)
+        or (value.op == "call_function" and value.target in _SHAPE_FUNCTIONS)
+    ):
+        value = value.args[0]
+    return value
+
+
+def _delete_uncalled(graph_module: torch.fx.GraphModule, targets: set[str]) -> None:
+    """Delete the submodules among ``targets`` the graph no longer calls, and recompile."""
+    called = {str(node.target) for node in graph_module.graph.nodes if node.op == "call_module"}
+    for target in sorted(targets - called):  # delete_all_unused_submodules can leave them behind
+        graph_module.delete_submodule(target)
+    graph_module.recompile()
 
 
 def copy_parameter_views(graph_module: torch.fx.GraphModule) -> int:
@@ -533,14 +561,10 @@ def copy_parameter_views(graph_module: torch.fx.GraphModule) -> int:
     """
     count = 0
     for node in list(graph_module.graph.nodes):
-        if node.op != "call_module" or not ao.is_fake_quant(graph_module.get_submodule(str(node.target))):
+        if not _is_fake_quant_call(graph_module, node):
             continue
-        source = node.args[0]
-        chain = []
-        while isinstance(source, torch.fx.Node) and source.op == "call_method" and source.target in _VIEWS:
-            chain.append(source)
-            source = source.args[0]
-        if chain and isinstance(source, torch.fx.Node) and source.op == "get_attr":
+        source = _before_shape_ops(node.args[0])
+        if source is not node.args[0] and isinstance(source, torch.fx.Node) and source.op == "get_attr":
             with graph_module.graph.inserting_before(node):
                 copied = graph_module.graph.call_method("clone", (node.args[0],))
             node.replace_input_with(node.args[0], copied)
@@ -548,12 +572,6 @@ def copy_parameter_views(graph_module: torch.fx.GraphModule) -> int:
     if count:
         graph_module.recompile()
     return count
-
-
-_CATS = (torch.cat, torch.concat, torch.concatenate)
-_SHAPE_METHODS = {"reshape", "view", "view_as", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze"}
-_SHAPE_METHODS |= {"unsqueeze", "expand", "expand_as"}
-_SHAPE_FUNCTIONS = (operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze)
 
 
 def share_cat_quantizers(graph_module: torch.fx.GraphModule) -> int:
@@ -567,21 +585,9 @@ def share_cat_quantizers(graph_module: torch.fx.GraphModule) -> int:
     quantizers, and every one after their shape ops, become one module: the same scale in QAT and in int8.
     """
 
-    def is_quantizer(node: Any) -> bool:
-        return (
-            isinstance(node, torch.fx.Node)
-            and node.op == "call_module"
-            and ao.is_fake_quant(graph_module.get_submodule(str(node.target)))
-        )
-
     def root(node: torch.fx.Node) -> torch.fx.Node:  # the fake-quant whose scale ``node``'s int8 value keeps
-        source = node.args[0]
-        while isinstance(source, torch.fx.Node) and (
-            (source.op == "call_method" and source.target in _SHAPE_METHODS)
-            or (source.op == "call_function" and source.target in _SHAPE_FUNCTIONS)
-        ):
-            source = source.args[0]
-        return root(source) if isinstance(source, torch.fx.Node) and is_quantizer(source) else node
+        source = _before_shape_ops(node.args[0])
+        return root(source) if _is_fake_quant_call(graph_module, source) else node
 
     merged: dict[str, str] = {}
 
@@ -592,20 +598,21 @@ def share_cat_quantizers(graph_module: torch.fx.GraphModule) -> int:
 
     for node in graph_module.graph.nodes:
         if node.op == "call_function" and node.target in _CATS and isinstance(node.args[0], (list, tuple)):
-            targets = [find(str(root(arg).target)) for arg in node.args[0] if is_quantizer(arg)]
+            targets = [find(str(root(arg).target)) for arg in node.args[0] if _is_fake_quant_call(graph_module, arg)]
             for target in targets[1:]:
                 if target != targets[0]:
                     merged[target] = targets[0]
     moved = set()
     for node in graph_module.graph.nodes:
-        if merged and is_quantizer(node) and (target := find(str(root(node).target))) != node.target:
+        if (
+            merged
+            and _is_fake_quant_call(graph_module, node)
+            and (target := find(str(root(node).target))) != node.target
+        ):
             moved.add(str(node.target))
             node.target = target
-    still_called = {str(node.target) for node in graph_module.graph.nodes if node.op == "call_module"}
-    for target in sorted(moved - still_called):
-        graph_module.delete_submodule(target)
     if moved:
-        graph_module.recompile()
+        _delete_uncalled(graph_module, moved)
     return len(moved)
 
 

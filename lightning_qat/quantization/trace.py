@@ -28,10 +28,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_qat.quantization import compat
-from lightning_qat.quantization.attention import AttentionCore, WindowCore
 
 # Modules whose forward passes `self.training` to a function: traced, FX would bake the flag in as a constant.
-TRAIN_EVAL_LEAVES: tuple[type[nn.Module], ...] = (torchvision.ops.StochasticDepth, AttentionCore, WindowCore)
+# Parameter-free modules of other packages that read `self.training` are found by :func:`train_eval_leaves`.
+TRAIN_EVAL_LEAVES: tuple[type[nn.Module], ...] = (torchvision.ops.StochasticDepth,)
 
 # Functionals whose behaviour depends on a training flag: (function, module class, argument names of the module).
 _TRAIN_EVAL_FUNCTIONS: tuple[tuple[Any, type[nn.Module], tuple[str, ...]], ...] = (

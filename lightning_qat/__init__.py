@@ -24,7 +24,7 @@ from lightning_qat.exceptions import (
 from lightning_qat.export.torchscript import load_quantized
 from lightning_qat.lightning.callback import QATCallback
 from lightning_qat.lightning.checkpoint import load_qat_checkpoint
-from lightning_qat.lightning.convert_checkpoint import convert_checkpoint
+from lightning_qat.lightning.convert_checkpoint import analyze_checkpoint, convert_checkpoint
 from lightning_qat.lightning.finish import FinishPipeline
 from lightning_qat.lightning.report import QATReport
 
@@ -47,6 +47,7 @@ __all__ = [
     "QATCallback",
     "QATReport",
     "__version__",
+    "analyze_checkpoint",
     "convert_checkpoint",
     "load_qat_checkpoint",
     "load_quantized",

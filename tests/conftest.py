@@ -201,3 +201,17 @@ def pretrained_tiny(float_tiny, net_cls=TinyNet) -> BoringClassifier:
     net = net_cls()
     net.load_state_dict(float_tiny["state_dict"])
     return BoringClassifier(net)
+
+
+def with_outlier_channels(model: BoringClassifier, factor: float = 100.0) -> BoringClassifier:
+    """``model`` (a TinyNet) computing the same function, with 2 of conv1's 32 output channels ``factor`` x larger.
+
+    BatchNorm1's scale and shift grow for those channels (ReLU passes the factor through) and conv2 divides their
+    weights by it. Per-tensor int8 quantization of conv1's output then spends its 256 levels on those 2 channels and
+    flattens the other 30: a network that misses an accuracy budget by construction, because of one quantizer.
+    """
+    with torch.no_grad():
+        model.net.bn1.weight[:2] *= factor
+        model.net.bn1.bias[:2] *= factor
+        model.net.conv2.weight[:, :2] /= factor
+    return model

@@ -69,3 +69,12 @@ def test_the_quick_transformer_benchmark_writes_its_row(tmp_path):
     assert re.fullmatch(r"\d+\.\d+x", cells[3]), cells
     for speedups in cells[4:8]:  # static / dynamic / torch's own dynamic quantization (fails on TransformerEncoder)
         assert re.fullmatch(r"\d+\.\d+x / \d+\.\d+x / (\d+\.\d+x|fails)", speedups), speedups
+
+
+def test_quick_fallback_benchmark_writes_its_row(tmp_path):
+    text = run_quick("benchmarks.fallback", tmp_path / "fallback.md")
+    (row,) = [line for line in text.splitlines() if line.startswith("| resnet18 |")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert len(cells) == 10
+    assert all(re.fullmatch(r"\d+\.\d+ / \d+\.\d+", c) for c in cells[1:3]), cells  # float, int8: loss / accuracy
+    assert all(re.fullmatch(r"\d+\.\d+", c) for c in cells[3:5]), cells  # int8 latency, QAT epoch seconds

@@ -98,7 +98,10 @@ def test_initial_state_and_defaults():
         ({"freeze_bn_after": 1.5}, r"freeze_bn_after=1\.5.*float in \(0, 1\)"),
         ({"freeze_observers_after": -1}, r"freeze_observers_after=-1.*int >= 0"),
         ({"evaluate": "train"}, r"evaluate='train'.*\['val', 'test', None\]"),
-        ({"on_drop": "ignore"}, r"on_drop='ignore'.*\['warn', 'raise'\]"),
+        ({"on_drop": "ignore"}, r"on_drop='ignore'.*\['warn', 'raise', 'fallback'\]"),
+        ({"on_drop": "fallback", "monitor": "val_acc"}, r"on_drop='fallback' needs max_metric_drop"),
+        ({"fallback_at": "sometimes"}, r"fallback_at='sometimes'.*'bn'.*'end'.*int >= 1.*float in \(0, 1\)"),
+        ({"fallback_at": 0}, r"fallback_at=0 is invalid"),
         ({"max_metric_drop": 0.01}, r"max_metric_drop=0\.01.*monitor"),
         ({"skip": "fc"}, r"skip='fc'.*list of submodule names"),
         ({"relu6_to_relu": "yes"}, r"relu6_to_relu='yes'.*True or False"),
@@ -210,7 +213,7 @@ class BreakConverterAfterTraining(Callback):
         self.monkeypatch = monkeypatch
 
     def on_train_end(self, trainer, pl_module):
-        def broken(module):
+        def broken(module, *_):
             raise RuntimeError("simulated converter bug")
 
         self.monkeypatch.setattr(lightning_qat.quantization.convert.ao, "convert_fx", broken)

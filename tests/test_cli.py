@@ -145,18 +145,22 @@ def _sub(tmp_path, subcommand, *args):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=600)
 
 
-def test_cli_checkpoint_workflows_test_validate_predict_convert_resume(tmp_path):
+def test_cli_checkpoint_workflows_test_validate_predict_convert_analyze_resume(tmp_path):
     fit = _cli(tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     (ckpt,) = (tmp_path / "outputs" / "qat" / "version_0" / "checkpoints").glob("*.ckpt")
-    for subcommand in ("test", "validate", "predict", "convert"):
+    for subcommand in ("test", "validate", "predict", "convert", "analyze"):
         result = _sub(tmp_path, subcommand, f"--ckpt_path={ckpt}", "--trainer.limit_val_batches=2")
         assert result.returncode == 0, (subcommand, result.stderr[-3000:])
         assert "QAT: prepared `model` in fx mode" in result.stderr + result.stdout, subcommand
     converted = sorted((tmp_path / "outputs" / "qat").glob("version_*/model_int8.pt"))
-    assert len(converted) == 2  # the fit's and the convert's
+    assert len(converted) == 2  # the fit's and the convert's: analyze writes no artifact
     report = json.loads((converted[-1].parent / "qat_report.json").read_text())
     assert report["converted_from"] == f"checkpoint: {ckpt}"
+    analyzed = max((tmp_path / "outputs" / "qat").glob("version_*/qat_report.json"), key=lambda p: p.stat().st_mtime)
+    assert analyzed.parent != converted[-1].parent
+    assert (analyzed.parent / "qat_layers.png").is_file()
+    assert json.loads(analyzed.read_text())["layer_sqnr"].keys() == report["layer_sqnr"].keys() != set()
 
     resumed = _cli(tmp_path, f"--ckpt_path={ckpt}", "--trainer.max_epochs=2", "--pretrain.epochs=1")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -63,6 +63,20 @@ def test_ddp_ranks_share_qparams_and_freeze_steps_and_rank0_alone_converts(tmp_p
     assert ddp_acc == pytest.approx(single.report.metrics["int8"]["val_acc"], abs=0.03)
 
 
+def test_rank0_searches_the_accuracy_budget_and_every_rank_trains_the_result_float(tmp_path, float_tiny):
+    budget = {"monitor": "val_acc", "max_metric_drop": 0.01, "on_drop": "fallback", "fallback_at": 1}
+    schedule = {"interval": "step", "freeze_bn_after": 20, "freeze_observers_after": 40}
+    rank0, rank1 = _ddp_fit(tmp_path, float_tiny, outlier=True, qat=budget | schedule)
+    assert rank0["fallback"] == rank1["fallback"] == ["conv1"]  # the search's layer; conv2 goes float with it
+    assert rank0["fake_quant_off"] == rank1["fake_quant_off"]
+    assert {"conv1.weight_fake_quant", "conv2.weight_fake_quant"} <= set(rank0["fake_quant_off"])
+    report = rank0["report"]
+    assert report["fallback_met"] is True
+    assert report["fallback"] == ["conv1", "conv2"]
+    assert report["fallback_candidates"][0]["when"] == "step 1"
+    assert rank1["report"] == report
+
+
 def test_a_failure_on_rank0_reaches_every_rank_instead_of_hanging(tmp_path, float_tiny):
     result = _run_job(tmp_path, float_tiny, fail_on_rank0=True, qat={"evaluate": None})
     assert result.returncode != 0

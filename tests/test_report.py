@@ -112,3 +112,56 @@ def test_the_report_names_the_layers_kept_float_and_what_the_artifact_holds():
     part = _report(artifact="model_int8.pt", module="model.backbone", outside_params=1234)
     assert "int8 artifact: model_int8.pt (`model.backbone` only: 1,234 parameters" in "\n".join(part.summary())
     assert QATReport.from_dict(report.to_dict()).kept_float == report.kept_float
+
+
+def test_per_layer_sqnr_names_the_ten_worst_and_the_files_list_every_layer():
+    sqnr = {f"layer{i}": float(i * 3) for i in range(14)}
+    report = _report(layer_sqnr=sqnr)
+    (line,) = [s for s in report.summary() if s.startswith("per-layer SQNR")]
+    assert line.endswith(
+        "the 10 lowest of 14: layer0 0.0, layer1 3.0, " + ", ".join(f"layer{i} {i * 3:.1f}" for i in range(2, 10))
+    )
+    markdown = report.to_markdown()
+    assert all(f"| layer{i} | {i * 3:.1f} |" in markdown for i in range(14))
+    assert QATReport.from_dict(json.loads(json.dumps(report.to_dict()))).layer_sqnr == sqnr
+
+
+def test_a_fallback_search_is_one_line_and_a_table_of_candidates():
+    candidates = [
+        {
+            "layers": ["conv1", "fc"],
+            "metric": 0.93,
+            "meets": True,
+            "size_bytes": 200_000,
+            "latency_ms": 1.5,
+            "names": ["conv1", "conv2", "fc"],
+            "metrics": {},
+            "when": "epoch 2",
+        },
+        {
+            "layers": ["conv1"],
+            "metric": 0.92,
+            "meets": True,
+            "size_bytes": 150_000,
+            "latency_ms": 1.2,
+            "names": ["conv1", "conv2"],
+            "metrics": {},
+            "when": "epoch 2",
+        },
+    ]
+    met = _report(
+        fallback=["conv1", "conv2"],
+        fallback_met=True,
+        fallback_evaluations=2,
+        fallback_seconds=3.25,
+        fallback_candidates=candidates,
+    )
+    assert "accuracy budget met by keeping float: conv1, conv2 (search: 2 int8 models evaluated in 3.2 s)" in (
+        met.summary()
+    )
+    markdown = met.to_markdown()
+    assert "| epoch 2 | conv1, fc | 0.93 | yes | 0.200 | 1.5 |" in markdown
+    assert "| epoch 2 | conv1 | 0.92 | yes | 0.150 | 1.2 |" in markdown
+    missed = _report(fallback_met=False, fallback_evaluations=3)
+    assert missed.to_markdown().splitlines()[2].startswith("**ACCURACY BUDGET NOT MET by any fallback tried")
+    assert not any("accuracy budget" in line.lower() for line in _report().summary())  # no search: no line

@@ -1,7 +1,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import pretrained_tiny, trainer_kwargs
+from conftest import pretrained_tiny, trainer_kwargs, with_outlier_channels
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_qat import QATCallback
@@ -89,6 +89,10 @@ def test_state_dict_holds_the_preparation_and_refuses_another_one():
         "example_inputs": None,
         "activations": "static",
         "activation_ms": {},
+        "fallback": [],
+        "fallback_searched": False,
+        "fallback_met": None,
+        "fallback_candidates": [],
     }
     qat.load_state_dict(state)  # the same settings
     qat.load_state_dict({})  # a checkpoint from before these keys
@@ -96,3 +100,43 @@ def test_state_dict_holds_the_preparation_and_refuses_another_one():
         qat.load_state_dict(state | {"relu6_to_relu": True})
     with pytest.raises(CheckpointError, match=r"version 2, newer .* upgrade lightning-qat"):
         qat.load_state_dict(state | {"version": 2})
+
+
+def test_a_resumed_run_keeps_the_layers_a_search_kept_float_and_does_not_search_again(tmp_path, digits8, float_tiny):
+    def budget_qat():
+        return QATCallback(
+            monitor="val_acc",
+            max_metric_drop=0.01,
+            on_drop="fallback",
+            fallback_at=1,
+            interval="step",
+            save_artifact=False,
+        )
+
+    def outlier_model():
+        pl.seed_everything(0)
+        model = with_outlier_channels(pretrained_tiny(float_tiny))
+        model.lr = 0.0  # QAT adapts BatchNorm statistics only (test_finish.py)
+        return model
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = budget_qat()
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path / "part", max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True)
+    )
+    trainer.fit(outlier_model(), datamodule=digits8)
+    assert first.fallback == ["conv1"]
+    assert first.fallback_searched
+
+    resumed = budget_qat()
+    searches = []
+    resumed._search_fallback = lambda *args: searches.append(args)  # noqa: SLF001 - must not run again
+    model = outlier_model()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resume", max_epochs=2, callbacks=[resumed]))
+    trainer.fit(model, datamodule=digits8, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert searches == []
+    assert resumed.fallback == ["conv1"]
+    assert resumed.report.fallback == ["conv1", "conv2"]
+    off = {name for name, fq in ao.fake_quant_modules(model.net) if not fq.fake_quant_enabled[0]}
+    assert {"conv1.weight_fake_quant", "conv2.weight_fake_quant"} <= off  # trained float after the resume too
+    assert resumed.report.fallback_candidates[0]["when"] == "step 1"

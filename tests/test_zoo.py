@@ -13,6 +13,8 @@ from torch import nn
 
 from lightning_qat import QATCallback, load_quantized
 from lightning_qat.quantization import ao
+from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
+from lightning_qat.quantization.fallback import float_nodes, groups, keep_float
 from lightning_qat.quantization.inputs import map_tensors
 from lightning_qat.quantization.prepare import prepare_model
 
@@ -457,6 +459,23 @@ def test_every_shape_trains_freezes_converts_and_reloads(tmp_path, digits8, shap
     print(f"{shape}: relative error {relative_error:.4f}, agreement {agreement:.4f}")
     assert relative_error <= max_error, relative_error
     assert agreement >= min_agreement, agreement
+
+    # the accuracy-budget fallback over every shape: each quantized layer has its SQNR in the report, and the worst
+    # one's group kept float converts, runs, and computes what the QAT network with those fake-quants off computes
+    sqnr = qat.report.layer_sqnr
+    assert sqnr
+    assert all(-100 <= db <= 100 for db in sqnr.values()), sqnr
+    assert set(sqnr) <= {name for name, m in qat_net.named_modules() if ao.weight_fake_quant(m) is not None}
+    group = groups(qat_net)[min(sqnr, key=sqnr.get)]
+    if qat.report.mode == "fx":
+        kept = to_int8(qat_net, "fx", qat.backend, inputs, float_nodes([group]))
+        reference = cpu_eval_copy(qat_net)
+        keep_float(reference, [group])
+        with torch.no_grad(), ao.quiet():
+            kept_out, reference_out = logits(kept(*inputs)), logits(reference(*inputs))
+        kept_error = ((kept_out - reference_out).abs().mean() / reference_out.abs().mean()).item()
+        print(f"{shape}: {group.layer} float with {group.names}: relative error {kept_error:.4f}")
+        assert kept_error <= max_error, kept_error
 
 
 def _float_equivalence_error(net: nn.Module, inputs: tuple, mode: str = "auto", logits=None) -> float:

@@ -1,4 +1,4 @@
-"""Config-driven QAT runs: ``lightning-qat fit|validate|test`` on LightningCLI (jsonargparse + OmegaConf)."""
+"""Config-driven QAT runs: ``lightning-qat fit|validate|test|convert|analyze`` on LightningCLI and OmegaConf."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lightning_qat import exceptions
 from lightning_qat.exceptions import CheckpointError
 from lightning_qat.lightning.callback import QATCallback
 from lightning_qat.lightning.checkpoint import check_readable
-from lightning_qat.lightning.convert_checkpoint import convert_checkpoint
+from lightning_qat.lightning.convert_checkpoint import analyze_checkpoint, convert_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -39,6 +39,24 @@ class QATTrainer(Trainer):
         """
         convert_checkpoint(model, ckpt_path, datamodule=datamodule, trainer=self)
 
+    def analyze(
+        self,
+        model: pl.LightningModule,
+        ckpt_path: str,
+        datamodule: pl.LightningDataModule | None = None,
+    ) -> None:
+        """The report of a QAT checkpoint without its artifact: metrics, per-layer SQNR and ``qat_layers.png``.
+
+        With ``--qat.on_drop=fallback --qat.monitor=... --qat.max_metric_drop=...`` a missed budget is searched: the
+        report lists the candidates and the layers to keep float.
+
+        Args:
+            model: a fresh instance of the checkpoint's LightningModule.
+            ckpt_path: the QAT checkpoint.
+            datamodule: the data of the evaluation.
+        """
+        analyze_checkpoint(model, ckpt_path, datamodule=datamodule, trainer=self)
+
 
 class QATLightningCLI(LightningCLI):
     """LightningCLI with a ``qat`` group (every :class:`QATCallback` argument) and an optional float pre-training.
@@ -54,8 +72,8 @@ class QATLightningCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's subcommands and ``convert``."""
-        return {**LightningCLI.subcommands(), "convert": {"model", "datamodule"}}
+        """Lightning's subcommands, ``convert`` and ``analyze``."""
+        return {**LightningCLI.subcommands(), "convert": {"model", "datamodule"}, "analyze": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--qat.*`` and ``--pretrain.*``."""
@@ -116,7 +134,7 @@ class QATLightningCLI(LightningCLI):
     def _before_run(self) -> None:
         self._check_class_count()
 
-    before_validate = before_test = before_predict = before_convert = _before_run
+    before_validate = before_test = before_predict = before_convert = before_analyze = _before_run
 
     def before_fit(self) -> None:
         """Float pre-training, when ``--pretrain.epochs`` > 0 and the fit is not a resume."""
@@ -192,7 +210,7 @@ def _cli(args: list[str] | None) -> None:
             "parser_mode": "omegaconf+",
             **{
                 sub: {"parser_mode": "omegaconf+", "default_config_files": [str(DEFAULT_CONFIG)]}
-                for sub in ("fit", "validate", "test", "predict", "convert")
+                for sub in ("fit", "validate", "test", "predict", "convert", "analyze")
             },
         },
         save_config_kwargs={"overwrite": True},

@@ -6,8 +6,9 @@ The work lives below it: preparing and converting in :mod:`lightning_qat.quantiz
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from lightning_qat.lightning.finish import (
     OnDrop,
     QATRun,
     check_export,
+    check_fallback_at,
     check_guard,
 )
 from lightning_qat.lightning.install import install
@@ -44,8 +46,9 @@ from lightning_qat.lightning.target import find_target
 from lightning_qat.quantization import ao, compat
 from lightning_qat.quantization.backends import Backend, resolve_backend
 from lightning_qat.quantization.convert import cpu_eval_copy
+from lightning_qat.quantization.fallback import keep_float
 from lightning_qat.quantization.prepare import Mode, Prepared
-from lightning_qat.quantization.schedule import FreezeSchedule, Interval, build_schedule, check_after
+from lightning_qat.quantization.schedule import FreezeSchedule, Interval, build_schedule, check_after, resolve_after
 from lightning_qat.quantization.sync import all_reduce_observers
 
 _STATE_VERSION = 1
@@ -79,7 +82,16 @@ class QATCallback(Callback):
         monitor: metric the accuracy guard compares between float and int8 (e.g. ``"val_acc"``).
         monitor_mode: ``"max"`` if higher is better for ``monitor``, ``"min"`` otherwise.
         max_metric_drop: the largest tolerated drop of ``monitor`` from float to int8.
-        on_drop: ``"warn"`` or ``"raise"`` when the drop is larger.
+        on_drop: ``"warn"`` or ``"raise"`` when the drop is larger; ``"fallback"`` keeps float the fewest layers that
+            meet the budget: ranked by their SQNR (the report's per-layer table), searched with int8 models of the
+            trained weights evaluated by your ``validation_step``/``test_step`` (a binary search over the ranking,
+            then each layer put back into int8 if the budget allows). Searched at ``fallback_at`` (the rest of QAT
+            then trains with those layers float) and, if the end of fit still misses the budget, once more there.
+            When no set meets it, the best is kept and the guard warns. FX mode or dynamic activations only.
+        fallback_at: when ``on_drop="fallback"`` searches during training: ``"bn"`` (when BatchNorm statistics
+            freeze; at the end of fit only if they never do), an epoch/step index (int >= 1) or fraction (as
+            ``freeze_bn_after``), or ``"end"`` (at the end of fit only: QAT will have trained around the damaged
+            layers, which keeping them float then does not undo).
         save_dir: where ``model_int8.pt`` and the report go; default ``trainer.log_dir``.
         save_artifact: write the int8 artifacts (``False``: convert, evaluate and report only).
         export: the artifact formats: ``"torchscript"`` (``model_int8.pt``, :func:`~lightning_qat.load_quantized`)
@@ -107,8 +119,9 @@ class QATCallback(Callback):
         OnnxExtraMissing: for ``export=[..., "onnx"]`` without ``pip install 'lightning-qat[onnx]'``.
 
     At fit end, on global rank 0, the :class:`~lightning_qat.lightning.finish.FinishPipeline` that :meth:`pipeline`
-    returns runs its steps ``convert_network``, ``write_artifact``, ``evaluate_networks``, ``measure_networks``,
-    ``write_report`` and ``check_metric_drop``, in that order: the artifact is on disk before anything that can fail.
+    returns runs its steps ``convert_network``, ``write_artifact``, ``evaluate_networks``, ``analyze_layers``,
+    ``fall_back``, ``measure_networks``, ``write_report`` and ``check_metric_drop``, in that order: the artifact is on
+    disk before anything that can fail.
     To change one step, subclass the pipeline and set it as :attr:`pipeline_class` of a subclass of this callback.
 
     Example::
@@ -152,6 +165,7 @@ class QATCallback(Callback):
         untrained_float: bool = False,
         overwrite: bool = False,
         activations: Activations = "auto",
+        fallback_at: int | float | Literal["bn", "end"] = "bn",
     ) -> None:
         super().__init__()
         self.backend = resolve_backend(backend)
@@ -167,6 +181,9 @@ class QATCallback(Callback):
         check_after("freeze_bn_after", freeze_bn_after)
         check_after("freeze_observers_after", freeze_observers_after)
         check_guard(monitor, max_metric_drop, evaluate)
+        if on_drop == "fallback" and max_metric_drop is None:
+            raise ValueError(f"on_drop='fallback' needs max_metric_drop (the budget to meet) and monitor={monitor!r}.")
+        check_fallback_at(fallback_at)
         for name, flag in (
             ("relu6_to_relu", relu6_to_relu),
             ("save_artifact", save_artifact),
@@ -202,11 +219,17 @@ class QATCallback(Callback):
         self.untrained_float = untrained_float
         self.overwrite = overwrite
         self.activations = activations
+        self.fallback_at = fallback_at
 
         self.target: str | None = None
         self.prepared: Prepared | None = None
         self.chosen_activations: Literal["static", "dynamic"] = "static"  # decided in setup("fit"), or restored
         self._activation_ms: dict[str, float] = {}
+        self.fallback: list[str] = []  # layers the fallback search during the fit kept float (then trained so)
+        self.fallback_searched = False  # the search during the fit ran (a resumed run does not run it again)
+        self._fallback_met: bool | None = None
+        self._fallback_candidates: list[dict[str, Any]] = []
+        self._search_at: int | None = None
         self.report: QATReport | None = None
         self.finished: FinishPipeline | None = None  # the last end-of-fit pipeline run, with its results
         self.bn_frozen = False
@@ -359,19 +382,26 @@ class QATCallback(Callback):
             rank_zero_info(note)
         for warning in warnings:
             rank_zero_warn(warning)
+        self._search_at = None
+        if self.on_drop == "fallback" and self.fallback_at != "end":
+            at = self._schedule.bn_at if self.fallback_at == "bn" else self.fallback_at
+            total = trainer.max_epochs if self._schedule.interval == "epoch" else trainer.estimated_stepping_batches
+            length = int(total) if total is not None and 0 <= total < math.inf else None
+            at = resolve_after("fallback_at", at, length, self._schedule.interval)
+            self._search_at = None if at is None else max(1, at)  # observers must have seen data (freeze_bn_after=0)
 
     # ------------------------------------------------------------------ training
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._schedule is not None and self._schedule.interval == "epoch":
-            self._apply_schedule(pl_module, trainer.current_epoch)
+            self._apply_schedule(trainer, pl_module, trainer.current_epoch)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._schedule is not None and self._schedule.interval == "step":
-            self._apply_schedule(pl_module, trainer.global_step)
+            self._apply_schedule(trainer, pl_module, trainer.global_step)
 
     @override
     def on_train_batch_end(
@@ -463,6 +493,9 @@ class QATCallback(Callback):
             loaded_from=self._loaded_from,
             activations=self.chosen_activations,
             activation_ms=dict(self._activation_ms),
+            fallback=list(self.fallback),
+            fallback_met=self._fallback_met,
+            fallback_candidates=list(self._fallback_candidates),
         )
 
     # ------------------------------------------------------------------ resume
@@ -481,6 +514,10 @@ class QATCallback(Callback):
             "example_inputs": example_input.storable(self._example_inputs),
             "activations": self.chosen_activations,
             "activation_ms": dict(self._activation_ms),
+            "fallback": list(self.fallback),
+            "fallback_searched": self.fallback_searched,
+            "fallback_met": self._fallback_met,
+            "fallback_candidates": list(self._fallback_candidates),
         }
 
     @override
@@ -498,6 +535,11 @@ class QATCallback(Callback):
             rank_zero_info(f"QAT: the checkpoint's run trained for {saved} int8 activations: the artifact keeps them.")
         self.chosen_activations = saved
         self._activation_ms = dict(state_dict.get("activation_ms", {}))
+        # the layers kept float: their fake-quant switches are buffers too; the names are what the conversion needs
+        self.fallback = list(state_dict.get("fallback", []))
+        self.fallback_searched = bool(state_dict.get("fallback_searched", False))
+        self._fallback_met = state_dict.get("fallback_met")
+        self._fallback_candidates = list(state_dict.get("fallback_candidates", []))
         float_state = state_dict.get("float_state_dict")
         if float_state is not None and self._float_network is not None:
             self._float_network.load_state_dict(float_state)
@@ -546,7 +588,7 @@ class QATCallback(Callback):
         assert self.target is not None
         return pl_module.get_submodule(self.target)
 
-    def _apply_schedule(self, pl_module: pl.LightningModule, counter: int) -> None:
+    def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule, counter: int) -> None:
         if self._schedule is None:
             return
         freeze_bn, freeze_observers = self._schedule.due(counter)
@@ -561,6 +603,31 @@ class QATCallback(Callback):
             rank_zero_info(
                 f"QAT: observers frozen at {self._schedule.interval} {counter}; quantization parameters fixed."
             )
+        if self._search_at is not None and counter >= self._search_at and not self.fallback_searched:
+            self._search_fallback(trainer, pl_module, f"{self._schedule.interval} {counter}")
+
+    def _search_fallback(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        """The accuracy-budget search during the fit, on global rank 0; every rank keeps the result float."""
+        self.fallback_searched = True
+        found: tuple[list[str], bool | None, list[dict[str, Any]]] | None = None
+        if trainer.is_global_zero:
+            pipeline = self.pipeline(self._run(trainer, pl_module), eval_data(trainer, self.evaluate), trainer)
+            try:
+                result = pipeline.search_during_fit(when)
+            except Exception as err:  # noqa: BLE001 - training goes on as it was; the end of fit searches again
+                rank_zero_warn(f"QAT fallback ({when}) failed, training goes on unchanged: {type(err).__name__}: {err}")
+                result = None
+            if result is not None:
+                candidates = [asdict(candidate) for candidate in result.candidates]
+                found = ([group.layer for group in pipeline.float_groups], result.chosen is not None, candidates)
+        if trainer.world_size > 1:
+            found = trainer.strategy.broadcast(found, src=0)
+        if found is None:
+            return
+        self.fallback, self._fallback_met, self._fallback_candidates = found
+        network = self.network(pl_module)
+        keep_float(network, FinishPipeline.resolve_groups(network, self.fallback, self.chosen_activations == "static"))
+        rank_zero_info(f"QAT: training goes on with {', '.join(self.fallback) or 'no layer'} kept float.")
 
     def _pause_observers(self, pl_module: pl.LightningModule) -> None:
         """Observers off for an evaluation loop, which then leaves no trace in the quantization state."""

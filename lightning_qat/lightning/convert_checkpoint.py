@@ -19,7 +19,7 @@ from lightning_qat.quantization.convert import cpu_eval_copy
 
 # QATCallback arguments that describe how the checkpoint's network was prepared or trained: the checkpoint decides.
 _FROM_CHECKPOINT = {"module", "backend", "mode", "skip", "relu6_to_relu", "activations"}
-_TRAINING_ONLY = {"freeze_bn_after", "freeze_observers_after", "interval", "sync_observers", "convert"}
+_TRAINING_ONLY = {"freeze_bn_after", "freeze_observers_after", "interval", "sync_observers", "convert", "fallback_at"}
 
 
 def convert_checkpoint(
@@ -86,6 +86,9 @@ def convert_checkpoint(
         loaded_from=str(ckpt_path),
         activations=state.get("activations", "static"),
         activation_ms=dict(state.get("activation_ms", {})),
+        fallback=list(state.get("fallback", [])),  # kept float (and trained so) by a search during the fit
+        fallback_met=state.get("fallback_met"),
+        fallback_candidates=list(state.get("fallback_candidates", [])),
     )
 
     def calibration() -> Any:  # the PTQ baseline's training batches, the datamodule set up as a fit would
@@ -106,6 +109,34 @@ def convert_checkpoint(
         if claimed is not None:
             files.release(claimed)
     return qat.report
+
+
+def analyze_checkpoint(
+    model: pl.LightningModule,
+    ckpt_path: str | os.PathLike,
+    datamodule: pl.LightningDataModule | None = None,
+    trainer: pl.Trainer | None = None,
+    **qat_kwargs: Any,
+) -> QATReport:
+    """The report of a QAT checkpoint without writing its artifact: metrics, per-layer SQNR, ``qat_layers.png``.
+
+    :func:`convert_checkpoint` with ``save_artifact=False``, same arguments. With ``on_drop="fallback"``,
+    ``monitor`` and ``max_metric_drop``, a missed budget is searched as at the end of fit: the report lists every
+    candidate and the layers to keep float (``convert_checkpoint`` with the same settings writes that model).
+
+    Example::
+
+        report = analyze_checkpoint(MyModule(), "last.ckpt", datamodule=MyData(), monitor="val_acc")
+        print(sorted(report.layer_sqnr.items(), key=lambda item: item[1])[:5])  # the five worst layers
+    """
+    if trainer is None:
+        return convert_checkpoint(model, ckpt_path, datamodule, **{"save_artifact": False, **qat_kwargs})
+    qat = _callback_of(trainer)
+    saved, qat.save_artifact = qat.save_artifact, False
+    try:
+        return convert_checkpoint(model, ckpt_path, datamodule, trainer, **qat_kwargs)
+    finally:
+        qat.save_artifact = saved
 
 
 def _check_convert_kwargs(qat_kwargs: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,16 +20,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_qat.choices import check_choice, choices_of
-from lightning_qat.exceptions import AccuracyBudgetError
+from lightning_qat.exceptions import AccuracyBudgetError, ConversionError
 from lightning_qat.export.onnx import OnnxRuntimeNetwork, check_onnx_available, export_onnx, onnxruntime_version
 from lightning_qat.export.torchscript import load_quantized, save_torchscript, to_torchscript
 from lightning_qat.lightning import checkpoint as checkpoint_io
+from lightning_qat.lightning.chart import save_chart
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
 from lightning_qat.lightning.report import MonitorMode, QATReport
 from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
 from lightning_qat.quantization.dynamic import to_dynamic
+from lightning_qat.quantization.fallback import Group, float_names, float_nodes, groups, keep_float
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
 from lightning_qat.quantization.measure import (
     count_quantized_layers,
@@ -39,8 +41,10 @@ from lightning_qat.quantization.measure import (
     serialized_size,
 )
 from lightning_qat.quantization.prepare import Mode, Prepared, float_islands, prepare_model
+from lightning_qat.quantization.search import Candidate, SearchResult, search
+from lightning_qat.quantization.sensitivity import MAX_DB, LayerSQNR, layer_sqnr
 
-OnDrop = Literal["warn", "raise"]
+OnDrop = Literal["warn", "raise", "fallback"]
 ExportFormat = Literal["torchscript", "onnx"]
 ConvertFrom = Literal["last", "best"]
 
@@ -71,6 +75,19 @@ def check_guard(monitor: str | None, max_metric_drop: float | None, evaluate: St
         raise ValueError(f"monitor={monitor!r} needs evaluate='val' or 'test', not None.")
 
 
+def check_fallback_at(value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``"bn"``, ``"end"``, an int >= 1 or a float in (0, 1)."""
+    if value in ("bn", "end"):
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not ((isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value < 1)):
+        raise ValueError(
+            f"fallback_at={value!r} is invalid; use 'bn' (when BatchNorm statistics freeze), 'end' (at the end of fit "
+            "only), an int >= 1 (an epoch or step index: observers must have seen data) or a float in (0, 1) (a "
+            "fraction of the run)."
+        )
+
+
 @dataclass
 class QATRun:
     """The QAT network the pipeline finishes, inside its LightningModule, and how it was prepared.
@@ -92,6 +109,9 @@ class QATRun:
     loaded_from: str | None = None
     activations: str = "static"  # what the artifact quantizes activations with, chosen in setup (activations.choose)
     activation_ms: dict[str, float] = field(default_factory=dict)  # the candidates' timing behind that choice
+    fallback: list[str] = field(default_factory=list)  # layers a search during the fit kept float (then trained so)
+    fallback_met: bool | None = None  # whether that search met the budget (None: no search ran)
+    fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # what it tried
 
 
 @dataclass
@@ -116,6 +136,8 @@ class FinishSettings:
 class FinishPipeline:
     """Converts a QAT run to int8, writes its artifacts, evaluates and times them, reports, and guards accuracy.
 
+    With ``on_drop="fallback"``, a missed accuracy budget is met by keeping layers float (:meth:`fall_back`).
+
     Args:
         settings: what to export, evaluate and guard.
         run: the trained QAT network and how it was prepared.
@@ -127,6 +149,8 @@ class FinishPipeline:
     After :meth:`run`: ``quantized_model`` (the int8 network), ``artifact_path`` / ``onnx_path`` (the files written),
     ``trained_network`` (the CPU copy of the QAT network that was converted).
     """
+
+    sqnr_batches: int = 4  # evaluation batches the per-layer SQNR of the report is measured on
 
     def __init__(
         self,
@@ -150,6 +174,7 @@ class FinishPipeline:
         self.artifact_path: Path | None = None
         self.onnx_path: Path | None = None
         self._onnx_session: OnnxRuntimeNetwork | None = None
+        self.float_groups: list[Group] = []  # the layers the accuracy-budget fallback keeps float
 
     def run(self, out_dir: Path, write: bool = True) -> QATReport:
         """Every step in order; ``write=False`` (``fast_dev_run``) stops after the conversion, writing nothing.
@@ -170,6 +195,8 @@ class FinishPipeline:
         report.save(out_dir)  # says so until the evaluation is done
         try:
             self.evaluate_networks(report)
+            self.analyze_layers(report)
+            self.fall_back(report, out_dir)
             self.measure_networks(report)
         except BaseException as err:
             report.status = f"failed during evaluation ({type(err).__name__}: {err}); the int8 artifact is saved"
@@ -185,12 +212,9 @@ class FinishPipeline:
         """Convert a CPU copy of the trained QAT network (last or best weights) to int8; a report to fill."""
         run = self.qat_run
         self.trained_network, converted_from = self.trained_weights()
-        if run.activations == "dynamic":  # QAT trained the weights' quantization only, for this artifact
-            self.quantized_model = to_dynamic(self.trained_network)
-        else:
-            self.quantized_model = to_int8(
-                self.trained_network, run.prepared.mode, self.settings.backend, run.example_inputs
-            )
+        static = run.activations == "static"
+        self.float_groups = self.resolve_groups(self.trained_network, run.fallback, static)  # kept float in the fit
+        self.quantized_model = self.to_int8(self.trained_network, self.float_groups)
         return QATReport(
             backend=self.settings.backend,
             mode=run.prepared.mode,
@@ -213,7 +237,19 @@ class FinishPipeline:
             activations=run.activations,
             activation_ms=dict(run.activation_ms),
             attention=run.prepared.attention,
+            monitor=self.settings.monitor,
+            fallback=float_names(self.float_groups),
+            fallback_met=run.fallback_met,
+            fallback_candidates=list(run.fallback_candidates),
+            fallback_evaluations=len(run.fallback_candidates),
         )
+
+    def to_int8(self, network: nn.Module, float_groups: Sequence[Group] = ()) -> nn.Module:
+        """The QAT ``network`` as the int8 model the run ships (static or dynamic), ``float_groups`` kept float."""
+        run = self.qat_run
+        if run.activations == "dynamic":  # QAT trained the weights' quantization only, for this artifact
+            return to_dynamic(network, [group.layer for group in float_groups])
+        return to_int8(network, run.prepared.mode, self.settings.backend, run.example_inputs, float_nodes(float_groups))
 
     def trained_weights(self) -> tuple[nn.Module, str]:
         """A CPU copy of the QAT network with the weights ``convert`` asks for, and where they come from."""
@@ -249,7 +285,11 @@ class FinishPipeline:
             )
             report.artifact = str(self.artifact_path)
         if "onnx" in self.settings.export:
-            self.onnx_path = export_onnx(self.trained_network, out_dir / "model_int8.onnx", run.example_inputs)
+            network = self.trained_network
+            if self.float_groups:  # the QDQ graph keeps them float too: their fake-quants off, on a copy
+                network = cpu_eval_copy(network)
+                keep_float(network, self.float_groups)
+            self.onnx_path = export_onnx(network, out_dir / "model_int8.onnx", run.example_inputs)
             self._onnx_session = None  # a new file: a new session, opened once for evaluation and timing
             report.onnx_artifact = str(self.onnx_path)
 
@@ -270,10 +310,171 @@ class FinishPipeline:
         if self.onnx_path is not None:
             networks["int8-onnx"] = self._onnx_network()
         for row, network in networks.items():
-            clone = module_with_network(run.pl_module, run.target, network)
-            report.metrics[row] = run_evaluation(
-                clone, stage, self.settings.backend, self.data, self.progress, root_dir=self.root_dir
-            )
+            report.metrics[row] = self.evaluate(network)
+
+    def evaluate(self, network: nn.Module, limit: int | None = None) -> dict[str, float]:
+        """The user's ``validation_step``/``test_step`` metrics of ``network`` in place of the trained one.
+
+        ``limit``: that many batches (default: the run's evaluation limit).
+        """
+        run, stage = self.qat_run, self.settings.evaluate
+        assert stage is not None
+        clone = module_with_network(run.pl_module, run.target, network)
+        return run_evaluation(
+            clone, stage, self.settings.backend, self.data, self.progress, limit=limit, root_dir=self.root_dir
+        )
+
+    def analyze_layers(self, report: QATReport) -> None:
+        """The report's per-layer SQNR: :meth:`measure_sqnr` of the int8 layers of the trained QAT network."""
+        assert self.trained_network is not None
+        sqnr = self.measure_sqnr(self.trained_network)
+        floating = set(float_names(self.float_groups))  # trained float: not in the int8 model
+        report.layer_sqnr = {name: db for name, db in sqnr.items() if name not in floating}
+
+    def measure_sqnr(self, network: nn.Module) -> dict[str, float]:
+        """Per-layer SQNR of the QAT ``network`` on the inputs your evaluation feeds it (:attr:`sqnr_batches`).
+
+        The LightningModule's ``validation_step``/``test_step`` runs on a copy for that many batches, so the layers see
+        what your module gives the network (token ids, dicts...); with ``evaluate=None``, the example input.
+        """
+        if self.settings.evaluate is None:
+            return layer_sqnr(network, [self.qat_run.example_inputs])
+        copy = cpu_eval_copy(network)
+        freeze_for_inference(copy)
+        with LayerSQNR(copy, self.sqnr_batches) as meter:
+            self.evaluate(copy, limit=self.sqnr_batches)
+        return meter.result()
+
+    def fall_back(self, report: QATReport, out_dir: Path) -> None:
+        """``on_drop="fallback"`` at fit end: when int8 misses the budget, keep float the fewest layers that meet it.
+
+        Searched by :meth:`search_fallback` over the layers still int8 (a search during the fit may have kept some
+        float already). The chosen model (or, when none meets the budget, the best one, if it beats the int8 model)
+        becomes the int8 model: its artifacts are written again and its metrics are the int8 row.
+        """
+        settings = self.settings
+        monitor, budget = settings.monitor, settings.max_metric_drop
+        if settings.on_drop != "fallback" or monitor is None or budget is None or report.untrained_float:
+            return
+        drop = report.metric_drop(monitor, settings.monitor_mode)
+        if drop is not None and drop <= budget and report.fallback_met is False:
+            report.fallback_met = True  # a search during the fit found nothing, but the training that followed did
+        if drop is None or drop <= budget or not self.searching:
+            return  # met (or not measurable, which check_metric_drop says): nothing more to evaluate
+        assert self.trained_network is not None
+        start = time.perf_counter()
+        searched = len(self.float_groups)
+        result = self.search_fallback(
+            self.trained_network, report.layer_sqnr, report.metrics["float"][monitor], report.metrics["int8"][monitor]
+        )
+        report.fallback_candidates += [asdict(candidate) for candidate in result.candidates]
+        report.fallback_evaluations += result.evaluations
+        report.fallback_met = result.chosen is not None
+        if len(self.float_groups) > searched:
+            self.quantized_model = self.to_int8(self.trained_network, self.float_groups)
+            assert result.best is not None
+            report.metrics["int8"] = dict(result.best.metrics)
+            report.fallback = float_names(self.float_groups)
+            report.quantized_layers = count_quantized_layers(self.quantized_model)
+            report.skipped = float_islands(self.quantized_model)
+            report.float_params = float_parameters(self.quantized_model)
+            report.float_ops = float_ops(self.quantized_model)
+            self.write_artifact(report, out_dir)
+            if self.onnx_path is not None:
+                report.metrics["int8-onnx"] = self.evaluate(self._onnx_network())
+        report.fallback_seconds += time.perf_counter() - start
+
+    @property
+    def searching(self) -> bool:
+        """Whether a missed accuracy budget starts a search (``on_drop="fallback"`` and a graph to search in)."""
+        if self.settings.on_drop != "fallback":
+            return False
+        if self.qat_run.prepared.mode == "fx" or self.qat_run.activations == "dynamic":
+            return True
+        rank_zero_warn(
+            "QAT fallback: int8 misses the accuracy budget, but the network was prepared in eager mode: a layer kept "
+            "float there keeps its damaged output quantizer (there is no graph to take it out of). Make the network "
+            "FX-traceable, or skip= layers by hand: the report's per-layer SQNR says which are worst."
+        )
+        return False
+
+    def search_fallback(
+        self, network: nn.Module, sqnr: dict[str, float], float_value: float, int8_value: float, when: str = "fit end"
+    ) -> SearchResult:
+        """Search the layers of ``network`` still int8, lowest SQNR first, for the fewest to keep float for the budget.
+
+        Each candidate is an int8 model converted from ``network`` with :attr:`float_groups` and the candidate's
+        groups (:func:`~lightning_qat.quantization.fallback.groups`) float, evaluated with the user's
+        ``validation_step``/``test_step`` and timed as TorchScript. The chosen (else the best, if better than
+        ``int8_value``) candidate's groups are added to :attr:`float_groups`.
+        """
+        settings, run = self.settings, self.qat_run
+        monitor, budget = settings.monitor, settings.max_metric_drop
+        assert monitor is not None
+        assert budget is not None
+        found = groups(network, static=run.activations == "static")
+        already = {group.layer for group in self.float_groups}
+        ranked = sorted((name for name in found if name not in already), key=lambda name: sqnr.get(name, MAX_DB))
+        sign = 1.0 if settings.monitor_mode == "max" else -1.0
+        rank_zero_info(
+            f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g} misses "
+            f"max_metric_drop={budget}; searching {len(ranked)} quantized layers, lowest SQNR first."
+        )
+
+        def evaluate(layers: list[str]) -> Candidate:
+            chosen = [*self.float_groups, *(found[name] for name in layers)]
+            try:
+                model = self.to_int8(network, chosen)
+            except ConversionError as err:  # this set does not convert: not a candidate, the search goes on
+                rank_zero_warn(f"QAT fallback ({when}): keeping {float_names(chosen)} float: {err}")
+                return Candidate(layers, float("nan"), False, names=float_names(chosen), when=when)
+            metrics = self.evaluate(model)
+            value = metrics.get(monitor, float("nan"))
+            scripted = to_torchscript(model, settings.backend, run.example_inputs)
+            latency = measure_latency({"int8": scripted}, run.example_inputs, settings.backend, repeats=5)["int8"]
+            meets = sign * (float_value - value) <= budget
+            return Candidate(layers, value, meets, serialized_size(model), latency, float_names(chosen), metrics, when)
+
+        result = search(ranked, evaluate, better=lambda a, b: sign * (a - b) > 0)
+        best = result.best
+        if best is not None and (result.chosen is not None or sign * (best.metric - int8_value) > 0):
+            self.float_groups = [*self.float_groups, *(found[name] for name in best.layers)]
+        rank_zero_info(
+            f"QAT fallback ({when}): budget {'met' if result.chosen else 'NOT met'} after {result.evaluations} int8 "
+            f"evaluations; kept float: {', '.join(float_names(self.float_groups)) or 'nothing'}."
+        )
+        return result
+
+    def search_during_fit(self, when: str) -> SearchResult | None:
+        """The fallback search on the QAT network as it is now, for training to go on with the result float.
+
+        Evaluates the float network and the current int8 model; searches only when the budget is missed. ``None``
+        when no search ran. :attr:`float_groups` then holds what to keep float.
+        """
+        settings, run = self.settings, self.qat_run
+        monitor = settings.monitor
+        assert monitor is not None
+        assert settings.max_metric_drop is not None
+        network = cpu_eval_copy(run.pl_module.get_submodule(run.target))
+        freeze_for_inference(network)
+        self.trained_network = network
+        self.float_groups = self.resolve_groups(network, run.fallback, run.activations == "static")
+        float_value = self.evaluate(run.float_network).get(monitor)
+        int8_value = self.evaluate(self.to_int8(network, self.float_groups)).get(monitor)
+        if float_value is None or int8_value is None:
+            rank_zero_warn(f"QAT fallback ({when}): monitor={monitor!r} was not logged by the evaluation: no search.")
+            return None
+        sign = 1.0 if settings.monitor_mode == "max" else -1.0
+        if sign * (float_value - int8_value) <= settings.max_metric_drop or not self.searching:
+            rank_zero_info(f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g}.")
+            return None
+        return self.search_fallback(network, self.measure_sqnr(network), float_value, int8_value, when)
+
+    @staticmethod
+    def resolve_groups(network: nn.Module, layers: Sequence[str], static: bool = True) -> list[Group]:
+        """The :class:`~lightning_qat.quantization.fallback.Group` of each of ``layers`` in ``network``."""
+        found = groups(network, static)
+        return [found[name] for name in layers if name in found]
 
     def measure_networks(self, report: QATReport) -> None:
         """Size and CPU latency on the example input of the float network and of the int8 artifacts as they ship.
@@ -307,12 +508,16 @@ class FinishPipeline:
         report.latency_threads = torch.get_num_threads()
 
     def write_report(self, report: QATReport, out_dir: Path) -> None:
-        """Metrics to the loggers (``float/…``, ``qat/…``, ``int8/…``), json + markdown files, the terminal table."""
+        """Metrics to the loggers (``float/…``, ``qat/…``, ``int8/…``), json + markdown files, chart, terminal table.
+
+        The chart is :func:`~lightning_qat.lightning.chart.save_chart`'s ``qat_layers.png``, logged as an image too.
+        """
         for logger in self.loggers:
             logger.log_metrics(
                 {f"{row}/{k}": v for row, m in report.metrics.items() for k, v in m.items()}, step=self.step
             )
         report.save(out_dir)
+        save_chart(report, out_dir, self.loggers, self.step)
         report.print()
 
     def check_metric_drop(self, report: QATReport) -> None:

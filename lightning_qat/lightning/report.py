@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_qat.files import write_text_atomic
+from lightning_qat.quantization.sensitivity import worst
 
 ROWS = ("float", "ptq", "qat", "int8", "int8-onnx")
+WORST = 10  # layers of lowest SQNR the terminal notes name
 MonitorMode = Literal["max", "min"]
 
 
@@ -46,6 +48,13 @@ class QATReport:
     activations: str = "static"  # int8 activations: "static" (calibrated scales) or "dynamic" (per batch, Linears)
     activation_ms: dict[str, float] = field(default_factory=dict)  # the two candidates timed: "static"/"dynamic" -> ms
     attention: int = 0  # nn.MultiheadAttention modules whose projections were quantized
+    monitor: str | None = None  # the metric the accuracy guard and the fallback search compare
+    layer_sqnr: dict[str, float] = field(default_factory=dict)  # quantized layer -> SQNR (dB) vs its float computation
+    fallback: list[str] = field(default_factory=list)  # modules / ops the accuracy-budget search kept float
+    fallback_met: bool | None = None  # whether a search ran (not None) and met the budget
+    fallback_evaluations: int = 0  # int8 models the search evaluated
+    fallback_seconds: float = 0.0
+    fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # each: layers, metric, meets, size...
 
     def fusion(self) -> str | None:
         """How many Conv-BN pairs were fused, and which were not and why; ``None`` when not counted."""
@@ -169,6 +178,20 @@ class QATReport:
             )
         elif self.activation_ms:
             lines.append(f"activations: static int8{_timed(self.activation_ms, 'static', 'dynamic')}")
+        if self.layer_sqnr:
+            lowest = worst(self.layer_sqnr, WORST)
+            shown = ", ".join(f"{name} {db:.1f}" for name, db in lowest)
+            lines.append(
+                f"per-layer SQNR (dB, int8 vs float computation; 40 dB = 1% error), the {len(lowest)} lowest of "
+                f"{len(self.layer_sqnr)}: {shown}"
+            )
+        if self.fallback_met is not None:
+            searched = f"{self.fallback_evaluations} int8 models evaluated in {self.fallback_seconds:.1f} s"
+            floating = ", ".join(self.fallback) or "nothing"
+            if self.fallback_met:
+                lines.append(f"accuracy budget met by keeping float: {floating} (search: {searched})")
+            else:
+                lines.append(f"ACCURACY BUDGET NOT MET by any fallback tried ({searched}); kept float: {floating}")
         if self.untrained_float:
             lines.append("the float row is the untrained network QAT started from: not a baseline to compare with")
         if self.converted_from != "last":
@@ -200,13 +223,23 @@ class QATReport:
     def to_markdown(self) -> str:
         """The report as a markdown document."""
         header, rows = self.table()
-        slower = [f"**{line}**" for line in self.summary() if line.startswith(("SLOWER", "MOST"))]
+        slower = [f"**{line}**" for line in self.summary() if line.startswith(("SLOWER", "MOST", "ACCURACY"))]
         lines = ["# QAT report", "", *slower, *([""] if slower else []), self.headline(), ""]
         if rows:
             lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
             lines += ["| " + " | ".join(row) + " |" for row in rows]
             lines.append("")
         lines += [f"- {line}" for line in self.summary()]
+        if self.fallback_candidates:
+            lines += ["", "## Fallback candidates", ""]
+            lines += ["| when | kept float | metric | meets budget | size (MB) | latency (ms) |", "|---" * 6 + "|"]
+            for c in self.fallback_candidates:
+                cells = [c.get("when", ""), ", ".join(c["layers"]) or "none", _fmt(c["metric"])]
+                cells += ["yes" if c["meets"] else "no", _mb(c["size_bytes"]), _fmt(c["latency_ms"])]
+                lines.append("| " + " | ".join(cells) + " |")
+        if self.layer_sqnr:
+            lines += ["", "## Per-layer SQNR", "", "| layer | SQNR (dB) |", "|---|---|"]
+            lines += [f"| {name} | {db:.1f} |" for name, db in self.layer_sqnr.items()]
         return "\n".join(lines) + "\n"
 
     def print(self) -> None:

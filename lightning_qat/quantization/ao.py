@@ -15,7 +15,7 @@ import functools
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -482,14 +482,23 @@ def fuse_modules(module: nn.Module, groups: list[list[str]], qat: bool = True) -
         return _fuse_modules(module, groups, inplace=True)
 
 
-def convert_fx(module: nn.Module) -> torch.fx.GraphModule:
-    """FX-prepared QAT model -> int8 model.
+def convert_fx(module: nn.Module, float_nodes: Collection[str] = ()) -> torch.fx.GraphModule:
+    """FX-prepared QAT model -> int8 model; the graph nodes named in ``float_nodes`` stay float.
+
+    A float node's QAT layer becomes its float form (BatchNorm folded); a fake-quant between float nodes only (its
+    producer and every user) disappears, one with an int8 side becomes a quantize / dequantize. ``module`` is changed.
 
     Raises:
         TypeError: if ``module`` is not an FX-prepared ``GraphModule``.
     """
     if not isinstance(module, torch.fx.GraphModule):
         raise TypeError(f"convert_fx needs an FX-prepared GraphModule, got {type(module).__name__}.")
+    if float_nodes:  # torch's convert reads each node's qconfig from what prepare recorded; None keeps it float
+        attrs = copy.copy(module.meta["_observed_graph_module_attrs"])
+        attrs.node_name_to_qconfig = {
+            name: None if name in float_nodes else config for name, config in attrs.node_name_to_qconfig.items()
+        }
+        module.meta["_observed_graph_module_attrs"] = attrs
     with quiet():
         return _convert_fx(module)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -53,8 +54,12 @@ def freeze_for_inference(network: nn.Module) -> None:
     ao.set_observers(network, False)
 
 
-def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...]) -> nn.Module:
+def to_int8(
+    prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...], float_nodes: Collection[str] = ()
+) -> nn.Module:
     """Convert a CPU copy of the QAT model ``prepared`` to int8 and check that it runs on ``example_inputs``.
+
+    ``float_nodes``: FX graph nodes kept float (:func:`~lightning_qat.quantization.fallback.float_nodes`); FX mode only.
 
     Raises:
         ConversionError: if an observer never saw data, or conversion or the first int8 forward pass fails.
@@ -73,7 +78,7 @@ def to_int8(prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[
     inputs = cpu_inputs(example_inputs)
     with ao.engine(backend), ao.quiet():
         try:
-            quantized = ao.convert_fx(model) if mode == "fx" else ao.convert_eager(model)
+            quantized = ao.convert_fx(model, float_nodes) if mode == "fx" else ao.convert_eager(model)
         except Exception as err:
             raise ConversionError(
                 f"int8 conversion ({mode} mode, backend {backend!r}) failed: {first_line(err)}. "

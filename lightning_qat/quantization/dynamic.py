@@ -8,6 +8,7 @@ activations unquantized.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -46,8 +47,10 @@ def linear_share(network: nn.Module, example_inputs: tuple[Any, ...]) -> float:
     return macs["linear"] / macs["all"] if macs["all"] else 0.0
 
 
-def to_dynamic(prepared: nn.Module) -> nn.Module:
+def to_dynamic(prepared: nn.Module, float_layers: Collection[str] = ()) -> nn.Module:
     """A CPU copy of the QAT network ``prepared`` with dynamic int8 Linears, every other layer float.
+
+    ``float_layers``: QAT layers kept float too (the accuracy-budget fallback).
 
     Activation fake-quant modules become ``nn.Identity``; QAT Linears torch's dynamic int8 Linear
     (:func:`ao.dynamic_linear`), Embeddings its weight-only int8 Embedding (:func:`ao.int8_embedding`: float out as
@@ -60,7 +63,8 @@ def to_dynamic(prepared: nn.Module) -> nn.Module:
         if not name or any(name.startswith(f"{layer}.") for layer in layers):
             continue  # inside a QAT layer, replaced whole below
         if ao.is_qat_module(module):
-            int8 = ao.dynamic_linear(module) or ao.int8_embedding(module) or ao.to_float(module)
+            quantized = None if name in float_layers else ao.dynamic_linear(module) or ao.int8_embedding(module)
+            int8 = quantized or ao.to_float(module)
             compat.set_submodule(model, name, int8)
         elif ao.is_fake_quant(module):
             compat.set_submodule(model, name, nn.Identity())

@@ -1,0 +1,117 @@
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import BoringClassifier, UntraceableNet, pretrained_tiny, trainer_kwargs, with_outlier_channels
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_qat import QATCallback, convert_checkpoint, load_quantized
+from lightning_qat.quantization import ao
+
+
+def fit_with_budget(tmp_path, digits8, model, max_epochs=2, extra_callbacks=(), **qat_kwargs):
+    qat = QATCallback(monitor="val_acc", max_metric_drop=0.01, on_drop="fallback", save_dir=str(tmp_path), **qat_kwargs)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=max_epochs, callbacks=[qat, *extra_callbacks])
+    trainer = pl.Trainer(**kwargs | {"enable_checkpointing": bool(extra_callbacks)})
+    trainer.fit(model, datamodule=digits8)
+    return qat
+
+
+def frozen(model):
+    """QAT that trains nothing but BatchNorm statistics (lr 0): what adapts to a damaged quantizer is isolated."""
+    model.lr = 0.0
+    return model
+
+
+def test_a_missed_budget_keeps_the_damaged_layer_float_and_only_what_it_takes_along(tmp_path, float_tiny, digits8):
+    model = frozen(with_outlier_channels(pretrained_tiny(float_tiny)))
+    qat = fit_with_budget(tmp_path, digits8, model, fallback_at="end", freeze_bn_after=0)
+    report = qat.report
+    assert report.fallback_met is True
+    assert report.fallback == ["conv1", "conv2"]  # conv2 reads conv1's output quantizer: float with it
+    ranked = len(report.layer_sqnr)  # conv1, conv2, fc1, fc2: one group each
+    assert report.fallback_evaluations == len(report.fallback_candidates) <= math.ceil(math.log2(ranked)) + 3
+    assert report.metrics["float"]["val_acc"] - report.metrics["int8"]["val_acc"] <= 0.01
+    assert report.metrics["qat"]["val_acc"] < report.metrics["float"]["val_acc"] - 0.05  # the damage was real
+    assert min(report.layer_sqnr, key=report.layer_sqnr.get) == "conv1"  # the ranking the search started from
+    # the artifact is the chosen model, and the report files say what was searched
+    x = digits8.splits["val"].tensors[0][:64]
+    with torch.no_grad(), ao.quiet():
+        assert torch.equal(load_quantized(qat.artifact_path)(x), qat.quantized_model(x))
+    saved = json.loads((tmp_path / "qat_report.json").read_text())
+    assert saved["fallback"] == ["conv1", "conv2"]
+    assert saved["fallback_candidates"][-1]["layers"] == ["conv1"]
+    markdown = (tmp_path / "qat_report.md").read_text()
+    assert "## Fallback candidates" in markdown
+    assert "accuracy budget met by keeping float: conv1, conv2" in markdown
+    assert (tmp_path / "qat_layers.png").stat().st_size > 10_000
+
+
+def test_searching_during_the_fit_beats_searching_at_the_end(tmp_path, float_tiny, digits8):
+    """QAT adapts to a damaged quantizer (here BatchNorm statistics, over the first half of the run): at the end,
+    keeping the layer float no longer brings the accuracy back; found at step 1, the rest of QAT trains it float."""
+    at_end = fit_with_budget(
+        tmp_path / "end", digits8, frozen(with_outlier_channels(pretrained_tiny(float_tiny))), fallback_at="end"
+    ).report
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    during = fit_with_budget(
+        tmp_path / "during",
+        digits8,
+        frozen(with_outlier_channels(pretrained_tiny(float_tiny))),
+        fallback_at=1,
+        interval="step",
+        extra_callbacks=[checkpoints],
+    )
+    assert at_end.fallback_met is False  # measured: 0.663 with every layer float, 0.870 all int8, float 0.926
+    assert during.report.fallback_met is True
+    assert during.report.fallback_candidates[0]["when"] == "step 1"
+    assert during.report.fallback == ["conv1", "conv2"]
+    assert during.report.metrics["int8"]["val_acc"] >= at_end.metrics["int8"]["val_acc"] + 0.05
+    assert during.report.metrics["float"]["val_acc"] - during.report.metrics["int8"]["val_acc"] <= 0.01
+
+    # the checkpoint carries the layers kept float: a conversion in a new process keeps them so
+    converted = convert_checkpoint(
+        frozen(BoringClassifier()), checkpoints.last_model_path, datamodule=digits8, save_dir=str(tmp_path / "conv")
+    )
+    assert converted.fallback == ["conv1", "conv2"]
+    assert converted.metrics["int8"]["val_acc"] == during.report.metrics["int8"]["val_acc"]
+
+
+def test_a_met_budget_costs_no_search(tmp_path, float_tiny, digits8):
+    qat = fit_with_budget(tmp_path, digits8, pretrained_tiny(float_tiny), max_epochs=1)
+    report = qat.report
+    assert report.fallback_met is None
+    assert report.fallback == []
+    assert report.fallback_candidates == []
+    assert list(report.layer_sqnr) == ["conv1", "conv2", "fc1", "fc2"]
+    assert "## Per-layer SQNR" in (tmp_path / "qat_report.md").read_text()
+    assert not qat.fallback_searched or qat.fallback == []
+
+
+def test_eager_networks_say_why_they_are_not_searched(tmp_path, float_tiny, digits8):
+    net = UntraceableNet()
+    net.load_state_dict(float_tiny["state_dict"])
+    model = frozen(with_outlier_channels(BoringClassifier(net)))
+    with pytest.warns(UserWarning, match=r"eager mode.*FX-traceable, or skip="):
+        qat = fit_with_budget(tmp_path, digits8, model, fallback_at="end", freeze_bn_after=0)
+    assert qat.report.fallback_met is None
+    assert qat.report.layer_sqnr  # the per-layer SQNR to choose skip= from
+
+
+def test_dynamic_activations_keep_the_damaged_linear_float_alone(tmp_path, float_tiny, digits8):
+    """Dynamic int8 has no activation quantizer to share: the group is the layer. fc1's weight rows each get one
+    entry a thousand times larger (its input channel a thousand times smaller): per-row int8 flattens the rest."""
+    model = frozen(pretrained_tiny(float_tiny))
+    with torch.no_grad():
+        model.net.bn2.weight[0] /= 1000
+        model.net.bn2.bias[0] /= 1000
+        model.net.fc1.weight[:, 0] *= 1000
+    qat = fit_with_budget(tmp_path, digits8, model, fallback_at="end", freeze_bn_after=0, activations="dynamic")
+    report = qat.report
+    assert report.activations == "dynamic"
+    assert report.fallback_met is True
+    assert report.fallback == ["fc1"]
+    assert not isinstance(qat.quantized_model.get_submodule("fc1"), torch.ao.nn.quantized.dynamic.Linear)
+    assert isinstance(qat.quantized_model.get_submodule("fc2"), torch.ao.nn.quantized.dynamic.Linear)

@@ -26,7 +26,7 @@ from lightning_qat.export.torchscript import load_quantized, save_torchscript, t
 from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning.chart import save_chart
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
-from lightning_qat.lightning.report import MonitorMode, QATReport
+from lightning_qat.lightning.report import MonitorMode, QATReport, drop
 from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
@@ -415,7 +415,10 @@ class FinishPipeline:
         found = groups(network, static=run.activations == "static")
         already = {group.layer for group in self.float_groups}
         ranked = sorted((name for name in found if name not in already), key=lambda name: sqnr.get(name, MAX_DB))
-        sign = 1.0 if settings.monitor_mode == "max" else -1.0
+
+        def lost(value: float) -> float:  # how much worse than float
+            return drop(float_value, value, settings.monitor_mode)
+
         rank_zero_info(
             f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g} misses "
             f"max_metric_drop={budget}; searching {len(ranked)} quantized layers, lowest SQNR first."
@@ -432,12 +435,12 @@ class FinishPipeline:
             value = metrics.get(monitor, float("nan"))
             scripted = to_torchscript(model, settings.backend, run.example_inputs)
             latency = measure_latency({"int8": scripted}, run.example_inputs, settings.backend, repeats=5)["int8"]
-            meets = sign * (float_value - value) <= budget
+            meets = lost(value) <= budget
             return Candidate(layers, value, meets, serialized_size(model), latency, float_names(chosen), metrics, when)
 
-        result = search(ranked, evaluate, better=lambda a, b: sign * (a - b) > 0)
+        result = search(ranked, evaluate, better=lambda a, b: lost(a) < lost(b))
         best = result.best
-        if best is not None and (result.chosen is not None or sign * (best.metric - int8_value) > 0):
+        if best is not None and (result.chosen is not None or lost(best.metric) < lost(int8_value)):
             self.float_groups = [*self.float_groups, *(found[name] for name in best.layers)]
         rank_zero_info(
             f"QAT fallback ({when}): budget {'met' if result.chosen else 'NOT met'} after {result.evaluations} int8 "
@@ -464,8 +467,7 @@ class FinishPipeline:
         if float_value is None or int8_value is None:
             rank_zero_warn(f"QAT fallback ({when}): monitor={monitor!r} was not logged by the evaluation: no search.")
             return None
-        sign = 1.0 if settings.monitor_mode == "max" else -1.0
-        if sign * (float_value - int8_value) <= settings.max_metric_drop or not self.searching:
+        if drop(float_value, int8_value, settings.monitor_mode) <= settings.max_metric_drop or not self.searching:
             rank_zero_info(f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g}.")
             return None
         return self.search_fallback(network, self.measure_sqnr(network), float_value, int8_value, when)

@@ -107,7 +107,7 @@ class QATReport:
         int8_value = self.metrics.get("int8", {}).get(monitor)
         if float_value is None or int8_value is None:
             return None
-        return float_value - int8_value if mode == "max" else int8_value - float_value
+        return drop(float_value, int8_value, mode)
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """The one table every rendering shows: a column per network, a row per metric, then size and latency."""
@@ -267,6 +267,11 @@ class QATReport:
         write_text_atomic(json_path, json.dumps(self.to_dict(), indent=2))
         write_text_atomic(md_path, self.to_markdown())
         return json_path, md_path
+
+
+def drop(float_value: float, value: float, mode: MonitorMode) -> float:
+    """How much worse ``value`` is than ``float_value`` for a metric where ``mode`` is better (positive = worse)."""
+    return float_value - value if mode == "max" else value - float_value
 
 
 def _timed(ms: dict[str, float], chosen: str, other: str) -> str:

@@ -20,6 +20,7 @@ from lightning_qat.exceptions import (
     NotAQATCheckpointError,
     OnnxExtraMissing,
     PreflightError,
+    PT2EUnavailable,
 )
 from lightning_qat.export.torchscript import load_quantized
 from lightning_qat.lightning.callback import QATCallback
@@ -43,6 +44,7 @@ __all__ = [
     "LightningInternalsError",
     "NotAQATCheckpointError",
     "OnnxExtraMissing",
+    "PT2EUnavailable",
     "PreflightError",
     "QATCallback",
     "QATReport",

@@ -23,6 +23,7 @@ __all__ = [
     "LightningInternalsError",
     "NotAQATCheckpointError",
     "OnnxExtraMissing",
+    "PT2EUnavailable",
     "PreflightError",
 ]
 
@@ -64,6 +65,13 @@ class OnnxExtraMissing(ImportError):
     """Raised when ONNX export or an ONNX artifact needs onnx / onnxruntime and they are not installed.
 
     The message gives the install command, ``pip install 'lightning-qat[onnx]'``.
+    """
+
+
+class PT2EUnavailable(ImportError):
+    """Raised by ``mode="pt2e"`` (or a ``.pt2`` artifact) when torchao's PT2E flow cannot run here.
+
+    torchao is not installed (``pip install 'lightning-qat[pt2e]'``), or torch is older than torchao needs.
     """
 
 

@@ -93,7 +93,7 @@ def test_initial_state_and_defaults():
     ("kwargs", "match"),
     [
         ({"backend": "tensorrt"}, r"'tensorrt'.*\['x86', 'fbgemm', 'qnnpack'\]"),
-        ({"mode": "graph"}, r"mode='graph'.*\['auto', 'fx', 'eager'\]"),
+        ({"mode": "graph"}, r"mode='graph'.*\['auto', 'fx', 'eager', 'pt2e'\]"),
         ({"interval": "batch"}, r"interval='batch'.*\['epoch', 'step'\]"),
         ({"freeze_bn_after": 1.5}, r"freeze_bn_after=1\.5.*float in \(0, 1\)"),
         ({"freeze_observers_after": -1}, r"freeze_observers_after=-1.*int >= 0"),

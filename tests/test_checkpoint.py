@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_qat import QATCallback, convert_checkpoint, load_qat_checkpoint, load_quantized
 from lightning_qat.exceptions import CheckpointError, NotAQATCheckpointError
+from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning.checkpoint import MARKER
 from lightning_qat.quantization import ao
 
@@ -158,3 +159,18 @@ def test_a_damaged_checkpoint_is_an_error_naming_the_file(tmp_path, qat_run, dig
     with pytest.raises(CheckpointError, match=named):
         convert_checkpoint(BoringClassifier(), damaged, datamodule=digits8, save_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out" / "model_int8.pt").exists()
+
+
+def test_mark_and_network_state_keep_the_module_versions():
+    # without them torch's and torchao's observers load as version 1 and reset their eps
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+    state = Outer().state_dict()
+    marked = checkpoint_io.mark(state)
+    assert marked._metadata is state._metadata
+    below = checkpoint_io.network_state(marked, "net")
+    assert set(below._metadata) == {"", "0"}
+    assert below._metadata["0"] == state._metadata["net.0"]

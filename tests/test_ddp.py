@@ -14,6 +14,7 @@ from conftest import pretrained_tiny, trainer_kwargs
 from packaging.version import Version
 
 from lightning_qat import QATCallback
+from lightning_qat.quantization import pt2e
 
 JOB = Path(__file__).with_name("ddp_job.py")
 
@@ -61,6 +62,18 @@ def test_ddp_ranks_share_qparams_and_freeze_steps_and_rank0_alone_converts(tmp_p
     trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
     ddp_acc = rank0["report"]["metrics"]["int8"]["val_acc"]
     assert ddp_acc == pytest.approx(single.report.metrics["int8"]["val_acc"], abs=0.03)
+
+
+@pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
+def test_ddp_ranks_share_qparams_on_the_pt2e_engine(tmp_path, float_tiny):
+    rank0, rank1 = _ddp_fit(tmp_path, float_tiny, qat={"mode": "pt2e", "save_artifact": False})
+    assert rank0["report"]["mode"] == "pt2e"
+    assert len(rank0["qparams"]) >= 8  # torchao's fake-quants (input, 4 weights, activations), all-reduced
+    assert rank0["qparams"] == rank1["qparams"]
+    steps_per_epoch = rank0["global_step"] // 3
+    assert rank0["freeze_steps"] == rank1["freeze_steps"] == {"bn": steps_per_epoch, "observers": 2 * steps_per_epoch}
+    assert rank0["report"]["metrics"]["int8"]["val_acc"] > 0.85
+    assert rank1["report"] == rank0["report"]
 
 
 def test_rank0_searches_the_accuracy_budget_and_every_rank_trains_the_result_float(tmp_path, float_tiny):

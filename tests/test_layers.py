@@ -13,7 +13,7 @@ TOP = {"__init__", "__main__"}  # the public API and `python -m`: above every la
 # What a layer may import from outside the package beside the standard library (top-level names).
 THIRD_PARTY = {
     "base": set(),
-    "quantization": {"torch", "torchvision"},
+    "quantization": {"torch", "torchvision", "torchao"},  # torchao: the [pt2e] extra, in quantization/pt2e.py only
     "export": {"torch", "torchvision", "numpy", "onnx", "onnxruntime"},
 }
 
@@ -125,7 +125,9 @@ def test_the_package_imports_one_way_downhill():
 def test_the_quantization_layer_needs_only_torch():
     quantization = {m: names for m, names in foreign_imports().items() if layer_of(m) == "quantization"}
     assert quantization  # the layer exists and was read
-    assert {name for names in quantization.values() for name in names} <= {"torch", "torchvision"}
+    torchao = {m for m, names in quantization.items() if "torchao" in names}
+    assert torchao == {"lightning_qat.quantization.pt2e"}  # the one torchao seam (the optional PT2E engine)
+    assert {name for names in quantization.values() for name in names} <= {"torch", "torchvision", "torchao"}
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Every feature over a zoo of network shapes users bring, trained a few steps on digits (1x8x8 images)."""
 
 import copy
+import os
 import warnings
 
 import lightning.pytorch as pl
@@ -13,7 +14,7 @@ from packaging.version import Version
 from torch import nn
 
 from lightning_qat import QATCallback, load_quantized
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.fallback import float_nodes, groups, keep_float
 from lightning_qat.quantization.inputs import map_tensors
@@ -738,3 +739,68 @@ def test_detection_quantizes_the_backbone_and_int8_detects_what_qat_detects(tmp_
     print("top detection agreement", sum(same) / len(same))
     assert sum(same) / len(same) >= 0.9  # measured 96% (40% with the fused convs' weights 5% off at conversion)
     assert list(shipped) == [str(i) for i in range(6)]  # the backbone's feature maps, as the heads take them
+
+
+# The PT2E engine over the zoo. CI runs these shapes (about 15 s each); LIGHTNING_QAT_PT2E_ZOO=all runs every one.
+PT2E_SHAPES = (
+    "cnn",
+    "dict in, dict out",
+    "shared conv",
+    "shared conv-bn-relu block",
+    "stochastic depth + dropout",
+    "timm mobilenetv3 (hard-swish, hard-sigmoid gates)",
+    "torchvision vit (nn.MultiheadAttention)",
+    "untraceable cnn (eager)",
+)
+
+
+@pytest.mark.parametrize("shape", list(ZOO))
+def test_every_exportable_shape_on_the_pt2e_engine(tmp_path, digits8, shape):
+    """Trains, freezes and converts on torchao's engine, or stops in setup with torch.export's reason."""
+    if pt2e.missing():
+        pytest.skip(f"PT2E engine: {pt2e.missing()}")
+    if shape not in PT2E_SHAPES and os.environ.get("LIGHTNING_QAT_PT2E_ZOO") != "all":
+        pytest.skip("set LIGHTNING_QAT_PT2E_ZOO=all for every shape")
+    pl.seed_everything(0)
+    net = ZOO[shape]()
+    classifier = CLASSIFIER.get(shape, BoringClassifier)
+    pl.Trainer(**trainer_kwargs(tmp_path / "float", max_epochs=2)).fit(classifier(net), datamodule=digits8)
+    qat = QATCallback(
+        mode="pt2e", interval="step", freeze_bn_after=3, freeze_observers_after=5, evaluate=None, save_artifact=False
+    )
+    model = classifier(net)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, callbacks=[qat]))
+    if shape in PT2E_STOPS:  # what torch.export or torchao cannot take stops in setup, naming why
+        with pytest.raises((RuntimeError, ValueError), match=PT2E_STOPS[shape]):
+            trainer.fit(model, datamodule=digits8)
+        assert trainer.global_step == 0
+        return
+    trainer.fit(model, datamodule=digits8)
+    x, _ = digits8.splits["val"].tensors
+    inputs = NETWORK_INPUT.get(shape, lambda images: (images,))(x)
+    logits = LOGITS.get(shape, lambda out: out)
+    qat_net = model.net.eval()
+    with torch.no_grad():
+        qat_out, int8_out = logits(qat_net(*inputs)), logits(qat.quantized_model(*inputs))
+    relative_error = ((int8_out - qat_out).abs().mean() / qat_out.abs().mean()).item()
+    agreement = (qat_out.argmax(1) == int8_out.argmax(1)).float().mean().item()
+    print(
+        f"{shape} (pt2e): {qat.report.quantized_layers} int8 layers, relative error {relative_error:.4f}, "
+        f"agreement {agreement:.4f}"
+    )
+    assert qat.report.quantized_layers > 0
+    max_error, min_agreement = PT2E_TOLERANCE.get(shape, (0.06, 0.9))
+    assert relative_error <= max_error, relative_error
+    assert agreement >= min_agreement, agreement
+
+
+# Measured on torch 2.14.1 / torchao 0.18: 14.5% and 88.5% (FX: within 6% / 90%); hard-swish and the SE gates' int8
+# boundaries on torchao's side, not investigated.
+PT2E_TOLERANCE = {"timm mobilenetv3 (hard-swish, hard-sigmoid gates)": (0.2, 0.8)}
+PT2E_STOPS = {  # shape -> why it stops in setup
+    "untraceable cnn (eager)": r"mode='pt2e' but torch.export cannot capture .*mode='auto'",  # data-dependent flow
+    "shared conv": r"mode='pt2e' but \['conv'\] are called at several places",
+    "shared conv-bn-relu block": r"mode='pt2e' but \['block'\] are called at several places",
+    # torchvision's stochastic_depth tests `training` in Python: export keeps the training branch
+    "stochastic depth + dropout": r"The prepared `net` is random in eval\(\)",
+}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_qat.exceptions import ArtifactError
+from lightning_qat.export.aoti import load_pt2
 from lightning_qat.files import write_atomic
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.backends import resolve_backend
@@ -120,8 +121,11 @@ def verify_artifact(path: str | os.PathLike, data: bytes | None = None) -> dict[
     return info
 
 
-def load_quantized(path: str | os.PathLike) -> torch.jit.ScriptModule:
+def load_quantized(path: str | os.PathLike) -> nn.Module:
     """Load an int8 artifact written by :class:`~lightning_qat.QATCallback`, ready to run on the CPU.
+
+    A ``.pt2`` file is the PT2E engine's AOTInductor package (:func:`~lightning_qat.export.aoti.load_pt2`: torch alone
+    loads it); any other is the TorchScript artifact.
 
     Sets ``torch.backends.quantized.engine`` to the backend the model was converted for *before* loading: the
     int8 weights are packed for the engine active at load time, and weights packed for another engine run slowly
@@ -133,6 +137,8 @@ def load_quantized(path: str | os.PathLike) -> torch.jit.ScriptModule:
             here.
     """
     path = Path(path)
+    if path.suffix == ".pt2":
+        return load_pt2(path)
     if not path.is_file():
         raise FileNotFoundError(f"No int8 artifact at {str(path)!r}.")
     data = path.read_bytes()  # once: checked and loaded from the same bytes, whatever replaces the file meanwhile

@@ -39,15 +39,16 @@ from lightning_qat.lightning.finish import (
     check_export,
     check_fallback_at,
     check_guard,
+    check_pt2e,
 )
 from lightning_qat.lightning.install import install
 from lightning_qat.lightning.report import MonitorMode, QATReport
 from lightning_qat.lightning.target import find_target
-from lightning_qat.quantization import ao, compat
+from lightning_qat.quantization import ao, compat, pt2e
 from lightning_qat.quantization.backends import Backend, resolve_backend
 from lightning_qat.quantization.convert import cpu_eval_copy
 from lightning_qat.quantization.fallback import keep_float
-from lightning_qat.quantization.prepare import Mode, Prepared
+from lightning_qat.quantization.prepare import Mode, Prepared, freeze_batch_norm
 from lightning_qat.quantization.schedule import FreezeSchedule, Interval, build_schedule, check_after, resolve_after
 from lightning_qat.quantization.sync import all_reduce_observers
 
@@ -68,7 +69,9 @@ class QATCallback(Callback):
         module: attribute of the LightningModule holding the network to quantize (dotted paths allowed);
             ``None`` picks the single top-level child that is not a metric or loss.
         backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``None`` picks ``x86`` on x86-64, ``qnnpack`` on ARM.
-        mode: ``"auto"`` (FX, falling back to eager when the network cannot be traced), ``"fx"`` or ``"eager"``.
+        mode: ``"auto"`` (FX, falling back to eager when the network cannot be traced), ``"fx"``, ``"eager"`` or
+            ``"pt2e"`` (``torch.export`` + torchao's PT2E flow, shipping an AOTInductor package; needs
+            ``pip install 'lightning-qat[pt2e]'``, x86/fbgemm backends; see the manual's "PT2E engine" page).
         skip: qualified submodule names (inside ``module``) kept in float, also in the int8 model.
         relu6_to_relu: replace ``nn.ReLU6`` by ``nn.ReLU`` before fusing, as torchvision's quantizable MobileNets do,
             so Conv-BN-ReLU6 blocks fuse into one int8 op (faster int8 model and QAT steps; changes the function
@@ -96,7 +99,9 @@ class QATCallback(Callback):
         save_artifact: write the int8 artifacts (``False``: convert, evaluate and report only).
         export: the artifact formats: ``"torchscript"`` (``model_int8.pt``, :func:`~lightning_qat.load_quantized`)
             and ``"onnx"`` (``model_int8.onnx``, a QDQ graph for ONNX Runtime / OpenVINO; needs
-            ``pip install 'lightning-qat[onnx]'``). Each one is evaluated and timed in the report as it will be loaded.
+            ``pip install 'lightning-qat[onnx]'``); with ``mode="pt2e"``, ``"pt2"`` only (``model_int8.pt2``, an
+            AOTInductor package for the example input's shapes). ``None``: the engine's own (``"torchscript"``, or
+            ``"pt2"``). Each one is evaluated and timed in the report as it will be loaded.
         ptq_baseline: also calibrate, convert and evaluate a post-training-quantized copy of the float network.
         ptq_batches: training batches used to calibrate the PTQ baseline.
         sync_observers: under DDP, all-reduce observer min/max each step so every rank has the same qparams.
@@ -117,6 +122,7 @@ class QATCallback(Callback):
     Raises:
         ValueError: for any argument outside the values listed above.
         OnnxExtraMissing: for ``export=[..., "onnx"]`` without ``pip install 'lightning-qat[onnx]'``.
+        PT2EUnavailable: for ``mode="pt2e"`` without torchao (or with a torch older than it needs).
 
     At fit end, on global rank 0, the :class:`~lightning_qat.lightning.finish.FinishPipeline` that :meth:`pipeline`
     returns runs its steps ``convert_network``, ``write_artifact``, ``evaluate_networks``, ``analyze_layers``,
@@ -156,7 +162,7 @@ class QATCallback(Callback):
         on_drop: OnDrop = "warn",
         save_dir: str | None = None,
         save_artifact: bool = True,
-        export: Sequence[ExportFormat] = ("torchscript",),
+        export: Sequence[ExportFormat] | None = None,
         ptq_baseline: bool = False,
         ptq_batches: int = 8,
         sync_observers: bool = True,
@@ -194,7 +200,10 @@ class QATCallback(Callback):
         ):
             check_flag(name, flag)
         check_count("ptq_batches", ptq_batches)
-        check_export(export)
+        export = export if export is not None else (["pt2"] if mode == "pt2e" else ["torchscript"])
+        check_export(export, mode)
+        if mode == "pt2e":
+            check_pt2e(self.backend, on_drop, activations)
         check_count("latency_repeats", latency_repeats)
         self.module = module
         self.mode = mode
@@ -279,7 +288,9 @@ class QATCallback(Callback):
         if stage == "fit":
             self._prepare_for_fit(trainer, pl_module, network)
         elif ao.fake_quant_modules(network):  # e.g. from load_qat_checkpoint
-            mode: Literal["fx", "eager"] = "fx" if isinstance(network, torch.fx.GraphModule) else "eager"
+            mode: Literal["fx", "eager", "pt2e"] = (
+                "pt2e" if pt2e.is_exported(network) else "fx" if isinstance(network, torch.fx.GraphModule) else "eager"
+            )
             self.prepared = Prepared(network, mode, "already QAT-prepared", 0)
         else:  # validate / test / predict: float, unless a QAT checkpoint's weights arrive (_before_weights_load)
             self.prepared = None
@@ -319,7 +330,11 @@ class QATCallback(Callback):
         """Static or dynamic int8 activations for the artifact (rank 0's timing for every rank), trained for now.
 
         ``probe`` and ``quantized``: the preflight's calibrated copy of the prepared network and its int8 conversion.
+        The PT2E engine quantizes activations statically.
         """
+        if prepared.mode == "pt2e":
+            self.chosen_activations, self._activation_ms = "static", {}
+            return
         choice = activation_choice.choose(
             probe, quantized, self.backend, self._example_inputs, self.activations, self.latency_repeats
         )
@@ -594,7 +609,7 @@ class QATCallback(Callback):
         freeze_bn, freeze_observers = self._schedule.due(counter)
         network = self.network(pl_module)
         if freeze_bn and not self.bn_frozen:
-            ao.freeze_bn_stats(network)
+            freeze_batch_norm(network)
             self.bn_frozen = True
             rank_zero_info(f"QAT: BatchNorm statistics frozen at {self._schedule.interval} {counter}.")
         if freeze_observers and not self.observers_frozen:

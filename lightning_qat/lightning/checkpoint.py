@@ -111,8 +111,16 @@ def check_same_preparation(saved_state: dict[str, Any], current: dict[str, Any])
 
 
 def mark(state_dict: dict[str, Any]) -> OrderedDict[str, Any]:
-    """``state_dict`` with :data:`MARKER` first, so a plain ``load_state_dict`` names lightning-qat in its error."""
-    return OrderedDict([(MARKER, torch.zeros(())), *state_dict.items()])
+    """``state_dict`` with :data:`MARKER` first, so a plain ``load_state_dict`` names lightning-qat in its error.
+
+    The modules' versions (``state_dict._metadata``) stay: without them torchao's observers load as version 1 and
+    reset their ``eps`` to float32's (2**-12 in torchao's x86 QAT configuration).
+    """
+    marked = OrderedDict([(MARKER, torch.zeros(())), *state_dict.items()])
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        marked._metadata = metadata  # type: ignore[attr-defined]  # torch's convention for state dicts
+    return marked
 
 
 def unmark(state_dict: dict[str, Any]) -> None:
@@ -121,9 +129,20 @@ def unmark(state_dict: dict[str, Any]) -> None:
 
 
 def network_state(state_dict: dict[str, Any], target: str) -> dict[str, Any]:
-    """The entries of a LightningModule ``state_dict`` below the submodule ``target``, with that prefix removed."""
+    """The entries of a LightningModule ``state_dict`` below the submodule ``target``, with that prefix removed.
+
+    The modules' versions (``_metadata``) come along, re-rooted at ``target`` (see :func:`mark`).
+    """
     prefix = f"{target}."
-    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    below = OrderedDict((key[len(prefix) :], value) for key, value in state_dict.items() if key.startswith(prefix))
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        below._metadata = OrderedDict(  # type: ignore[attr-defined]  # torch's convention for state dicts
+            ("" if key == target else key[len(prefix) :], value)
+            for key, value in metadata.items()
+            if key == target or key.startswith(prefix)
+        )
+    return below
 
 
 def load_qat_checkpoint(

@@ -48,9 +48,16 @@ def convert_checkpoint(
             trained is the checkpoint's), for ``qat_kwargs`` next to a ``trainer``, or a ``trainer`` without a
             ``QATCallback``.
     """
+    checkpoint = checkpoint_io.read_checkpoint(ckpt_path)
+    state = checkpoint_io.require_qat_state(
+        checkpoint,
+        ckpt_path,
+        f"there is no QAT model to convert; load it with {type(model).__name__}.load_from_checkpoint",
+    )
     if trainer is None:
         _check_convert_kwargs(qat_kwargs)
-        qat = QATCallback(**qat_kwargs)
+        engine: dict[str, Any] = {"mode": "pt2e"} if state.get("mode") == "pt2e" else {}  # its artifact format
+        qat = QATCallback(**engine, **qat_kwargs)
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
         )
@@ -61,12 +68,6 @@ def convert_checkpoint(
                 "arguments to the QATCallback in the trainer's callbacks, or drop the trainer."
             )
         qat = _callback_of(trainer)
-    checkpoint = checkpoint_io.read_checkpoint(ckpt_path)
-    state = checkpoint_io.require_qat_state(
-        checkpoint,
-        ckpt_path,
-        f"there is no QAT model to convert; load it with {type(model).__name__}.load_from_checkpoint",
-    )
     qat.check_preparation(state)
     float_network = cpu_eval_copy(model.get_submodule(state["module"]))
     float_state = state.get("float_state_dict")

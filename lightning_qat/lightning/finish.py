@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_qat.choices import check_choice, choices_of
 from lightning_qat.exceptions import AccuracyBudgetError, ConversionError
+from lightning_qat.export.aoti import save_pt2
 from lightning_qat.export.onnx import OnnxRuntimeNetwork, check_onnx_available, export_onnx, onnxruntime_version
 from lightning_qat.export.torchscript import load_quantized, save_torchscript, to_torchscript
 from lightning_qat.lightning import checkpoint as checkpoint_io
@@ -28,7 +29,7 @@ from lightning_qat.lightning.chart import save_chart
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
 from lightning_qat.lightning.report import MonitorMode, QATReport, drop
 from lightning_qat.lightning.sigterm import sigterm_raises
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
 from lightning_qat.quantization.dynamic import to_dynamic
 from lightning_qat.quantization.fallback import Group, float_names, float_nodes, groups, keep_float
@@ -45,12 +46,14 @@ from lightning_qat.quantization.search import Candidate, SearchResult, search
 from lightning_qat.quantization.sensitivity import MAX_DB, LayerSQNR, layer_sqnr
 
 OnDrop = Literal["warn", "raise", "fallback"]
-ExportFormat = Literal["torchscript", "onnx"]
+ExportFormat = Literal["torchscript", "onnx", "pt2"]
 ConvertFrom = Literal["last", "best"]
 
 
-def check_export(export: Sequence[str]) -> None:
-    """Raise ``ValueError`` unless ``export`` is a non-empty list of distinct :data:`ExportFormat` values.
+def check_export(export: Sequence[str], mode: str = "auto") -> None:
+    """Raise ``ValueError`` unless ``export`` is a non-empty list of distinct :data:`ExportFormat` values ``mode`` has.
+
+    ``"pt2"`` (the AOTInductor package) is the PT2E engine's artifact, and its only one.
 
     Raises:
         OnnxExtraMissing: for ``"onnx"`` without onnx / onnxruntime installed.
@@ -61,8 +64,34 @@ def check_export(export: Sequence[str]) -> None:
         )
     for fmt in export:
         check_choice("export", fmt, ExportFormat)
+    engine_formats = ["pt2"] if mode == "pt2e" else ["torchscript", "onnx"]
+    wrong = [fmt for fmt in export if fmt not in engine_formats]
+    if wrong:
+        raise ValueError(
+            f"export={list(export)!r}: mode={mode!r} cannot write {wrong}; its formats are {engine_formats}"
+            + (" (the 'pt2' package needs mode='pt2e')." if "pt2" in wrong else ".")
+        )
     if "onnx" in export:
         check_onnx_available()
+
+
+def check_pt2e(backend: str, on_drop: str, activations: str) -> None:
+    """Raise unless the PT2E engine can run here with these settings (see :mod:`lightning_qat.quantization.pt2e`).
+
+    Raises:
+        PT2EUnavailable: without torchao, or on a torch older than torchao needs.
+        ValueError: for a backend, ``on_drop`` or ``activations`` the PT2E engine does not have yet.
+    """
+    pt2e.require()
+    if backend not in pt2e.BACKENDS:
+        raise ValueError(
+            f"mode='pt2e' with backend={backend!r}: torchao's PT2E quantizers here are x86's (backends "
+            f"{list(pt2e.BACKENDS)}); its XNNPACK quantizer moved to ExecuTorch. Use mode='fx' for {backend!r}."
+        )
+    if on_drop == "fallback":
+        raise ValueError("on_drop='fallback' searches FX graphs; with mode='pt2e' use on_drop='warn' or 'raise'.")
+    if activations == "dynamic":
+        raise ValueError("activations='dynamic' is an FX/eager artifact; mode='pt2e' quantizes activations statically.")
 
 
 def check_guard(monitor: str | None, max_metric_drop: float | None, evaluate: Stage | None) -> None:
@@ -171,7 +200,7 @@ class FinishPipeline:
         self.root_dir = root_dir
         self.quantized_model: nn.Module | None = None
         self.trained_network: nn.Module | None = None
-        self.artifact_path: Path | None = None
+        self.artifact_path: Path | None = None  # the TorchScript artifact, or the PT2E engine's AOTInductor package
         self.onnx_path: Path | None = None
         self._onnx_session: OnnxRuntimeNetwork | None = None
         self.float_groups: list[Group] = []  # the layers the accuracy-budget fallback keeps float
@@ -273,6 +302,16 @@ class FinishPipeline:
         assert self.quantized_model is not None
         assert self.trained_network is not None
         run = self.qat_run
+        if "pt2" in self.settings.export:
+            self.artifact_path, kernels = save_pt2(self.quantized_model, out_dir / "model_int8.pt2", run.example_inputs)
+            report.artifact = str(self.artifact_path)
+            layers = pt2e.int8_layers(self.quantized_model)
+            report.int8_kernels = kernels
+            if kernels < layers:
+                rank_zero_warn(
+                    f"QAT: the AOTInductor package calls {kernels} int8 kernels for {layers} int8 layers: the others "
+                    "run in float there."
+                )
         if "torchscript" in self.settings.export:
             self.artifact_path = save_torchscript(
                 self.quantized_model,
@@ -327,6 +366,8 @@ class FinishPipeline:
     def analyze_layers(self, report: QATReport) -> None:
         """The report's per-layer SQNR: :meth:`measure_sqnr` of the int8 layers of the trained QAT network."""
         assert self.trained_network is not None
+        if self.qat_run.prepared.mode == "pt2e":
+            return  # torchao's graph has no QAT layer modules to measure one by one (yet)
         sqnr = self.measure_sqnr(self.trained_network)
         floating = set(float_names(self.float_groups))  # trained float: not in the int8 model
         report.layer_sqnr = {name: db for name, db in sqnr.items() if name not in floating}
@@ -475,6 +516,8 @@ class FinishPipeline:
     @staticmethod
     def resolve_groups(network: nn.Module, layers: Sequence[str], static: bool = True) -> list[Group]:
         """The :class:`~lightning_qat.quantization.fallback.Group` of each of ``layers`` in ``network``."""
+        if not layers:
+            return []
         found = groups(network, static)
         return [found[name] for name in layers if name in found]
 
@@ -494,7 +537,13 @@ class FinishPipeline:
             with ao.engine(backend):  # load_quantized sets the engine; keep the user's setting afterwards
                 networks["int8"] = load_quantized(self.artifact_path)
             report.size_bytes["int8"] = self.artifact_path.stat().st_size
-            report.latency_runtime["int8"] = "TorchScript artifact"
+            report.latency_runtime["int8"] = (
+                "AOTInductor package" if self.artifact_path.suffix == ".pt2" else "TorchScript artifact"
+            )
+        elif run.prepared.mode == "pt2e":
+            networks["int8"] = self.quantized_model
+            report.size_bytes["int8"] = serialized_size(self.quantized_model)
+            report.latency_runtime["int8"] = "PT2E quantize/dequantize graph (not compiled: save_artifact=False)"
         else:
             networks["int8"] = to_torchscript(self.quantized_model, backend, run.example_inputs)
             report.size_bytes["int8"] = serialized_size(self.quantized_model)

@@ -341,6 +341,8 @@ def check_conversion(
             f"`{name}` trains, but its int8 conversion would fail at the end of fit: {err} Fix it before training "
             "(see the hint), or `skip=` the submodule that cannot be quantized."
         ) from err
+    if mode == "pt2e":
+        return quantized  # its artifact is compiled by inductor at the end of fit, not traced
     try:
         to_torchscript(quantized, backend, example_inputs)
     except Exception as err:

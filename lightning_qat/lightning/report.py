@@ -55,6 +55,7 @@ class QATReport:
     fallback_evaluations: int = 0  # int8 models the search evaluated
     fallback_seconds: float = 0.0
     fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # each: layers, metric, meets, size...
+    int8_kernels: int | None = None  # int8 conv/linear kernel calls in the PT2E engine's compiled package
 
     def fusion(self) -> str | None:
         """How many Conv-BN pairs were fused, and which were not and why; ``None`` when not counted."""
@@ -196,12 +197,14 @@ class QATReport:
             lines.append("the float row is the untrained network QAT started from: not a baseline to compare with")
         if self.converted_from != "last":
             lines.append(f"int8 converted from the {self.converted_from}")
-        if self.size_ratio:
+        if self.size_ratio and self.size_ratio >= 1:
             lines.append(f"int8 is {self.size_ratio:.2f}x smaller than float")
+        elif self.size_ratio:
+            lines.append(f"int8 is {1 / self.size_ratio:.2f}x LARGER than float (the file carries its compiled code)")
         if self.speedup:
+            runtime = self.latency_runtime.get("int8", "TorchScript artifact")
             lines.append(
-                f"int8 (TorchScript artifact) is {self.speedup:.2f}x faster than float "
-                f"({_threads(self.latency_threads)})"
+                f"int8 ({runtime}) is {self.speedup:.2f}x faster than float ({_threads(self.latency_threads)})"
             )
         if self.onnx_speedup:
             lines.append(
@@ -216,6 +219,10 @@ class QATReport:
                 else ""
             )
             lines.append(f"int8 artifact: {self.artifact}{part}")
+        if self.int8_kernels is not None:
+            lines.append(
+                f"int8 kernels in the compiled package: {self.int8_kernels} (for {self.quantized_layers} int8 layers)"
+            )
         if self.onnx_artifact:
             lines.append(f"int8 ONNX artifact: {self.onnx_artifact}")
         return lines

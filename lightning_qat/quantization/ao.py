@@ -22,6 +22,8 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
+from lightning_qat.quantization import pt2e
+
 _NOTICE = (
     "lightning-qat uses torch.ao.quantization (deprecated by torch in favour of torchao, still supported in "
     "torch {version}); torch's deprecation warnings for it are silenced."
@@ -521,13 +523,14 @@ def convert_eager(module: nn.Module) -> nn.Module:
 
 
 def fake_quant_modules(module: nn.Module) -> list[tuple[str, FakeQuantizeBase]]:
-    """All fake-quantize modules with their qualified names."""
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, FakeQuantizeBase)]
+    """All fake-quantize modules with their qualified names (torch.ao's, and torchao's in a PT2E network)."""
+    return [(name, m) for name, m in module.named_modules() if is_fake_quant(m)]
 
 
 def is_fake_quant(module: nn.Module) -> TypeGuard[FakeQuantizeBase]:
-    """Whether ``module`` is one of torch's fake-quantize modules."""
-    return isinstance(module, FakeQuantizeBase)
+    """Whether ``module`` is a fake-quantize module: torch.ao's, or torchao's (the same interface, PT2E's copy)."""
+    torchao_base = pt2e.fake_quant_base()
+    return isinstance(module, FakeQuantizeBase) or (torchao_base is not None and isinstance(module, torchao_base))
 
 
 def uncalibrated(module: nn.Module) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_qat.exceptions import ConversionError, first_line
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.inputs import cpu_inputs
 
 
@@ -60,6 +60,8 @@ def to_int8(
     """Convert a CPU copy of the QAT model ``prepared`` to int8 and check that it runs on ``example_inputs``.
 
     ``float_nodes``: FX graph nodes kept float (:func:`~lightning_qat.quantization.fallback.float_nodes`); FX mode only.
+    In ``"pt2e"`` mode the result is torchao's quantize / dequantize graph (int8 arithmetic simulated in float until
+    inductor compiles it: :mod:`lightning_qat.export.aoti`).
 
     Raises:
         ConversionError: if an observer never saw data, or conversion or the first int8 forward pass fails.
@@ -78,7 +80,10 @@ def to_int8(
     inputs = cpu_inputs(example_inputs)
     with ao.engine(backend), ao.quiet():
         try:
-            quantized = ao.convert_fx(model, float_nodes) if mode == "fx" else ao.convert_eager(model)
+            if mode == "pt2e":
+                quantized: nn.Module = pt2e.convert(model)  # type: ignore[arg-type]  # prepared by pt2e.prepare
+            else:
+                quantized = ao.convert_fx(model, float_nodes) if mode == "fx" else ao.convert_eager(model)
         except Exception as err:
             raise ConversionError(
                 f"int8 conversion ({mode} mode, backend {backend!r}) failed: {first_line(err)}. "

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, pt2e
 
 
 def serialized_size(network: nn.Module) -> int:
@@ -24,6 +24,8 @@ def serialized_size(network: nn.Module) -> int:
 
 def count_quantized_layers(network: nn.Module) -> int:
     """Quantized ops of a converted network: int8 modules with weights and, in FX graphs, int8 functional ops."""
+    if pt2e.is_exported(network):
+        return pt2e.int8_layers(network)
     modules = sum(ao.is_quantized_module(m) and hasattr(m, "weight") for m in network.modules())
     functions = 0
     if isinstance(network, torch.fx.GraphModule):
@@ -39,6 +41,8 @@ def count_weight_layers(network: nn.Module) -> int:
     int8 Conv / Linear / Embedding modules and, in FX graphs, int8 functional convolutions and linears (a bare
     ``Conv2d`` traced as the whole network).
     """
+    if pt2e.is_exported(network):
+        return pt2e.int8_layers(network)
     modules = sum(ao.is_quantized_module(m) and hasattr(m, "weight") for m in network.modules())
     functions = 0
     if isinstance(network, torch.fx.GraphModule):
@@ -51,6 +55,8 @@ def count_weight_layers(network: nn.Module) -> int:
 
 def float_parameters(network: nn.Module) -> dict[str, int]:
     """Float parameters left in a converted network, by module type (what int8 does not cover)."""
+    if pt2e.is_exported(network):
+        return pt2e.float_parameters(network)
     counts: dict[str, int] = {}
     for module in network.modules():
         if ao.is_quantized_module(module):

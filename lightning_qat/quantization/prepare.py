@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_qat.quantization import ao, compat
+from lightning_qat.quantization import ao, compat, pt2e
 from lightning_qat.quantization.attention import decompose_attention, restore
 from lightning_qat.quantization.inputs import map_tensors
 from lightning_qat.quantization.trace import conv_bn_pairs, own_forward_convs, run_once, trace, train_eval_leaves
 
-Mode = Literal["auto", "fx", "eager"]
+Mode = Literal["auto", "fx", "eager", "pt2e"]
 
 # Module type sequences eager fusion understands, longest first so Conv+BN+ReLU wins over Conv+BN.
 _FUSION_PATTERNS: tuple[tuple[type[nn.Module], ...], ...] = (
@@ -42,7 +42,7 @@ class Prepared:
     """What :func:`prepare_model` did."""
 
     module: nn.Module
-    mode: Literal["fx", "eager"]
+    mode: Literal["fx", "eager", "pt2e"]
     reason: str
     num_fused: int
     relu6_replaced: int = 0
@@ -616,6 +616,14 @@ def share_cat_quantizers(graph_module: torch.fx.GraphModule) -> int:
     return len(moved)
 
 
+def freeze_batch_norm(network: nn.Module) -> None:
+    """Freeze the BatchNorm statistics of a QAT network of any engine (see :func:`ao.freeze_bn_stats`)."""
+    if pt2e.is_exported(network):
+        network.freeze_bn()
+    else:
+        ao.freeze_bn_stats(network)
+
+
 def _within(name: str, ancestor: str) -> bool:
     return name == ancestor or name.startswith(f"{ancestor}.")
 
@@ -634,8 +642,11 @@ def prepare_model(
     With ``qat=False`` the network is prepared for post-training quantization instead (observers, eval mode):
     the PTQ baseline of the report. ``relu6_to_relu`` first applies :func:`replace_relu6` (outside ``skip``).
 
+    ``mode="pt2e"`` captures it with ``torch.export`` and prepares it with torchao (:mod:`.pt2e`).
+
     Raises:
-        RuntimeError: when ``mode="fx"`` and the network cannot be symbolically traced.
+        RuntimeError: when ``mode="fx"`` and the network cannot be symbolically traced, or ``mode="pt2e"`` and
+            ``torch.export`` cannot capture it.
     """
     check_skip(network, skip)
     folded = fold_parametrizations(network, skip)
@@ -654,6 +665,22 @@ def prepare_model(
             f"{ZERO_BN_WEIGHT}: torch's fused Conv-BN QAT divides by them (NaN otherwise)."
         )
     network.train(qat)
+    if mode == "pt2e":
+        shared = [n for n in shared_stateful_modules(network, example_inputs) if not any(_within(n, s) for s in skip)]
+        if shared:  # measured: a Conv-BN-ReLU block called twice converts to 186% relative error, even when skipped
+            raise RuntimeError(
+                f"mode='pt2e' but {shared} are called at several places in one forward pass: torchao's Conv-BN "
+                "rewrite and its conversion treat each call as its own layer and the int8 network computes something "
+                "else. Use mode='auto' (FX keeps shared modules float), or call a copy of the module at each place."
+            )
+        try:
+            exported = pt2e.prepare(network, example_inputs, backend, skip, qat)
+        except RuntimeError as err:
+            raise RuntimeError(f"mode='pt2e' but {err}. Use mode='auto' (FX, or eager) for this network.") from err
+        fused = pt2e.conv_bn_count(exported)
+        return Prepared(
+            exported, "pt2e", "requested", fused, replaced, warnings=said, folded=folded, conv_bn_pairs=fused
+        )
     with ao.engine(backend):
         if mode in ("auto", "fx"):
             try:

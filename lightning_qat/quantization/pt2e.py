@@ -1,0 +1,361 @@
+"""The PT2E engine: ``torch.export`` capture, torchao's ``prepare_qat_pt2e`` / ``convert_pt2e``; the one torchao seam.
+
+torchao is an optional extra (``pip install 'lightning-qat[pt2e]'``); nothing here imports it before it is asked
+for. What torchao does not do, this module does:
+
+- **train / eval switching.** An exported module refuses ``train()``/``eval()``; torchao's own switch rewrites every
+  BatchNorm with the default ``eps``/``momentum`` and every dropout with ``p=0.5`` (pytorch/ao#2980).
+  :class:`ExportedQAT` flips only the ``training`` argument of the graph's batch-norm and dropout calls.
+- **BatchNorm arguments.** ``prepare_qat_pt2e``'s Conv-BN rewrite itself drops ``eps`` and ``momentum`` (1e-5 and 0.1
+  for every BatchNorm; torchvision's MobileNetV3 uses eps 0.001): they are put back from the captured graph.
+- **convert speed.** ``convert_pt2e`` exports 96 small pattern graphs on every call (30 s on 2 cores, whatever the
+  network): they are built once per process and reused (:func:`_cached_patterns`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib.util
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeGuard
+
+import torch
+from torch import nn
+
+from lightning_qat.exceptions import PT2EUnavailable, first_line
+
+INSTALL_HINT = "pip install 'lightning-qat[pt2e]'  (torchao >= 0.18)"
+MIN_TORCH = (2, 11)  # torchao 0.18's own lower bound
+BACKENDS = ("x86", "fbgemm")  # torchao's X86InductorQuantizer; its XNNPACK quantizer moved to ExecuTorch
+
+_BATCH_NORM = "aten.batch_norm.default"
+_DROPOUTS = ("aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default")
+_LAYERS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
+_SILENCED = (
+    r".*is an Enum subclass and is now natively supported",  # torchao's import, on torch 2.14
+    r"torch\.tensor\(w_zp_tensor",
+    r"To copy construct from a tensor",
+    r".*erase_node\(.*\) on an already erased node",
+)
+
+
+def missing() -> str | None:
+    """Why the PT2E engine cannot run here (torchao not installed, torch too old), or ``None``."""
+    have = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if have < MIN_TORCH:
+        return f"torchao's PT2E flow needs torch >= {'.'.join(map(str, MIN_TORCH))} (this is {torch.__version__})"
+    if importlib.util.find_spec("torchao") is None:
+        return f"torchao is not installed: {INSTALL_HINT}"
+    return None
+
+
+def require(what: str = "mode='pt2e'") -> None:
+    """Raise :class:`~lightning_qat.PT2EUnavailable` naming the fix unless the PT2E engine can run."""
+    reason = missing()
+    if reason is not None:
+        raise PT2EUnavailable(f"{what} cannot run: {reason}.")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence what torch.export, torchao and inductor say on every call (their warnings and info logs)."""
+    names = ("torch._dynamo", "torch._inductor", "torch.export", "torch.utils._pytree", "torch.utils.cpp_extension")
+    loggers = [logging.getLogger(name) for name in (*names, "torchao")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for message in _SILENCED:
+            warnings.filterwarnings("ignore", message=message)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+class ExportedQAT(nn.Module):
+    """A captured, PT2E-prepared network that Lightning can switch between ``train()`` and ``eval()``.
+
+    ``exported`` is the ``torch.fx.GraphModule`` torchao prepared. Switching flips the ``training`` argument of its
+    batch-norm calls (never once :meth:`freeze_bn` ran) and of its dropout calls, and the ``+= 1`` of each
+    ``num_batches_tracked`` (``+= 0`` in eval), nothing else: ``eps``, ``momentum`` and ``p`` stay the network's own.
+    """
+
+    def __init__(self, exported: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.exported = exported
+        self.bn_frozen = False
+        self._switch(True)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The captured network's forward."""
+        return self.exported(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> ExportedQAT:
+        """Switch batch norm and dropout; every submodule's ``training`` flag follows (torch's ``train`` raises)."""
+        for module in self.modules():
+            module.training = mode
+        self._switch(mode)
+        return self
+
+    def freeze_bn(self) -> None:
+        """BatchNorm normalizes with its running statistics and stops updating them, in training too."""
+        self.bn_frozen = True
+        self._switch(self.training)
+
+    def _switch(self, mode: bool) -> None:
+        changed = False
+        for node in self.exported.graph.nodes:
+            where = _switched_arg(node)
+            if where is None:
+                continue
+            index, batch_norm = where
+            value: bool | int = mode and not (batch_norm and self.bn_frozen)
+            if batch_norm and index == 1:  # num_batches_tracked += 1 while statistics update, += 0 otherwise
+                value = int(value)
+            if node.args[index] != value or type(node.args[index]) is not type(value):
+                node.update_arg(index, value)
+                changed = True
+        if changed:
+            self.exported.recompile()
+
+
+def _switched_arg(node: torch.fx.Node) -> tuple[int, bool] | None:
+    """Which argument of ``node`` follows train/eval: ``(index, of a batch norm)``, or ``None``."""
+    if node.op != "call_function":
+        return None
+    target = str(node.target)
+    if target == _BATCH_NORM:
+        return 5, True
+    if target in _DROPOUTS:
+        return 2, False
+    first = node.args[0] if node.args else None
+    counter = (
+        isinstance(first, torch.fx.Node) and first.op == "get_attr" and str(first.target).endswith("batches_tracked")
+    )
+    return (1, True) if target == "aten.add_.Tensor" and counter else None
+
+
+def is_exported(network: nn.Module) -> TypeGuard[ExportedQAT]:
+    """Whether ``network`` is a PT2E-prepared :class:`ExportedQAT` (or its int8 conversion's wrapper)."""
+    return isinstance(network, ExportedQAT)
+
+
+def batch_dims(example_inputs: tuple[Any, ...]) -> Any:
+    """``torch.export``'s ``dynamic_shapes`` for ``example_inputs``: every tensor's first dimension (the batch)."""
+    return torch.utils._pytree.tree_map(
+        lambda value: {0: torch.export.Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() else None,
+        example_inputs,
+    )
+
+
+def capture(network: nn.Module, example_inputs: tuple[Any, ...], strict: bool) -> torch.fx.GraphModule:
+    """``network`` captured by ``torch.export`` in training mode, every tensor input's first dimension dynamic."""
+    network.train()
+    with quiet():
+        return torch.export.export(
+            network, example_inputs, dynamic_shapes=batch_dims(example_inputs), strict=strict
+        ).module()
+
+
+def _quantizer(backend: str, qat: bool, skip: Sequence[str]) -> Any:
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # registers inductor's int8 passes
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} has no PT2E quantizer here; valid values are {list(BACKENDS)}.")
+    quantizer = X86InductorQuantizer()
+    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=qat))
+    for name in skip:
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+def _batch_norm_args(graph_module: torch.fx.GraphModule) -> dict[str, tuple[Any, Any]]:
+    """``(momentum, eps)`` of each batch-norm call, by its running mean's buffer name."""
+    found = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and str(node.target) == _BATCH_NORM and node.args[3] is not None:
+            found[str(node.args[3].target)] = (node.args[6], node.args[7])
+    return found
+
+
+def restore_batch_norm_args(graph_module: torch.fx.GraphModule, saved: dict[str, tuple[Any, Any]]) -> int:
+    """Put back each batch norm's ``momentum`` and ``eps`` that ``prepare_qat_pt2e``'s Conv-BN rewrite reset.
+
+    Also the ``eps`` of the rewrite's weight scaling (``gamma / sqrt(running_var + eps)``). Returns how many batch
+    norms had lost theirs.
+    """
+    fixed = 0
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or str(node.target) != _BATCH_NORM or node.args[3] is None:
+            continue
+        momentum, eps = saved.get(str(node.args[3].target), (node.args[6], node.args[7]))
+        if (node.args[6], node.args[7]) == (momentum, eps):
+            continue
+        fixed += 1
+        node.update_arg(6, momentum)
+        node.update_arg(7, eps)
+        running_var = node.args[4]
+        for user in list(running_var.users):
+            if (
+                str(user.target) == "aten.add.Tensor"
+                and user.args[0] is running_var
+                and isinstance(user.args[1], float)
+            ):
+                user.update_arg(1, eps)
+    graph_module.recompile()
+    return fixed
+
+
+def prepare(
+    network: nn.Module, example_inputs: tuple[Any, ...], backend: str, skip: Sequence[str] = (), qat: bool = True
+) -> ExportedQAT:
+    """Capture ``network`` and insert torchao's fake-quant (``qat``) or observers (post-training calibration).
+
+    Strict capture first (torchao's x86 quantizer fails on a non-strict capture of a network that calls one ReLU
+    module at several places, as torchvision's ResNets do), then non-strict.
+
+    Raises:
+        RuntimeError: naming both attempts' errors, when neither can be captured and prepared.
+    """
+    require()
+    with quiet():
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+
+        quantizer = _quantizer(backend, qat, skip)
+    errors = []
+    for strict in (True, False):
+        how = "strict" if strict else "non-strict"
+        try:
+            graph_module = capture(network, example_inputs, strict)
+        except Exception as err:  # noqa: BLE001 - both attempts are reported together
+            errors.append(f"{how}: {type(err).__name__}: {first_line(err)[:200]}")
+            continue
+        saved = _batch_norm_args(graph_module)
+        try:
+            with quiet():
+                prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph_module, quantizer)
+        except Exception as err:  # noqa: BLE001 - both attempts are reported together
+            errors.append(f"{how}, then torchao's prepare: {type(err).__name__}: {first_line(err)[:200]}")
+            continue
+        restore_batch_norm_args(prepared, saved)
+        wrapped = ExportedQAT(prepared)
+        wrapped.train(qat)
+        return wrapped
+    raise RuntimeError(f"torch.export cannot capture {type(network).__name__} for torchao ({'; '.join(errors)})")
+
+
+def conv_bn_count(network: ExportedQAT) -> int:
+    """How many batch norms torchao's QAT rewrite fused with the convolution before them."""
+    count = 0
+    for node in network.exported.graph.nodes:
+        if node.op == "call_function" and str(node.target) == _BATCH_NORM:
+            producer = node.args[0]
+            for _ in range(3):  # batch_norm(add(div(conv, scale), bias)): the rewrite's pattern
+                if not isinstance(producer, torch.fx.Node) or not producer.args:
+                    break
+                if "conv" in str(producer.target):
+                    count += 1
+                    break
+                producer = producer.args[0]
+    return count
+
+
+def convert(network: ExportedQAT) -> ExportedQAT:
+    """The int8 (quantize / dequantize) graph of a copy of ``network``, BatchNorm folded; ``network`` untouched."""
+    model = copy.deepcopy(network).cpu().eval()
+    with quiet(), _cached_patterns():
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        converted = convert_pt2e(model.exported)
+    result = ExportedQAT(converted)
+    result.eval()
+    return result
+
+
+def _graph(network: nn.Module) -> torch.fx.GraphModule:
+    graph_module = network.exported if isinstance(network, ExportedQAT) else network
+    assert isinstance(graph_module, torch.fx.GraphModule)
+    return graph_module
+
+
+def int8_layers(quantized: nn.Module) -> int:
+    """Convolutions and linear layers of a converted PT2E graph whose weight is int8 (dequantized in the graph)."""
+    exported = _graph(quantized)
+    count = 0
+    for node in exported.graph.nodes:
+        if node.op == "call_function" and str(node.target) in _LAYERS and len(node.args) > 1:
+            weight = node.args[1]
+            count += isinstance(weight, torch.fx.Node) and "dequantize" in str(weight.target)
+    return count
+
+
+def float_parameters(quantized: nn.Module) -> dict[str, int]:
+    """Weights of the convolutions and linear layers a converted PT2E graph keeps float, by op (``{"linear": n}``)."""
+    exported = _graph(quantized)
+    counts: dict[str, int] = {}
+    for node in exported.graph.nodes:
+        if node.op == "call_function" and str(node.target) in _LAYERS and len(node.args) > 1:
+            weight = node.args[1]
+            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                name = str(node.target).split(".")[1]
+                tensor: Any = functools.reduce(getattr, str(weight.target).split("."), exported)
+                counts[name] = counts.get(name, 0) + tensor.numel()
+    return counts
+
+
+def fake_quant_base() -> type[nn.Module] | None:
+    """Torchao's fake-quant base class, once torchao is imported (``None`` before: no network can hold one)."""
+    import sys
+
+    module = sys.modules.get("torchao.quantization.pt2e.fake_quantize")
+    return getattr(module, "FakeQuantizeBase", None)
+
+
+@contextlib.contextmanager
+def _cached_patterns() -> Iterator[None]:
+    """Reuse the pattern graphs ``convert_pt2e`` exports (the same 96 on every call) within this process.
+
+    A private torchao function is wrapped: when it is gone, conversion runs as torchao ships it, only slower.
+    """
+    from torchao.quantization.pt2e import qat_utils
+
+    original = getattr(qat_utils, "_get_aten_graph_module_for_pattern", None)
+    if original is None:
+        yield
+        return
+    qat_utils._get_aten_graph_module_for_pattern = functools.partial(_pattern, original)
+    try:
+        yield
+    finally:
+        qat_utils._get_aten_graph_module_for_pattern = original
+
+
+_PATTERNS: dict[Any, torch.fx.GraphModule] = {}
+
+
+def _pattern(original: Any, pattern: Any, example_inputs: Any, is_cuda: bool = False, **kwargs: Any) -> Any:
+    try:
+        function = getattr(pattern, "fn", pattern)  # torchao wraps each pattern function in a module
+        cells = tuple(cell.cell_contents for cell in function.__closure__ or ())
+        inputs = tuple(_signature(value) for value in example_inputs)
+        key = (function.__code__, cells, inputs, is_cuda, tuple((k, _signature(v)) for k, v in sorted(kwargs.items())))
+        hash(key)
+    except (AttributeError, TypeError, ValueError):
+        return original(pattern, example_inputs, is_cuda, **kwargs)
+    if key not in _PATTERNS:
+        _PATTERNS[key] = original(pattern, example_inputs, is_cuda, **kwargs)
+    return copy.deepcopy(_PATTERNS[key])
+
+
+def _signature(value: Any) -> Any:
+    """What a pattern graph depends on: a tensor's shape and dtype (its values are random examples)."""
+    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value

@@ -1,0 +1,66 @@
+"""The PT2E engine's artifact: an AOTInductor package, checked for int8 kernels and against the graph it compiles."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_qat import ConversionError, load_quantized
+from lightning_qat.export import aoti
+from lightning_qat.quantization import pt2e
+
+pytestmark = pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
+
+
+class TwoConvs(nn.Module):
+    """Two int8 convolutions in a row: the shape torch 2.14's dynamic-batch int8 compile gets wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+
+@pytest.fixture(scope="module")
+def int8_graph():
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    prepared = pt2e.prepare(TwoConvs(), (x,), "x86")
+    for _ in range(3):
+        prepared(torch.randn(16, 1, 8, 8))
+    prepared.eval()
+    return pt2e.convert(prepared), x
+
+
+def test_the_package_runs_int8_kernels_and_matches_its_graph(int8_graph, tmp_path):
+    quantized, x = int8_graph
+    path, kernels = aoti.save_pt2(quantized, tmp_path / "model_int8.pt2", (x,))
+    assert kernels == pt2e.int8_layers(quantized) == 2
+    package = load_quantized(path)
+    assert aoti.output_error(package, quantized, (x,)) < 0.05
+    with pytest.raises(ValueError, match=r"shapes \[\[16, 1, 8, 8\]\] and got \[\[3, 1, 8, 8\]\]"):
+        package(x[:3])
+
+
+def test_a_miscompiled_package_is_refused_and_not_written(int8_graph, tmp_path, monkeypatch):
+    quantized, x = int8_graph
+    export = torch.export.export
+    dynamic = {0: torch.export.Dim.DYNAMIC}  # the dynamic batch torch 2.14 miscompiles (see lightning_qat.export.aoti)
+    monkeypatch.setattr(torch.export, "export", lambda module, args: export(module, args, dynamic_shapes=(dynamic,)))
+    with pytest.raises(ConversionError, match=r"computes \d+\.\d% away from the int8 graph"):
+        aoti.save_pt2(quantized, tmp_path / "model_int8.pt2", (x,))
+    assert not (tmp_path / "model_int8.pt2").exists()
+
+
+def test_a_package_without_int8_kernels_is_refused(int8_graph, tmp_path, monkeypatch):
+    quantized, x = int8_graph
+    compile_package = torch._inductor.aoti_compile_and_package
+
+    def without_freezing(program, package_path, inductor_configs):  # pytorch/ao#4566: float kernels, silently
+        return compile_package(program, package_path=package_path, inductor_configs=inductor_configs | {"freezing": 0})
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", without_freezing)
+    with pytest.raises(ConversionError, match="calls no int8 kernel for the 2 int8 layers"):
+        aoti.save_pt2(quantized, tmp_path / "model_int8.pt2", (x,))

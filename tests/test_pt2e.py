@@ -1,0 +1,130 @@
+"""The PT2E engine (torch.export + torchao): capture, train/eval switching, BatchNorm arguments, convert."""
+
+import copy
+
+import pytest
+import torch
+from conftest import TinyNet, UntraceableNet
+from torch import nn
+
+from lightning_qat import PT2EUnavailable
+from lightning_qat.quantization import ao, pt2e
+from lightning_qat.quantization.prepare import freeze_batch_norm, prepare_model
+
+pytestmark = pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
+
+
+class OwnArgs(nn.Module):
+    """BatchNorm with MobileNetV3's eps and a small momentum, tiny running variances, and dropout p=0.2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8, eps=1e-3, momentum=0.01)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.bn.running_var.fill_(1e-3)  # eps 1e-3 vs torchao's 1e-5 then changes every output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(self.drop(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def without_fake_quant(network: nn.Module) -> nn.Module:
+    for _, fq in ao.fake_quant_modules(network):
+        fq.disable_fake_quant()
+        fq.disable_observer()
+    return network
+
+
+def test_missing_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(pt2e.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(PT2EUnavailable, match=r"pip install 'lightning-qat\[pt2e\]'"):
+        pt2e.require()
+
+
+def test_batch_norm_keeps_its_eps_and_momentum():
+    torch.manual_seed(0)
+    network, x = OwnArgs().eval(), torch.randn(16, 1, 8, 8)
+    expected = network(x)
+    prepared = without_fake_quant(pt2e.prepare(copy.deepcopy(network), (x,), "x86"))
+    prepared.eval()
+    torch.testing.assert_close(prepared(x), expected, rtol=1e-4, atol=1e-5)
+    # one training step moves the running mean by the network's own momentum
+    network.train()
+    prepared.train()
+    network(x)
+    prepared(x)
+    torch.testing.assert_close(prepared.exported.bn.running_mean, network.bn.running_mean)
+
+
+def test_train_eval_switching_keeps_dropout_p_and_freezes_batch_norm():
+    torch.manual_seed(0)
+    x = torch.randn(256, 1, 8, 8)
+    prepared = without_fake_quant(pt2e.prepare(OwnArgs(), (x[:16],), "x86"))
+    prepared.train()
+    dropout = [n for n in prepared.exported.graph.nodes if "dropout" in str(n.target)]
+    assert [n.args[1] for n in dropout] == [0.2]
+    assert dropout[0].args[2] is True
+    prepared.eval()
+    assert dropout[0].args[2] is False
+    assert not prepared.exported.training
+    prepared.train()
+    freeze_batch_norm(prepared)
+    before = prepared.exported.bn.running_mean.clone()
+    prepared(x)
+    torch.testing.assert_close(prepared.exported.bn.running_mean, before)  # frozen: no update in training
+    assert prepared.training
+    assert dropout[0].args[2] is True
+
+
+def test_observers_are_found_paused_and_restored():
+    x = torch.randn(16, 1, 8, 8)
+    prepared = pt2e.prepare(TinyNet(), (x,), "x86")
+    prepared(x)
+    fake_quants = ao.fake_quant_modules(prepared)
+    assert len(fake_quants) >= 8  # input, 4 weights, activations
+    saved = ao.pause_observers(prepared)
+    prepared.eval()  # as Lightning's validation loop
+    state = copy.deepcopy(prepared.state_dict())
+    prepared(x * 10)
+    for key, value in prepared.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+    ao.restore_observers(prepared, saved)
+    assert all(bool(fq.observer_enabled[0]) for _, fq in fake_quants)
+    low, high = ao.observer_range(fake_quants[0][1])
+    assert float(low.min()) < 0 < float(high.max())  # DDP's sync reads and writes these ranges
+
+
+def test_convert_matches_the_qat_network_and_folds_batch_norm():
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    prepared = pt2e.prepare(OwnArgs(), (x,), "x86")
+    for _ in range(3):
+        prepared(torch.randn(64, 1, 8, 8))
+    prepared.eval()
+    quantized = pt2e.convert(prepared)
+    with torch.no_grad():
+        expected, got = prepared(x), quantized(x)
+    assert float((got - expected).norm() / expected.norm()) < 0.05
+    targets = [str(n.target) for n in quantized.exported.graph.nodes]
+    assert not any("batch_norm" in t for t in targets)
+    assert pt2e.int8_layers(quantized) == 2
+    assert prepared.exported.graph is not quantized.exported.graph  # a copy was converted
+
+
+def test_prepare_model_stops_with_the_reason_when_export_fails():
+    network = UntraceableNet()
+    with pytest.raises(RuntimeError, match=r"mode='pt2e' but torch.export cannot capture UntraceableNet .*mode='auto'"):
+        prepare_model(network, "x86", "pt2e", [], (torch.randn(4, 1, 8, 8),))
+
+
+def test_skip_keeps_a_layer_float():
+    x = torch.randn(16, 1, 8, 8)
+    prepared = pt2e.prepare(TinyNet(), (x,), "x86", skip=["fc2"])
+    prepared(x)
+    prepared.eval()
+    quantized = pt2e.convert(prepared)
+    assert pt2e.int8_layers(quantized) == 3
+    assert pt2e.float_parameters(quantized) == {"linear": 256 * 10}

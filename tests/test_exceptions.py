@@ -14,6 +14,7 @@ BUILTIN = {
     "LightningInternalsError": RuntimeError,
     "NotAQATCheckpointError": ValueError,
     "OnnxExtraMissing": ImportError,
+    "PT2EUnavailable": ImportError,
     "PreflightError": ValueError,
 }
 

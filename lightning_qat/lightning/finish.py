@@ -305,7 +305,7 @@ class FinishPipeline:
         if "pt2" in self.settings.export:
             self.artifact_path, kernels = save_pt2(self.quantized_model, out_dir / "model_int8.pt2", run.example_inputs)
             report.artifact = str(self.artifact_path)
-            layers = pt2e.int8_layers(self.quantized_model)
+            layers = report.quantized_layers  # counted by convert_network (pt2e.int8_layers)
             report.int8_kernels = kernels
             if kernels < layers:
                 rank_zero_warn(

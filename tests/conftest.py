@@ -203,12 +203,20 @@ def pretrained_tiny(float_tiny, net_cls=TinyNet) -> BoringClassifier:
     return BoringClassifier(net)
 
 
+# The accuracy budget of the outlier tests, chosen so that no verdict hangs on a few validation images (digits' 270):
+# with the factor 100 outlier, int8 loses 40+ points of val_acc, and keeping conv1 float comes within 1-2 points of
+# float, so the search meets this budget by 6+ points and the plain int8 model misses it by 30+ (docs/accuracy-budget.md
+# has the measurements). A budget of 0.01 left one image between "met" and "missed" on some CPUs.
+OUTLIER_BUDGET = 0.08
+
+
 def with_outlier_channels(model: BoringClassifier, factor: float = 100.0) -> BoringClassifier:
     """``model`` (a TinyNet) computing the same function, with 2 of conv1's 32 output channels ``factor`` x larger.
 
     BatchNorm1's scale and shift grow for those channels (ReLU passes the factor through) and conv2 divides their
     weights by it. Per-tensor int8 quantization of conv1's output then spends its 256 levels on those 2 channels and
     flattens the other 30: a network that misses an accuracy budget by construction, because of one quantizer.
+    Use it with :data:`OUTLIER_BUDGET`.
     """
     with torch.no_grad():
         model.net.bn1.weight[:2] *= factor

@@ -10,7 +10,7 @@ import lightning
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import pretrained_tiny, trainer_kwargs
+from conftest import OUTLIER_BUDGET, pretrained_tiny, trainer_kwargs
 from packaging.version import Version
 
 from lightning_qat import QATCallback
@@ -77,7 +77,7 @@ def test_ddp_ranks_share_qparams_on_the_pt2e_engine(tmp_path, float_tiny):
 
 
 def test_rank0_searches_the_accuracy_budget_and_every_rank_trains_the_result_float(tmp_path, float_tiny):
-    budget = {"monitor": "val_acc", "max_metric_drop": 0.01, "on_drop": "fallback", "fallback_at": 1}
+    budget = {"monitor": "val_acc", "max_metric_drop": OUTLIER_BUDGET, "on_drop": "fallback", "fallback_at": 1}
     schedule = {"interval": "step", "freeze_bn_after": 20, "freeze_observers_after": 40}
     rank0, rank1 = _ddp_fit(tmp_path, float_tiny, outlier=True, qat=budget | schedule)
     assert rank0["fallback"] == rank1["fallback"] == ["conv1"]  # the search's layer; conv2 goes float with it

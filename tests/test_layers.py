@@ -161,3 +161,14 @@ def test_an_import_inside_a_function_counts(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from lightning.pytorch import Trainer\n")
     assert imports(source) == [("lightning.pytorch", 2)]
+
+
+def test_torch_ao_quantization_is_imported_by_its_seam_only():
+    importing = {
+        module_name(path)
+        for path in PACKAGE.rglob("*.py")
+        for imported, _ in imports(path)
+        if imported.startswith(("torch.ao.quantization", "torch.ao.nn"))
+    }
+    assert importing  # the seam was read
+    assert {module.rsplit(".", 1)[0] for module in importing} == {"lightning_qat.quantization.ao"}

@@ -172,3 +172,31 @@ def test_torch_ao_quantization_is_imported_by_its_seam_only():
     }
     assert importing  # the seam was read
     assert {module.rsplit(".", 1)[0] for module in importing} == {"lightning_qat.quantization.ao"}
+
+
+ENGINE_NAMES = {"fx", "eager", "pt2e"}
+
+
+def engine_tests(path: Path) -> list[str]:
+    """Comparisons of a value with an engine's name (``mode == "pt2e"``, ``mode in ("fx", "eager")``) in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        literals = [c.value for side in sides for c in ast.walk(side) if isinstance(c, ast.Constant)]
+        if ENGINE_NAMES & {value for value in literals if isinstance(value, str)}:
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_code_outside_the_engines_tests_an_engine_by_name():
+    outside = [path for path in PACKAGE.rglob("*.py") if "engines" not in path.relative_to(PACKAGE).parts]
+    assert len(outside) > 40  # the package was read
+    assert [hit for path in outside for hit in engine_tests(path)] == []
+
+
+def test_the_engine_name_check_sees_a_test_by_name(tmp_path):
+    source = tmp_path / "branch.py"
+    source.write_text('if prepared.mode == "pt2e":\n    pass\nok = mode in engines.ENGINES\n')
+    assert engine_tests(source) == ["branch.py:1: prepared.mode == 'pt2e'"]

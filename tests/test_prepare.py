@@ -7,15 +7,10 @@ from torch.ao.nn.intrinsic import qat as nniqat
 from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_qat
-from lightning_qat.quantization import ao
-from lightning_qat.quantization.prepare import (
-    EagerQATWrapper,
-    check_skip,
-    find_fusion_groups,
-    float_islands,
-    prepare_model,
-    replace_relu6,
-)
+from lightning_qat.quantization import ao, passes
+from lightning_qat.quantization.edits import check_skip, replace_relu6
+from lightning_qat.quantization.engines.eager import EagerQATWrapper, find_fusion_groups
+from lightning_qat.quantization.prepare import float_islands, prepare_model
 
 EXAMPLE8 = (torch.randn(4, 1, 8, 8),)
 
@@ -270,3 +265,23 @@ def test_the_inputs_of_a_cat_share_one_quantizer_so_int8_cat_keeps_every_input(r
     cat = next(n for n in int8.graph.nodes if n.target is torch.cat)
     token = cat.args[0][0]  # quantize_per_tensor(class token, scale, zero point)
     assert float(getattr(int8, token.args[1].target)) == int8.vit.conv_proj.scale  # the patches' scale
+
+
+def test_a_failure_of_our_own_fx_passes_is_raised_with_the_network_as_it_was(monkeypatch):
+    """Only what torch.fx cannot trace goes to eager mode: a bug in a pass after tracing must not hide there."""
+
+    def broken(graph_module):
+        raise KeyError("a bug in a pass")
+
+    monkeypatch.setattr(passes, "share_cat_quantizers", broken)
+    net = TinyNet()
+    before = [(name, type(module)) for name, module in net.named_modules()]
+    with pytest.raises(KeyError, match="a bug in a pass"):
+        prepare_model(net, "x86", "auto", ["fc2"], EXAMPLE8)  # skip: an Unfused wrapper to take out again
+    assert [(name, type(module)) for name, module in net.named_modules()] == before
+
+
+def test_what_fx_cannot_trace_still_goes_to_eager_mode():
+    prepared = prepare_model(UntraceableNet(), "x86", "auto", [], EXAMPLE8)
+    assert prepared.mode == "eager"
+    assert prepared.reason.startswith("FX tracing failed (TraceError: ")

@@ -36,19 +36,20 @@ from lightning_qat.lightning.finish import (
     FinishSettings,
     OnDrop,
     QATRun,
+    check_engine,
     check_export,
     check_fallback_at,
     check_guard,
-    check_pt2e,
 )
 from lightning_qat.lightning.install import install
 from lightning_qat.lightning.report import MonitorMode, QATReport
 from lightning_qat.lightning.target import find_target
-from lightning_qat.quantization import ao, compat, pt2e
+from lightning_qat.quantization import ao, compat, engines
 from lightning_qat.quantization.backends import Backend, resolve_backend
 from lightning_qat.quantization.convert import cpu_eval_copy
+from lightning_qat.quantization.engines import Mode, Prepared
 from lightning_qat.quantization.fallback import keep_float
-from lightning_qat.quantization.prepare import Mode, Prepared, freeze_batch_norm
+from lightning_qat.quantization.prepare import freeze_batch_norm
 from lightning_qat.quantization.schedule import FreezeSchedule, Interval, build_schedule, check_after, resolve_after
 from lightning_qat.quantization.sync import all_reduce_observers
 
@@ -200,10 +201,9 @@ class QATCallback(Callback):
         ):
             check_flag(name, flag)
         check_count("ptq_batches", ptq_batches)
-        export = export if export is not None else (["pt2"] if mode == "pt2e" else ["torchscript"])
+        export = export if export is not None else [engines.get(mode).formats[0]]  # type: ignore[list-item]
         check_export(export, mode)
-        if mode == "pt2e":
-            check_pt2e(self.backend, on_drop, activations)
+        check_engine(mode, self.backend, on_drop, activations)
         check_count("latency_repeats", latency_repeats)
         self.module = module
         self.mode = mode
@@ -288,10 +288,7 @@ class QATCallback(Callback):
         if stage == "fit":
             self._prepare_for_fit(trainer, pl_module, network)
         elif ao.fake_quant_modules(network):  # e.g. from load_qat_checkpoint
-            mode: Literal["fx", "eager", "pt2e"] = (
-                "pt2e" if pt2e.is_exported(network) else "fx" if isinstance(network, torch.fx.GraphModule) else "eager"
-            )
-            self.prepared = Prepared(network, mode, "already QAT-prepared", 0)
+            self.prepared = Prepared(network, engines.of_network(network), "already QAT-prepared", 0)
         else:  # validate / test / predict: float, unless a QAT checkpoint's weights arrive (_before_weights_load)
             self.prepared = None
         self._preparation_check = compat.register_load_state_dict_pre_hook(
@@ -330,9 +327,9 @@ class QATCallback(Callback):
         """Static or dynamic int8 activations for the artifact (rank 0's timing for every rank), trained for now.
 
         ``probe`` and ``quantized``: the preflight's calibrated copy of the prepared network and its int8 conversion.
-        The PT2E engine quantizes activations statically.
+        An engine without dynamic activations (PT2E) quantizes them statically.
         """
-        if prepared.mode == "pt2e":
+        if not prepared.engine.dynamic:
             self.chosen_activations, self._activation_ms = "static", {}
             return
         choice = activation_choice.choose(
@@ -570,8 +567,8 @@ class QATCallback(Callback):
         """Raise ``CheckpointError`` naming the first setting that prepared the checkpoint's network differently."""
         current = {"backend": self.backend, "skip": list(self.skip), "relu6_to_relu": self.relu6_to_relu}
         current["module"] = self.target if self.target is not None else self.module  # None: found in setup
-        current["mode"] = (
-            self.prepared.mode if self.prepared is not None else None if self.mode == "auto" else self.mode
+        current["mode"] = (  # "auto" matches whichever engine the checkpoint's run took
+            self.prepared.mode if self.prepared is not None else self.mode if self.mode in engines.ENGINES else None
         )
         checkpoint_io.check_same_preparation(saved_state, current)
 

@@ -25,7 +25,7 @@ from lightning_qat.exceptions import CheckpointError, NotAQATCheckpointError, fi
 from lightning_qat.lightning import example_input
 from lightning_qat.lightning.install import install
 from lightning_qat.quantization import ao
-from lightning_qat.quantization.prepare import Prepared
+from lightning_qat.quantization.engines import Prepared
 
 MARKER = (
     "lightning_qat: this is a QAT checkpoint; load it with lightning_qat.load_qat_checkpoint(YourModule, path), "

@@ -56,8 +56,7 @@ def convert_checkpoint(
     )
     if trainer is None:
         _check_convert_kwargs(qat_kwargs)
-        engine: dict[str, Any] = {"mode": "pt2e"} if state.get("mode") == "pt2e" else {}  # its artifact format
-        qat = QATCallback(**engine, **qat_kwargs)
+        qat = QATCallback(mode=state.get("mode") or "auto", **qat_kwargs)  # the engine's artifact formats
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
         )

@@ -29,9 +29,10 @@ from lightning_qat.lightning.chart import save_chart
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
 from lightning_qat.lightning.report import MonitorMode, QATReport, drop
 from lightning_qat.lightning.sigterm import sigterm_raises
-from lightning_qat.quantization import ao, pt2e
+from lightning_qat.quantization import ao, engines
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
 from lightning_qat.quantization.dynamic import to_dynamic
+from lightning_qat.quantization.engines import Mode, Prepared
 from lightning_qat.quantization.fallback import Group, float_names, float_nodes, groups, keep_float
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
 from lightning_qat.quantization.measure import (
@@ -41,7 +42,7 @@ from lightning_qat.quantization.measure import (
     measure_latency,
     serialized_size,
 )
-from lightning_qat.quantization.prepare import Mode, Prepared, float_islands, prepare_model
+from lightning_qat.quantization.prepare import float_islands, prepare_model
 from lightning_qat.quantization.search import Candidate, SearchResult, search
 from lightning_qat.quantization.sensitivity import MAX_DB, LayerSQNR, layer_sqnr
 
@@ -51,9 +52,7 @@ ConvertFrom = Literal["last", "best"]
 
 
 def check_export(export: Sequence[str], mode: str = "auto") -> None:
-    """Raise ``ValueError`` unless ``export`` is a non-empty list of distinct :data:`ExportFormat` values ``mode`` has.
-
-    ``"pt2"`` (the AOTInductor package) is the PT2E engine's artifact, and its only one.
+    """Raise ``ValueError`` unless ``export`` is a non-empty list of distinct formats the engine of ``mode`` writes.
 
     Raises:
         OnnxExtraMissing: for ``"onnx"`` without onnx / onnxruntime installed.
@@ -64,34 +63,38 @@ def check_export(export: Sequence[str], mode: str = "auto") -> None:
         )
     for fmt in export:
         check_choice("export", fmt, ExportFormat)
-    engine_formats = ["pt2"] if mode == "pt2e" else ["torchscript", "onnx"]
-    wrong = [fmt for fmt in export if fmt not in engine_formats]
+    formats = list(engines.get(mode).formats)
+    wrong = [fmt for fmt in export if fmt not in formats]
     if wrong:
+        owners = "; ".join(
+            f"the {fmt!r} package needs mode={' or '.join(map(repr, engines.writing(fmt)))}" for fmt in wrong
+        )
         raise ValueError(
-            f"export={list(export)!r}: mode={mode!r} cannot write {wrong}; its formats are {engine_formats}"
-            + (" (the 'pt2' package needs mode='pt2e')." if "pt2" in wrong else ".")
+            f"export={list(export)!r}: mode={mode!r} cannot write {wrong}; its formats are {formats} ({owners})."
         )
     if "onnx" in export:
         check_onnx_available()
 
 
-def check_pt2e(backend: str, on_drop: str, activations: str) -> None:
-    """Raise unless the PT2E engine can run here with these settings (see :mod:`lightning_qat.quantization.pt2e`).
+def check_engine(mode: str, backend: str, on_drop: str, activations: str) -> None:
+    """Raise unless the engine of ``mode`` can run here with these settings.
 
     Raises:
-        PT2EUnavailable: without torchao, or on a torch older than torchao needs.
-        ValueError: for a backend, ``on_drop`` or ``activations`` the PT2E engine does not have yet.
+        PT2EUnavailable: for the PT2E engine without torchao, or on a torch older than torchao needs.
+        ValueError: for a backend, ``on_drop`` or ``activations`` the engine does not have.
     """
-    pt2e.require()
-    if backend not in pt2e.BACKENDS:
+    engine = engines.get(mode)
+    engine.check(backend)
+    if on_drop == "fallback" and not (engine.searchable or engine.dynamic):
         raise ValueError(
-            f"mode='pt2e' with backend={backend!r}: torchao's PT2E quantizers here are x86's (backends "
-            f"{list(pt2e.BACKENDS)}); its XNNPACK quantizer moved to ExecuTorch. Use mode='fx' for {backend!r}."
+            f"on_drop='fallback' searches FX graphs (or dynamic int8 Linears); with mode={mode!r} use on_drop='warn' "
+            "or 'raise'."
         )
-    if on_drop == "fallback":
-        raise ValueError("on_drop='fallback' searches FX graphs; with mode='pt2e' use on_drop='warn' or 'raise'.")
-    if activations == "dynamic":
-        raise ValueError("activations='dynamic' is an FX/eager artifact; mode='pt2e' quantizes activations statically.")
+    if activations == "dynamic" and not engine.dynamic:
+        dynamic = [name for name, other in engines.ENGINES.items() if other.dynamic]
+        raise ValueError(
+            f"activations='dynamic' is an artifact of modes {dynamic}; mode={mode!r} quantizes activations statically."
+        )
 
 
 def check_guard(monitor: str | None, max_metric_drop: float | None, evaluate: Stage | None) -> None:
@@ -278,7 +281,8 @@ class FinishPipeline:
         run = self.qat_run
         if run.activations == "dynamic":  # QAT trained the weights' quantization only, for this artifact
             return to_dynamic(network, [group.layer for group in float_groups])
-        return to_int8(network, run.prepared.mode, self.settings.backend, run.example_inputs, float_nodes(float_groups))
+        engine = run.prepared.engine
+        return to_int8(network, engine, self.settings.backend, run.example_inputs, float_nodes(float_groups))
 
     def trained_weights(self) -> tuple[nn.Module, str]:
         """A CPU copy of the QAT network with the weights ``convert`` asks for, and where they come from."""
@@ -366,8 +370,8 @@ class FinishPipeline:
     def analyze_layers(self, report: QATReport) -> None:
         """The report's per-layer SQNR: :meth:`measure_sqnr` of the int8 layers of the trained QAT network."""
         assert self.trained_network is not None
-        if self.qat_run.prepared.mode == "pt2e":
-            return  # torchao's graph has no QAT layer modules to measure one by one (yet)
+        if not self.qat_run.prepared.engine.layer_modules:
+            return  # no QAT layer modules to measure one by one (torchao's graph)
         sqnr = self.measure_sqnr(self.trained_network)
         floating = set(float_names(self.float_groups))  # trained float: not in the int8 model
         report.layer_sqnr = {name: db for name, db in sqnr.items() if name not in floating}
@@ -430,7 +434,7 @@ class FinishPipeline:
         """Whether a missed accuracy budget starts a search (``on_drop="fallback"`` and a graph to search in)."""
         if self.settings.on_drop != "fallback":
             return False
-        if self.qat_run.prepared.mode == "fx" or self.qat_run.activations == "dynamic":
+        if self.qat_run.prepared.engine.searchable or self.qat_run.activations == "dynamic":
             return True
         rank_zero_warn(
             "QAT fallback: int8 misses the accuracy budget, but the network was prepared in eager mode: a layer kept "
@@ -540,10 +544,12 @@ class FinishPipeline:
             report.latency_runtime["int8"] = (
                 "AOTInductor package" if self.artifact_path.suffix == ".pt2" else "TorchScript artifact"
             )
-        elif run.prepared.mode == "pt2e":
+        elif run.prepared.engine.compiled:
             networks["int8"] = self.quantized_model
             report.size_bytes["int8"] = serialized_size(self.quantized_model)
-            report.latency_runtime["int8"] = "PT2E quantize/dequantize graph (not compiled: save_artifact=False)"
+            report.latency_runtime["int8"] = (
+                f"{run.prepared.mode} quantize/dequantize graph (not compiled: save_artifact=False)"
+            )
         else:
             networks["int8"] = to_torchscript(self.quantized_model, backend, run.example_inputs)
             report.size_bytes["int8"] = serialized_size(self.quantized_model)
@@ -617,7 +623,7 @@ class FinishPipeline:
                 if i >= self.settings.ptq_batches:
                     break
                 ptq.module(*cpu_inputs(batch_input(batch)))
-        return to_int8(ptq.module, ptq.mode, backend, run.example_inputs)
+        return to_int8(ptq.module, ptq.engine, backend, run.example_inputs)
 
     def _onnx_network(self) -> OnnxRuntimeNetwork:
         """The ONNX artifact in one ONNX Runtime session, shared by the evaluation and the timing."""

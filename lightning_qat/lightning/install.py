@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_qat.quantization import compat
-from lightning_qat.quantization.prepare import Mode, Prepared, prepare_model
+from lightning_qat.quantization.engines import Mode, Prepared
+from lightning_qat.quantization.prepare import prepare_model
 
 
 def install(

@@ -26,8 +26,8 @@ from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_networ
 from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
+from lightning_qat.quantization.engines import Engine, Prepared
 from lightning_qat.quantization.measure import count_weight_layers
-from lightning_qat.quantization.prepare import Prepared
 
 SUPPORTED_PRECISIONS = ("32-true", "32", 32)
 ARTIFACT_NAMES = ("model_int8.pt", "model_int8.onnx", "qat_report.json")
@@ -84,7 +84,7 @@ def run_preflight(
         if torchscript:
             check_outputs(float_network, example_inputs, target)
         probe = check_example(prepared.module, example_inputs, target, prepared=True)
-        quantized = check_conversion(probe, prepared.mode, backend, example_inputs, target)
+        quantized = check_conversion(probe, prepared.engine, backend, example_inputs, target)
         if count_weight_layers(quantized) == 0:
             rank_zero_warn(
                 f"QAT: nothing in `{target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
@@ -327,7 +327,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def check_conversion(
-    probe: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...], name: str
+    probe: nn.Module, engine: Engine, backend: str, example_inputs: tuple[Any, ...], name: str
 ) -> nn.Module:
     """Convert ``probe`` to int8 and trace it; returns the int8 network, ``probe`` is not touched.
 
@@ -335,14 +335,14 @@ def check_conversion(
     the example once, as after a first training step.
     """
     try:
-        quantized = to_int8(probe, mode, backend, example_inputs)
+        quantized = to_int8(probe, engine, backend, example_inputs)
     except ConversionError as err:
         raise PreflightError(
             f"`{name}` trains, but its int8 conversion would fail at the end of fit: {err} Fix it before training "
             "(see the hint), or `skip=` the submodule that cannot be quantized."
         ) from err
-    if mode == "pt2e":
-        return quantized  # its artifact is compiled by inductor at the end of fit, not traced
+    if engine.compiled:
+        return quantized  # its artifact is compiled at the end of fit, not traced
     try:
         to_torchscript(quantized, backend, example_inputs)
     except Exception as err:

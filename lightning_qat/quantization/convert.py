@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lightning_qat.exceptions import ConversionError, first_line
-from lightning_qat.quantization import ao, pt2e
+from lightning_qat.quantization import ao, engines
+from lightning_qat.quantization.engines import Engine
 from lightning_qat.quantization.inputs import cpu_inputs
 
 
@@ -55,18 +56,24 @@ def freeze_for_inference(network: nn.Module) -> None:
 
 
 def to_int8(
-    prepared: nn.Module, mode: str, backend: str, example_inputs: tuple[Any, ...], float_nodes: Collection[str] = ()
+    prepared: nn.Module,
+    engine: Engine | str,
+    backend: str,
+    example_inputs: tuple[Any, ...],
+    float_nodes: Collection[str] = (),
 ) -> nn.Module:
     """Convert a CPU copy of the QAT model ``prepared`` to int8 and check that it runs on ``example_inputs``.
 
-    ``float_nodes``: FX graph nodes kept float (:func:`~lightning_qat.quantization.fallback.float_nodes`); FX mode only.
-    In ``"pt2e"`` mode the result is torchao's quantize / dequantize graph (int8 arithmetic simulated in float until
-    inductor compiles it: :mod:`lightning_qat.export.aoti`).
+    ``engine``: the engine that prepared it (or its name). ``float_nodes``: graph nodes kept float
+    (:func:`~lightning_qat.quantization.fallback.float_nodes`), for an engine that is ``searchable``. The PT2E engine
+    returns torchao's quantize / dequantize graph (int8 arithmetic simulated in float until inductor compiles it:
+    :mod:`lightning_qat.export.aoti`).
 
     Raises:
         ConversionError: if an observer never saw data, or conversion or the first int8 forward pass fails.
             ``prepared`` is left as it was.
     """
+    engine = engines.get(engine) if isinstance(engine, str) else engine
     never = ao.uncalibrated(prepared)
     if never:
         named = ", ".join(never[:4]) + (", ..." if len(never) > 4 else "")
@@ -80,28 +87,18 @@ def to_int8(
     inputs = cpu_inputs(example_inputs)
     with ao.engine(backend), ao.quiet():
         try:
-            if mode == "pt2e":
-                quantized: nn.Module = pt2e.convert(model)  # type: ignore[arg-type]  # prepared by pt2e.prepare
-            else:
-                quantized = ao.convert_fx(model, float_nodes) if mode == "fx" else ao.convert_eager(model)
+            quantized = engine.convert(model, float_nodes)
         except Exception as err:
             raise ConversionError(
-                f"int8 conversion ({mode} mode, backend {backend!r}) failed: {first_line(err)}. "
+                f"int8 conversion ({engine.name} mode, backend {backend!r}) failed: {first_line(err)}. "
                 "The trained QAT model is unchanged."
             ) from err
         try:
             with torch.no_grad():
                 quantized(*inputs)
         except Exception as err:
-            hint = (
-                " In eager mode every op between QuantStub and DeQuantStub must accept quantized tensors: "
-                "replace `x + y` with torch.ao.nn.quantized.FloatFunctional, make the network symbolically "
-                "traceable (FX mode places quant/dequant for you), or `skip=` the offending submodule."
-                if mode == "eager"
-                else ""
-            )
             raise ConversionError(
-                f"the int8 model ({mode} mode) fails on an example batch: {first_line(err)}.{hint} "
-                "The trained QAT model is unchanged."
+                f"the int8 model ({engine.name} mode) fails on an example batch: {first_line(err)}."
+                f"{engine.conversion_hint} The trained QAT model is unchanged."
             ) from err
     return quantized

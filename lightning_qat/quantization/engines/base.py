@@ -1,0 +1,100 @@
+"""The engine interface: one object per way of quantizing a network, and what preparing a network returns.
+
+Like Lightning's strategies: the callback, the end-of-fit pipeline, the preflight and ``convert_checkpoint`` ask the
+engine (:attr:`Prepared.engine`) what it writes, what it refuses and how it converts; no code outside the engines
+tests an engine by name. Adding an engine is a new module with a subclass of :class:`Engine`, and a registry entry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from lightning_qat.quantization import ao
+
+
+@dataclass
+class Preparation:
+    """What preparing a network needs, whatever the engine: the settings that shape the QAT graph.
+
+    ``skip``: qualified submodule names kept float. ``example_inputs``: a batch the network takes (traced, captured
+    or run once). ``qat=False`` prepares for post-training calibration instead (observers, eval mode).
+    """
+
+    backend: str
+    skip: Sequence[str] = ()
+    example_inputs: tuple[Any, ...] = ()
+    qat: bool = True
+    relu6_to_relu: bool = False
+
+
+@dataclass
+class Prepared:
+    """What an engine's :meth:`Engine.prepare` did, and the engine that did it."""
+
+    module: nn.Module
+    engine: Engine
+    reason: str
+    num_fused: int
+    relu6_replaced: int = 0
+    shared: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # for the user, said by the caller (the Lightning layer)
+    folded: list[str] = field(default_factory=list)  # layers whose weight norm (or other parametrization) was folded
+    conv_bn_pairs: int | None = None  # convolutions followed by a BatchNorm (None: not counted)
+    conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why", for the pairs left unfused
+    kept_float: dict[str, str] = field(default_factory=dict)  # layers kept float by the engine: name -> why
+    attention: int = 0  # nn.MultiheadAttention modules decomposed so their projections are quantized (FX)
+
+    @property
+    def mode(self) -> str:
+        """The engine's name, as checkpoints and reports store it."""
+        return self.engine.name
+
+
+class Engine(ABC):
+    """Prepares a float network for QAT, converts a CPU copy to int8, and says what it writes and refuses.
+
+    Class attributes describe the engine for the layers above: ``formats`` (the artifact formats it writes, the
+    default first), ``searchable`` (the accuracy-budget search can keep its layers float: a graph it can convert with
+    nodes left float), ``dynamic`` (it has dynamic int8 activations), ``layer_modules`` (its QAT layers are modules
+    whose per-layer SQNR can be measured) and ``compiled`` (its artifact is compiled ahead of time, not traced).
+    """
+
+    name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]
+    searchable: ClassVar[bool] = False
+    dynamic: ClassVar[bool] = True
+    layer_modules: ClassVar[bool] = True
+    compiled: ClassVar[bool] = False
+    conversion_hint: ClassVar[str] = ""  # added to a failing int8 forward pass's error
+
+    def check(self, backend: str) -> None:  # noqa: B027 - most engines run anywhere torch.ao does
+        """Raise when this engine cannot run here with ``backend`` (a missing extra, a backend it has not)."""
+
+    def owns(self, network: nn.Module) -> bool:
+        """Whether ``network`` is a QAT network of this engine's (one loaded without its preparation record)."""
+        return False
+
+    @abstractmethod
+    def prepare(self, network: nn.Module, settings: Preparation, kept: dict[str, str]) -> Prepared:
+        """Fuse and insert fake-quant into ``network`` (already edited: :mod:`~lightning_qat.quantization.edits`).
+
+        ``kept``: layers to keep float for this CPU's kernels (name -> why), beside ``settings.skip``.
+        """
+
+    @abstractmethod
+    def convert(self, model: nn.Module, float_nodes: Collection[str] = ()) -> nn.Module:
+        """The int8 form of the QAT ``model`` (a CPU copy the caller made); ``float_nodes`` stay float."""
+
+    def freeze_bn(self, network: nn.Module) -> None:
+        """Freeze the BatchNorm statistics of the QAT ``network`` (see :func:`ao.freeze_bn_stats`)."""
+        ao.freeze_bn_stats(network)
+
+
+def count_fused(network: nn.Module) -> int:
+    """How many of torch's fused modules ``network`` holds."""
+    return sum(ao.is_fused_module(m) for m in network.modules())

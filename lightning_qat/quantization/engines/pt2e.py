@@ -1,0 +1,70 @@
+"""The PT2E engine: ``torch.export`` captures the network, torchao's x86 quantizer annotates it.
+
+The torchao seam is :mod:`lightning_qat.quantization.pt2e`; the artifact is an AOTInductor package compiled ahead of
+time (:mod:`lightning_qat.export.aoti`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from torch import nn
+
+from lightning_qat.quantization import pt2e
+from lightning_qat.quantization.edits import shared_stateful_modules, within
+from lightning_qat.quantization.engines.base import Engine, Preparation, Prepared
+
+
+class PT2E(Engine):
+    """torchao's PT2E flow on the x86 inductor quantizer; static int8 activations only."""
+
+    name = "pt2e"
+    formats = ("pt2",)
+    dynamic = False
+    layer_modules = False  # torchao's graph has no QAT layer modules to measure one by one
+    compiled = True
+
+    def check(self, backend: str) -> None:
+        """Raise unless torchao's PT2E flow runs here with ``backend``.
+
+        Raises:
+            PT2EUnavailable: without torchao, or on a torch older than torchao needs.
+            ValueError: for a backend torchao's quantizers here do not target.
+        """
+        pt2e.require()
+        if backend not in pt2e.BACKENDS:
+            raise ValueError(
+                f"mode='pt2e' with backend={backend!r}: torchao's PT2E quantizers here are x86's (backends "
+                f"{list(pt2e.BACKENDS)}); its XNNPACK quantizer moved to ExecuTorch. Use mode='fx' for {backend!r}."
+            )
+
+    def owns(self, network: nn.Module) -> bool:
+        """A PT2E network is torchao's prepared graph in :class:`~lightning_qat.quantization.pt2e.ExportedQAT`."""
+        return pt2e.is_exported(network)
+
+    def prepare(self, network: nn.Module, settings: Preparation, kept: dict[str, str]) -> Prepared:
+        """Capture and prepare with torchao; refuses modules called at several places.
+
+        Raises:
+            RuntimeError: when ``torch.export`` cannot capture the network, or a stateful module is called twice
+                (torchao's Conv-BN rewrite and conversion treat each call as a layer of its own).
+        """
+        skip, example_inputs = settings.skip, settings.example_inputs
+        shared = [n for n in shared_stateful_modules(network, example_inputs) if not any(within(n, s) for s in skip)]
+        if shared:  # converted, such a network computes something else (docs/pt2e.md has the measurement)
+            raise RuntimeError(
+                f"mode='pt2e' but {shared} are called at several places in one forward pass: torchao's Conv-BN "
+                "rewrite and its conversion treat each call as its own layer and the int8 network computes something "
+                "else. Use mode='auto' (FX keeps shared modules float), or call a copy of the module at each place."
+            )
+        try:
+            exported = pt2e.prepare(network, example_inputs, settings.backend, skip, settings.qat)
+        except RuntimeError as err:
+            raise RuntimeError(f"mode='pt2e' but {err}. Use mode='auto' (FX, or eager) for this network.") from err
+        fused = pt2e.conv_bn_count(exported)
+        return Prepared(exported, self, "requested", fused, conv_bn_pairs=fused)
+
+    def convert(self, model: nn.Module, float_nodes: Collection[str] = ()) -> nn.Module:
+        """Torchao's ``convert_pt2e``: a quantize / dequantize graph, int8 once inductor compiles it."""
+        assert pt2e.is_exported(model), "prepared by PT2E.prepare"
+        return pt2e.convert(model)

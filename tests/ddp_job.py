@@ -47,7 +47,7 @@ class FreezeRecorder(Callback):
         self.steps: dict[str, int] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        for name, frozen in (("bn", self.qat.bn_frozen), ("observers", self.qat.observers_frozen)):
+        for name, frozen in (("bn", self.qat.freezing.bn_frozen), ("observers", self.qat.freezing.observers_frozen)):
             if frozen and name not in self.steps:
                 self.steps[name] = trainer.global_step
 
@@ -87,7 +87,7 @@ def main() -> None:
         "report": qat.report.to_dict() if qat.report else None,
         "has_int8_model": qat.quantized_model is not None,
         "strategy": type(trainer.strategy).__name__,
-        "fallback": qat.fallback,
+        "fallback": qat.budget.fallback,
         "fake_quant_off": sorted(name for name, fq in ao.fake_quant_modules(model.net) if not fq.fake_quant_enabled[0]),
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

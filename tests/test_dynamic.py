@@ -160,6 +160,6 @@ def test_a_resumed_run_keeps_the_activations_it_trained_for(tmp_path, digits8, m
     resumed = QATCallback(interval="step", freeze_bn_after=2, freeze_observers_after=4, evaluate=None)  # auto: static
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resumed", max_steps=5, callbacks=[resumed]))
     trainer.fit(BoringClassifier(NormGeluBlock()), datamodule=digits8, ckpt_path=tmp_path / "qat.ckpt")
-    assert resumed.chosen_activations == resumed.report.activations == "dynamic"
+    assert resumed.state.activations == resumed.report.activations == "dynamic"
     flags = [bool(fq.fake_quant_enabled[0]) for n, fq in ao.fake_quant_modules(resumed.prepared.module)]
     assert sum(flags) == 2  # the two Linears' weights; every activation's fake-quant stays off

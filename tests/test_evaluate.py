@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_qat import FinishPipeline, QATCallback, QATReport, load_quantized
 from lightning_qat.export.torchscript import save_torchscript
 from lightning_qat.lightning.evaluate import EvalData
-from lightning_qat.lightning.finish import FinishSettings
+from lightning_qat.lightning.settings import FinishSettings
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import to_int8
 from lightning_qat.quantization.measure import measure_latency

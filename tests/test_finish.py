@@ -93,7 +93,7 @@ def test_a_met_budget_costs_no_search(tmp_path, float_tiny, digits8):
     assert report.fallback_candidates == []
     assert list(report.layer_sqnr) == ["conv1", "conv2", "fc1", "fc2"]
     assert "## Per-layer SQNR" in (tmp_path / "qat_report.md").read_text()
-    assert not qat.fallback_searched or qat.fallback == []
+    assert not qat.budget.searched or qat.budget.fallback == []
 
 
 def test_eager_networks_say_why_they_are_not_searched(tmp_path, float_tiny, digits8):

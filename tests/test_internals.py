@@ -106,6 +106,6 @@ def test_qat_fit_with_plain_dataloaders_evaluates_with_them(tmp_path, digits8):
         train_dataloaders=digits8.train_dataloader(),
         val_dataloaders=digits8.val_dataloader(),
     )
-    assert qat._example_inputs[0].shape == (64, 1, 8, 8)
+    assert qat.state.example_inputs[0].shape == (64, 1, 8, 8)
     assert set(qat.report.metrics) == {"float", "qat", "int8"}
     assert 0 < qat.report.metrics["int8"]["val_acc"] <= 1

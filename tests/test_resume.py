@@ -37,7 +37,7 @@ def test_resume_after_epoch_1_equals_an_uninterrupted_run(tmp_path, digits8, flo
     resumed_qat = _qat()
     resumed = _run(tmp_path / "resume", digits8, float_tiny, 3, resumed_qat, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
-    assert (resumed_qat.bn_frozen, resumed_qat.observers_frozen) == (True, True)
+    assert (resumed_qat.freezing.bn_frozen, resumed_qat.freezing.observers_frozen) == (True, True)
     assert [m.freeze_bn for m in resumed.net.modules() if ao.is_conv_bn_qat(m)] == [True, True]
     full_q, resumed_q = _qparams(full.net), _qparams(resumed.net)
     assert full_q.keys() == resumed_q.keys()
@@ -125,8 +125,8 @@ def test_a_resumed_run_keeps_the_layers_a_search_kept_float_and_does_not_search_
         **trainer_kwargs(tmp_path / "part", max_epochs=1, callbacks=[first, checkpoint], enable_checkpointing=True)
     )
     trainer.fit(outlier_model(), datamodule=digits8)
-    assert first.fallback == ["conv1"]
-    assert first.fallback_searched
+    assert first.budget.fallback == ["conv1"]
+    assert first.budget.searched
 
     resumed = budget_qat()
     searches = []
@@ -135,7 +135,7 @@ def test_a_resumed_run_keeps_the_layers_a_search_kept_float_and_does_not_search_
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resume", max_epochs=2, callbacks=[resumed]))
     trainer.fit(model, datamodule=digits8, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert searches == []
-    assert resumed.fallback == first.fallback
+    assert resumed.budget.fallback == first.budget.fallback
     assert resumed.report.fallback == ["conv1", "conv2"]
     off = {name for name, fq in ao.fake_quant_modules(model.net) if not fq.fake_quant_enabled[0]}
     assert {"conv1.weight_fake_quant", "conv2.weight_fake_quant"} <= off  # trained float after the resume too

@@ -413,7 +413,7 @@ class BatchNormWatcher(Callback):
         return {k: v.clone() for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.qat.bn_frozen and self.snapshot is None:
+        if self.qat.freezing.bn_frozen and self.snapshot is None:
             self.snapshot = self._stats(pl_module.net)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

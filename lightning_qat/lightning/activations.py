@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_qat.export.torchscript import to_torchscript
+from lightning_qat.lightning.settings import Activations
+from lightning_qat.lightning.state import QATState
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dynamic
 from lightning_qat.quantization.measure import measure_latency
-
-Activations = Literal["auto", "static", "dynamic"]
 
 
 def choose(
@@ -59,3 +61,30 @@ def describe(chosen: str, ms: dict[str, float]) -> str:
             "quantized per batch at run time, the rest in float; QAT trains the weights' quantization only."
         )
     return f"QAT: the int8 artifact will quantize activations statically{timed}."
+
+
+def decide(
+    trainer: pl.Trainer,
+    state: QATState,
+    probe: nn.Module,
+    quantized: nn.Module,
+    backend: str,
+    wanted: Activations,
+    repeats: int,
+) -> tuple[Literal["static", "dynamic"], dict[str, float]]:
+    """:func:`choose` on rank 0 for every rank, said once, and set on ``state``'s network for QAT to train.
+
+    ``probe`` and ``quantized``: the preflight's calibrated copy of the prepared network and its int8 conversion.
+    An engine without dynamic activations (PT2E) quantizes them statically.
+    """
+    prepared = state.prepared
+    assert prepared is not None
+    if not prepared.engine.dynamic:
+        return "static", {}
+    choice = choose(probe, quantized, backend, state.example_inputs, wanted, repeats)
+    if trainer.world_size > 1:
+        choice = trainer.strategy.broadcast(choice, src=0)
+    if choice[0] == "dynamic" or choice[1]:
+        rank_zero_info(describe(*choice))
+    ao.set_activation_fake_quant(prepared.module, choice[0] == "static")
+    return choice

@@ -6,51 +6,43 @@ The work lives below it: preparing and converting in :mod:`lightning_qat.quantiz
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_qat import files
-from lightning_qat.choices import check_choice, check_count, check_flag
-from lightning_qat.exceptions import CheckpointError
 from lightning_qat.lightning import activations as activation_choice
 from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning import example_input, internals, preflight
-from lightning_qat.lightning.activations import Activations
+from lightning_qat.lightning.budget import FitSearch
 from lightning_qat.lightning.evaluate import EvalData, Stage, eval_data
-from lightning_qat.lightning.finish import (
-    ConvertFrom,
-    ExportFormat,
-    FinishPipeline,
-    FinishSettings,
-    OnDrop,
-    QATRun,
-    check_engine,
-    check_export,
-    check_fallback_at,
-    check_guard,
-)
+from lightning_qat.lightning.finish import FinishPipeline, finish_on_rank0
+from lightning_qat.lightning.freeze import Freezing
 from lightning_qat.lightning.install import install
 from lightning_qat.lightning.report import MonitorMode, QATReport
+from lightning_qat.lightning.run import QATRun
+from lightning_qat.lightning.settings import (
+    Activations,
+    ConvertFrom,
+    ExportFormat,
+    FallbackAt,
+    FinishSettings,
+    OnDrop,
+    check_arguments,
+)
+from lightning_qat.lightning.state import QATState
 from lightning_qat.lightning.target import find_target
 from lightning_qat.quantization import ao, compat, engines
 from lightning_qat.quantization.backends import Backend, resolve_backend
-from lightning_qat.quantization.convert import cpu_eval_copy
 from lightning_qat.quantization.engines import Mode, Prepared
-from lightning_qat.quantization.fallback import keep_float
-from lightning_qat.quantization.prepare import freeze_batch_norm
-from lightning_qat.quantization.schedule import FreezeSchedule, Interval, build_schedule, check_after, resolve_after
+from lightning_qat.quantization.schedule import Interval
 from lightning_qat.quantization.sync import all_reduce_observers
 
 _STATE_VERSION = 1
@@ -70,13 +62,11 @@ class QATCallback(Callback):
         module: attribute of the LightningModule holding the network to quantize (dotted paths allowed);
             ``None`` picks the single top-level child that is not a metric or loss.
         backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``None`` picks ``x86`` on x86-64, ``qnnpack`` on ARM.
-        mode: ``"auto"`` (FX, falling back to eager when the network cannot be traced), ``"fx"``, ``"eager"`` or
-            ``"pt2e"`` (``torch.export`` + torchao's PT2E flow, shipping an AOTInductor package; needs
-            ``pip install 'lightning-qat[pt2e]'``, x86/fbgemm backends; see the manual's "PT2E engine" page).
+        mode: the engine: ``"auto"`` (FX, eager where FX cannot trace), ``"fx"``, ``"eager"`` or ``"pt2e"``
+            (``torch.export`` + torchao, an AOTInductor package; ``pip install 'lightning-qat[pt2e]'``).
         skip: qualified submodule names (inside ``module``) kept in float, also in the int8 model.
-        relu6_to_relu: replace ``nn.ReLU6`` by ``nn.ReLU`` before fusing, as torchvision's quantizable MobileNets do,
-            so Conv-BN-ReLU6 blocks fuse into one int8 op (faster int8 model and QAT steps; changes the function
-            where activations exceed 6, which QAT fine-tuning adapts to).
+        relu6_to_relu: replace ``nn.ReLU6`` by ``nn.ReLU`` before fusing (as torchvision's quantizable MobileNets do):
+            Conv-BN-ReLU6 fuses into one int8 op; the function changes above 6, which QAT adapts to.
         freeze_bn_after: freeze BatchNorm statistics from this epoch/step on; an int (absolute) or a float in
             (0, 1) (fraction of ``max_epochs``/``max_steps``); ``None`` never.
         freeze_observers_after: the same for observers (quantization parameters stop moving).
@@ -87,49 +77,37 @@ class QATCallback(Callback):
         monitor_mode: ``"max"`` if higher is better for ``monitor``, ``"min"`` otherwise.
         max_metric_drop: the largest tolerated drop of ``monitor`` from float to int8.
         on_drop: ``"warn"`` or ``"raise"`` when the drop is larger; ``"fallback"`` keeps float the fewest layers that
-            meet the budget: ranked by their SQNR (the report's per-layer table), searched with int8 models of the
-            trained weights evaluated by your ``validation_step``/``test_step`` (a binary search over the ranking,
-            then each layer put back into int8 if the budget allows). Searched at ``fallback_at`` (the rest of QAT
-            then trains with those layers float) and, if the end of fit still misses the budget, once more there.
-            When no set meets it, the best is kept and the guard warns. FX mode or dynamic activations only.
-        fallback_at: when ``on_drop="fallback"`` searches during training: ``"bn"`` (when BatchNorm statistics
-            freeze; at the end of fit only if they never do), an epoch/step index (int >= 1) or fraction (as
-            ``freeze_bn_after``), or ``"end"`` (at the end of fit only: QAT will have trained around the damaged
-            layers, which keeping them float then does not undo).
+            meet the budget, searched (lowest SQNR first) with int8 models evaluated by your ``validation_step`` at
+            ``fallback_at`` and once more at fit end if still missed (the manual's "Accuracy budget" page).
+        fallback_at: with ``on_drop="fallback"`` only, when to search during training: ``"bn"`` (the default: when
+            BatchNorm statistics freeze), an epoch/step index (int >= 1) or fraction, or ``"end"`` (fit end only).
         save_dir: where ``model_int8.pt`` and the report go; default ``trainer.log_dir``.
         save_artifact: write the int8 artifacts (``False``: convert, evaluate and report only).
-        export: the artifact formats: ``"torchscript"`` (``model_int8.pt``, :func:`~lightning_qat.load_quantized`)
-            and ``"onnx"`` (``model_int8.onnx``, a QDQ graph for ONNX Runtime / OpenVINO; needs
-            ``pip install 'lightning-qat[onnx]'``); with ``mode="pt2e"``, ``"pt2"`` only (``model_int8.pt2``, an
-            AOTInductor package for the example input's shapes). ``None``: the engine's own (``"torchscript"``, or
-            ``"pt2"``). Each one is evaluated and timed in the report as it will be loaded.
+        export: the artifact formats the engine writes: ``"torchscript"`` (``model_int8.pt``), ``"onnx"`` (a QDQ
+            graph; ``pip install 'lightning-qat[onnx]'``), or for ``mode="pt2e"`` ``"pt2"`` (an AOTInductor package).
+            ``None``: the engine's first. Each one is evaluated and timed in the report as it will be loaded.
         ptq_baseline: also calibrate, convert and evaluate a post-training-quantized copy of the float network.
-        ptq_batches: training batches used to calibrate the PTQ baseline.
+        ptq_batches: training batches used to calibrate the PTQ baseline (default 8; with ``ptq_baseline=True`` only).
         sync_observers: under DDP, all-reduce observer min/max each step so every rank has the same qparams.
         latency_repeats: timed forward passes per network for the latency columns of the report.
         convert: which weights become the int8 model: ``"last"`` (the end of fit) or ``"best"`` (the best checkpoint
             of the trainer's ``ModelCheckpoint``; the last weights when it has none).
         untrained_float: the network QAT starts from is untrained (random weights): the report marks its float row
             so, and the accuracy guard does not compare against it.
-        overwrite: let a run write into a ``save_dir`` that already holds an earlier run's artifact or report
-            (refused by default, before training). With no logger and no ``save_dir``, every run gets a fresh
-            ``default_root_dir/qat/version_N``.
-        activations: how the int8 artifact quantizes activations: ``"static"`` (scales calibrated by QAT, every
-            layer int8), ``"dynamic"`` (Linears in int8 with activations quantized per batch at run time, the other
-            layers float; QAT then trains the weights' quantization only) or ``"auto"`` (static, unless the network
-            is Linear-heavy, a transformer, and dynamic is faster on the example input: both are timed in
-            ``setup``, before training, and the report says which won and by how much).
+        overwrite: let a run write into a ``save_dir`` holding an earlier run's artifact or report (refused by
+            default, before training).
+        activations: ``"static"`` (scales calibrated by QAT, every layer int8), ``"dynamic"`` (Linears int8 with
+            activations quantized per batch at run time, the rest float; QAT trains the weights' quantization only)
+            or ``"auto"`` (static, unless a Linear-heavy network runs faster dynamic: both timed in ``setup``).
 
     Raises:
         ValueError: for any argument outside the values listed above.
         OnnxExtraMissing: for ``export=[..., "onnx"]`` without ``pip install 'lightning-qat[onnx]'``.
         PT2EUnavailable: for ``mode="pt2e"`` without torchao (or with a torch older than it needs).
 
-    At fit end, on global rank 0, the :class:`~lightning_qat.lightning.finish.FinishPipeline` that :meth:`pipeline`
-    returns runs its steps ``convert_network``, ``write_artifact``, ``evaluate_networks``, ``analyze_layers``,
-    ``fall_back``, ``measure_networks``, ``write_report`` and ``check_metric_drop``, in that order: the artifact is on
-    disk before anything that can fail.
-    To change one step, subclass the pipeline and set it as :attr:`pipeline_class` of a subclass of this callback.
+    At fit end, on global rank 0, the :class:`~lightning_qat.FinishPipeline` that :meth:`pipeline` returns runs its
+    steps (the artifact is on disk before anything that can fail); to change one, subclass the pipeline and set it as
+    :attr:`pipeline_class` of a subclass of this callback.
 
     Example::
 
@@ -165,49 +143,20 @@ class QATCallback(Callback):
         save_artifact: bool = True,
         export: Sequence[ExportFormat] | None = None,
         ptq_baseline: bool = False,
-        ptq_batches: int = 8,
+        ptq_batches: int | None = None,
         sync_observers: bool = True,
         latency_repeats: int = 20,
         convert: ConvertFrom = "last",
         untrained_float: bool = False,
         overwrite: bool = False,
         activations: Activations = "auto",
-        fallback_at: int | float | Literal["bn", "end"] = "bn",
+        fallback_at: FallbackAt | None = None,
     ) -> None:
         super().__init__()
         self.backend = resolve_backend(backend)
-        check_choice("mode", mode, Mode)
-        check_choice("interval", interval, Interval)
-        check_choice("evaluate", evaluate, Stage | None)
-        check_choice("monitor_mode", monitor_mode, MonitorMode)
-        check_choice("on_drop", on_drop, OnDrop)
-        check_choice("convert", convert, ConvertFrom)
-        check_choice("activations", activations, Activations)
-        if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
-            raise ValueError(f"skip={skip!r} must be a list of submodule names, e.g. ['classifier', 'features.0'].")
-        check_after("freeze_bn_after", freeze_bn_after)
-        check_after("freeze_observers_after", freeze_observers_after)
-        check_guard(monitor, max_metric_drop, evaluate)
-        if on_drop == "fallback" and max_metric_drop is None:
-            raise ValueError(f"on_drop='fallback' needs max_metric_drop (the budget to meet) and monitor={monitor!r}.")
-        check_fallback_at(fallback_at)
-        for name, flag in (
-            ("relu6_to_relu", relu6_to_relu),
-            ("save_artifact", save_artifact),
-            ("ptq_baseline", ptq_baseline),
-            ("sync_observers", sync_observers),
-            ("untrained_float", untrained_float),
-            ("overwrite", overwrite),
-        ):
-            check_flag(name, flag)
-        check_count("ptq_batches", ptq_batches)
-        export = export if export is not None else [engines.get(mode).formats[0]]  # type: ignore[list-item]
-        check_export(export, mode)
-        check_engine(mode, self.backend, on_drop, activations)
-        check_count("latency_repeats", latency_repeats)
         self.module = module
         self.mode = mode
-        self.skip = list(skip)
+        self.skip = skip
         self.relu6_to_relu = relu6_to_relu
         self.freeze_bn_after = freeze_bn_after
         self.freeze_observers_after = freeze_observers_after
@@ -219,37 +168,25 @@ class QATCallback(Callback):
         self.on_drop = on_drop
         self.save_dir = save_dir
         self.save_artifact = save_artifact
-        self.export = list(export)
         self.ptq_baseline = ptq_baseline
-        self.ptq_batches = ptq_batches
         self.sync_observers = sync_observers
         self.latency_repeats = latency_repeats
         self.convert = convert
         self.untrained_float = untrained_float
         self.overwrite = overwrite
         self.activations = activations
-        self.fallback_at = fallback_at
+        # checked together (settings.check_arguments), then the defaults of the arguments that need a partner
+        self.export = check_arguments(self, export=export, ptq_batches=ptq_batches, fallback_at=fallback_at)
+        self.skip = list(skip)
+        self.ptq_batches = ptq_batches if ptq_batches is not None else 8
+        self.fallback_at: FallbackAt = fallback_at if fallback_at is not None else "bn"
 
-        self.target: str | None = None
-        self.prepared: Prepared | None = None
-        self.chosen_activations: Literal["static", "dynamic"] = "static"  # decided in setup("fit"), or restored
-        self._activation_ms: dict[str, float] = {}
-        self.fallback: list[str] = []  # layers the fallback search during the fit kept float (then trained so)
-        self.fallback_searched = False  # the search during the fit ran (a resumed run does not run it again)
-        self._fallback_met: bool | None = None
-        self._fallback_candidates: list[dict[str, Any]] = []
-        self._search_at: int | None = None
+        self.state = QATState()  # the network QAT trains and what its run decided (checkpointed)
+        self.budget = FitSearch()  # the accuracy-budget search during the fit, and what it kept float
+        self.freezing = Freezing()  # the freeze schedule as it runs
         self.report: QATReport | None = None
         self.finished: FinishPipeline | None = None  # the last end-of-fit pipeline run, with its results
-        self.bn_frozen = False
-        self.observers_frozen = False
-        self._schedule: FreezeSchedule | None = None
-        self._float_network: nn.Module | None = None
-        self._example_inputs: tuple[Any, ...] = ()
-        self._paused_observers: list[dict[str, torch.Tensor]] | None = None
         self._preparation_check: RemovableHandle | None = None
-        self._said_float = False
-        self._loaded_from: str | None = None
         self._out_dir: Path | None = None
         self._claim: Path | None = None
 
@@ -260,13 +197,18 @@ class QATCallback(Callback):
         return checkpoint_io.STATE_KEY
 
     @property
+    def prepared(self) -> Prepared | None:
+        """What the engine did to the network (``None``: nothing QAT-prepared, e.g. a float checkpoint's test)."""
+        return self.state.prepared
+
+    @property
     def quantized_model(self) -> nn.Module | None:
         """The int8 network of the last conversion (``None`` before the end of fit)."""
         return self.finished.quantized_model if self.finished else None
 
     @property
     def artifact_path(self) -> Path | None:
-        """The TorchScript artifact written at the end of fit (``None`` if none was)."""
+        """The engine's artifact written at the end of fit: TorchScript, or the ``.pt2`` (``None`` if none was)."""
         return self.finished.artifact_path if self.finished else None
 
     @property
@@ -274,93 +216,49 @@ class QATCallback(Callback):
         """The ONNX artifact written at the end of fit (``None`` if none was)."""
         return self.finished.onnx_path if self.finished else None
 
-    # ------------------------------------------------------------------ set-up
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = find_target(pl_module, self.module)
         network = pl_module.get_submodule(target)
         if self.prepared is not None and network is self.prepared.module:
             return  # the network this callback prepared, e.g. `trainer.test` after `trainer.fit`
-        notice = ao.first_notice()
-        if notice:
-            rank_zero_info(notice)
-        self.target = target
+        self.state = QATState(target=target)
         if stage == "fit":
             self._prepare_for_fit(trainer, pl_module, network)
         elif ao.fake_quant_modules(network):  # e.g. from load_qat_checkpoint
-            self.prepared = Prepared(network, engines.of_network(network), "already QAT-prepared", 0)
-        else:  # validate / test / predict: float, unless a QAT checkpoint's weights arrive (_before_weights_load)
-            self.prepared = None
+            self.state.prepared = Prepared(network, engines.of_network(network), "already QAT-prepared", 0)
+        # else validate / test / predict: float, unless a QAT checkpoint's weights arrive (_before_weights_load)
         self._preparation_check = compat.register_load_state_dict_pre_hook(
             pl_module, partial(self._before_weights_load, trainer)
         )
 
     def _prepare_for_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
-        assert self.target is not None
-        network = preflight.check_fit(trainer, pl_module, self.target, network, self.evaluate)
-        self._loaded_from = None
-        self._example_inputs = example_input.example_inputs(trainer, pl_module)
+        state = self.state
+        assert state.target is not None
+        network = preflight.check_fit(trainer, pl_module, state.target, network, self.evaluate)
+        state.example_inputs = example_input.example_inputs(trainer, pl_module)
         # the checked copy is the float baseline (an eval forward pass leaves a float network as it was)
-        self._float_network = preflight.check_example(network, self._example_inputs, self.target)
-        prepared = self._install(pl_module, network, self.mode)
+        state.float_network = preflight.check_example(network, state.example_inputs, state.target)
+        self._install(pl_module, network, self.mode)
+        data, written = eval_data(trainer, self.evaluate), self.export if self.save_artifact else []
         probe, quantized = preflight.run_preflight(
-            pl_module,
-            self.target,
-            prepared,
-            self._float_network,
-            self._example_inputs,
-            self.backend,
-            self.evaluate,
-            eval_data(trainer, self.evaluate),
-            onnx="onnx" in self.export and self.save_artifact,
-            torchscript="torchscript" in self.export and self.save_artifact,
-            monitor=self.monitor,
+            pl_module, state, self.backend, self.evaluate, data, written, self.monitor
         )
-        self._choose_activations(trainer, prepared, probe, quantized)
+        state.activations, state.activation_ms = activation_choice.decide(
+            trainer, state, probe, quantized, self.backend, self.activations, self.latency_repeats
+        )
         if not trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning's debugging connector
             self._out_dir = preflight.output_dir(trainer, self.save_dir, self.overwrite)
             self._claim = preflight.claim_output_dir(trainer, self._out_dir)  # last: nothing after it can fail
 
-    def _choose_activations(
-        self, trainer: pl.Trainer, prepared: Prepared, probe: nn.Module, quantized: nn.Module
-    ) -> None:
-        """Static or dynamic int8 activations for the artifact (rank 0's timing for every rank), trained for now.
-
-        ``probe`` and ``quantized``: the preflight's calibrated copy of the prepared network and its int8 conversion.
-        An engine without dynamic activations (PT2E) quantizes them statically.
-        """
-        if not prepared.engine.dynamic:
-            self.chosen_activations, self._activation_ms = "static", {}
-            return
-        choice = activation_choice.choose(
-            probe, quantized, self.backend, self._example_inputs, self.activations, self.latency_repeats
-        )
-        if trainer.world_size > 1:
-            choice = trainer.strategy.broadcast(choice, src=0)
-        self.chosen_activations, self._activation_ms = choice
-        if self.chosen_activations == "dynamic" or self._activation_ms:
-            rank_zero_info(activation_choice.describe(*choice))
-        ao.set_activation_fake_quant(prepared.module, self.chosen_activations == "static")
-
-    def _prepare_like_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]
-    ) -> None:
-        """Validate / test / predict of a QAT checkpoint: prepare the float network as the checkpoint's was."""
-        assert self.target is not None
-        self.check_preparation(state)
-        self._loaded_from = str(trainer.ckpt_path)
-        self._example_inputs = example_input.stored(state) or example_input.module_example_inputs(pl_module)
-        network = pl_module.get_submodule(self.target)
-        self._float_network = cpu_eval_copy(network)
-        self._install(pl_module, network, state["mode"])
-
     def _install(self, pl_module: pl.LightningModule, network: nn.Module, mode: Mode) -> Prepared:
-        assert self.target is not None
-        self.prepared = install(
-            pl_module, self.target, network, self.backend, mode, self.skip, self._example_inputs, self.relu6_to_relu
+        state = self.state
+        assert state.target is not None
+        state.prepared = install(
+            pl_module, state.target, network, self.backend, mode, self.skip, state.example_inputs, self.relu6_to_relu
         )
-        self.bn_frozen = self.observers_frozen = False
-        return self.prepared
+        self.freezing.reset()
+        return state.prepared
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -382,49 +280,40 @@ class QATCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._schedule, notes, warnings = build_schedule(
-            self.interval,
-            self.freeze_bn_after,
-            self.freeze_observers_after,
-            trainer.max_epochs,
-            trainer.max_steps,
-            trainer.estimated_stepping_batches,
-        )
-        for note in notes:
-            rank_zero_info(note)
-        for warning in warnings:
-            rank_zero_warn(warning)
-        self._search_at = None
-        if self.on_drop == "fallback" and self.fallback_at != "end":
-            at = self._schedule.bn_at if self.fallback_at == "bn" else self.fallback_at
-            total = trainer.max_epochs if self._schedule.interval == "epoch" else trainer.estimated_stepping_batches
-            length = int(total) if total is not None and 0 <= total < math.inf else None
-            at = resolve_after("fallback_at", at, length, self._schedule.interval)
-            self._search_at = None if at is None else max(1, at)  # observers must have seen data (freeze_bn_after=0)
+        schedule = self.freezing.plan(trainer, self.interval, self.freeze_bn_after, self.freeze_observers_after)
+        self.budget.plan(trainer, schedule, self.on_drop, self.fallback_at)
 
-    # ------------------------------------------------------------------ training
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._schedule is not None and self._schedule.interval == "epoch":
-            self._apply_schedule(trainer, pl_module, trainer.current_epoch)
+        self._apply_schedule(trainer, pl_module, self.freezing.counter(trainer, "epoch"))
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._schedule is not None and self._schedule.interval == "step":
-            self._apply_schedule(trainer, pl_module, trainer.global_step)
+        self._apply_schedule(trainer, pl_module, self.freezing.counter(trainer, "step"))
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.sync_observers and not self.observers_frozen and trainer.world_size > 1:
+        if self.sync_observers and not self.freezing.observers_frozen and trainer.world_size > 1:
             all_reduce_observers(self.network(pl_module))
-        pl_module.log("qat/bn_frozen", float(self.bn_frozen), on_step=True, on_epoch=False)
-        pl_module.log("qat/observers_frozen", float(self.observers_frozen), on_step=True, on_epoch=False)
+        pl_module.log("qat/bn_frozen", float(self.freezing.bn_frozen), on_step=True, on_epoch=False)
+        pl_module.log("qat/observers_frozen", float(self.freezing.observers_frozen), on_step=True, on_epoch=False)
 
-    # ------------------------------------------------------------------ evaluation loops during QAT
+    def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule, counter: int | None) -> None:
+        if counter is not None:  # the schedule's unit
+            where = self.freezing.apply(self.network(pl_module), counter)
+            if self.budget.due(counter):
+                self._search_fallback(trainer, pl_module, where)
+
+    def _search_fallback(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        """The accuracy-budget search during the fit, on global rank 0; every rank keeps the result float."""
+        data = eval_data(trainer, self.evaluate)
+        pipeline = self.pipeline(self._run(trainer, pl_module), data, trainer) if trainer.is_global_zero else None
+        self.budget.run(trainer, pipeline, self.network(pl_module), self.state.activations == "static", when)
+
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pause_observers(pl_module)
@@ -449,112 +338,68 @@ class QATCallback(Callback):
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resume_observers(pl_module)
 
-    # ------------------------------------------------------------------ end of fit
+    def _pause_observers(self, pl_module: pl.LightningModule) -> None:
+        self.freezing.pause(self.network(pl_module) if self.prepared is not None else None)
+
+    def _resume_observers(self, pl_module: pl.LightningModule) -> None:
+        self.freezing.resume(self.network(pl_module) if self.prepared is not None else None)
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.prepared is None or trainer.interrupted:
             return
-        failure: Exception | None = None
-        report: QATReport | None = None
+        self.freezing.finish(self.network(pl_module), trainer)
+
+        def build() -> FinishPipeline:
+            self.finished = self.pipeline(self._run(trainer, pl_module), eval_data(trainer, self.evaluate), trainer)
+            return self.finished
+
         out_dir = self._out_dir or Path(trainer.default_root_dir)  # resolved (and checked) in setup, on every rank
-        if trainer.is_global_zero:
-            try:
-                pipeline = self.pipeline(self._run(trainer, pl_module), eval_data(trainer, self.evaluate), trainer)
-                self.finished = pipeline
-                fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]  # set by Lightning's init
-                report = pipeline.run(out_dir, write=not fast_dev_run)
-            except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks were told
-                failure = err
-        if trainer.world_size > 1:
-            message, data = trainer.strategy.broadcast(
-                (str(failure) if failure else None, report.to_dict() if report else None), src=0
-            )
-            if message is not None and failure is None:
-                raise RuntimeError(f"QAT finish failed on global rank 0: {message}")
-            report = QATReport.from_dict(data) if data else None
-        if failure is not None:
-            raise failure
-        self.report = report
+        self.report = finish_on_rank0(trainer, build, out_dir)
 
     def pipeline(self, run: QATRun, data: EvalData, trainer: pl.Trainer) -> FinishPipeline:
         """The end-of-fit pipeline (a :attr:`pipeline_class`) for ``run`` with this callback's settings.
 
         Used at the end of fit and by :func:`~lightning_qat.convert_checkpoint`.
         """
-        settings = FinishSettings(**{f.name: getattr(self, f.name) for f in fields(FinishSettings)})  # same names
+        settings = FinishSettings(
+            backend=self.backend,
+            evaluate=self.evaluate,
+            monitor=self.monitor,
+            monitor_mode=self.monitor_mode,
+            max_metric_drop=self.max_metric_drop,
+            on_drop=self.on_drop,
+            save_artifact=self.save_artifact,
+            export=list(self.export),
+            ptq_baseline=self.ptq_baseline,
+            ptq_batches=self.ptq_batches,
+            latency_repeats=self.latency_repeats,
+            convert=self.convert,
+            untrained_float=self.untrained_float,
+            freezing=dict(self.freezing.applied),
+        )
         progress = trainer.progress_bar_callback is not None
         return self.pipeline_class(
             settings, run, data, trainer.loggers, trainer.global_step, progress, str(trainer.default_root_dir)
         )
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QATRun:
-        assert self.target is not None
-        assert self.prepared is not None
-        assert self._float_network is not None
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")  # a ModelCheckpoint's; "" without one
-        return QATRun(
-            pl_module=pl_module,
-            target=self.target,
-            prepared=self.prepared,
-            float_network=self._float_network,
-            example_inputs=self._example_inputs,
-            mode=self.mode,
-            skip=list(self.skip),
-            relu6_to_relu=self.relu6_to_relu,
-            best_checkpoint=best or "",
-            loaded_from=self._loaded_from,
-            activations=self.chosen_activations,
-            activation_ms=dict(self._activation_ms),
-            fallback=list(self.fallback),
-            fallback_met=self._fallback_met,
-            fallback_candidates=list(self._fallback_candidates),
-        )
+        return self.state.run(pl_module, best or "", self.mode, self.skip, self.relu6_to_relu, self.budget)
 
-    # ------------------------------------------------------------------ resume
     @override
     def state_dict(self) -> dict[str, Any]:
         # The freeze flags are not state: the schedule derives them from the trainer's restored counters.
-        # The float weights QAT started from keep the report's float row right after a resume or a convert.
-        return {
-            "version": _STATE_VERSION,
-            "backend": self.backend,
-            "mode": self.prepared.mode if self.prepared else None,
-            "module": self.target,
-            "skip": list(self.skip),
-            "relu6_to_relu": self.relu6_to_relu,
-            "float_state_dict": self._float_network.state_dict() if self._float_network is not None else None,
-            "example_inputs": example_input.storable(self._example_inputs),
-            "activations": self.chosen_activations,
-            "activation_ms": dict(self._activation_ms),
-            "fallback": list(self.fallback),
-            "fallback_searched": self.fallback_searched,
-            "fallback_met": self._fallback_met,
-            "fallback_candidates": list(self._fallback_candidates),
-        }
+        preparation = {"backend": self.backend, "skip": list(self.skip), "relu6_to_relu": self.relu6_to_relu}
+        return {"version": _STATE_VERSION, **preparation, **self.state.state_dict(), **self.budget.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version", _STATE_VERSION)
-        if version > _STATE_VERSION:
-            raise CheckpointError(
-                f"This checkpoint's QATCallback state has version {version}, newer than this lightning-qat "
-                f"understands ({_STATE_VERSION}); upgrade lightning-qat to resume from it."
-            )
+        checkpoint_io.check_version(state_dict, _STATE_VERSION)
         self.check_preparation(state_dict)
-        # what QAT trained for (the activation fake-quant switches are buffers: they come back with the weights)
-        saved = state_dict.get("activations", "static")
-        if saved != self.chosen_activations and self.prepared is not None:
-            rank_zero_info(f"QAT: the checkpoint's run trained for {saved} int8 activations: the artifact keeps them.")
-        self.chosen_activations = saved
-        self._activation_ms = dict(state_dict.get("activation_ms", {}))
+        self.state.load_state_dict(state_dict)
         # the layers kept float: their fake-quant switches are buffers too; the names are what the conversion needs
-        self.fallback = list(state_dict.get("fallback", []))
-        self.fallback_searched = bool(state_dict.get("fallback_searched", False))
-        self._fallback_met = state_dict.get("fallback_met")
-        self._fallback_candidates = list(state_dict.get("fallback_candidates", []))
-        float_state = state_dict.get("float_state_dict")
-        if float_state is not None and self._float_network is not None:
-            self._float_network.load_state_dict(float_state)
+        self.budget.load_state_dict(state_dict)
 
     @override
     def on_save_checkpoint(
@@ -566,7 +411,7 @@ class QATCallback(Callback):
     def check_preparation(self, saved_state: dict[str, Any]) -> None:
         """Raise ``CheckpointError`` naming the first setting that prepared the checkpoint's network differently."""
         current = {"backend": self.backend, "skip": list(self.skip), "relu6_to_relu": self.relu6_to_relu}
-        current["module"] = self.target if self.target is not None else self.module  # None: found in setup
+        current["module"] = self.state.target if self.state.target is not None else self.module  # None: found in setup
         current["mode"] = (  # "auto" matches whichever engine the checkpoint's run took
             self.prepared.mode if self.prepared is not None else self.mode if self.mode in engines.ENGINES else None
         )
@@ -585,8 +430,11 @@ class QATCallback(Callback):
         saved = checkpoint_io.qat_state(internals.loaded_checkpoint(trainer))
         if saved is None:
             return
-        if self.prepared is None:
-            self._prepare_like_checkpoint(trainer, pl_module, saved)
+        if self.prepared is None:  # validate / test / predict: prepared as the checkpoint's network was
+            self.check_preparation(saved)
+            self._install(
+                pl_module, self.state.from_checkpoint(pl_module, saved, str(trainer.ckpt_path)), saved["mode"]
+            )
         self.load_state_dict(saved)
 
     def _remove_preparation_check(self) -> None:
@@ -594,64 +442,7 @@ class QATCallback(Callback):
             self._preparation_check.remove()
             self._preparation_check = None
 
-    # ------------------------------------------------------------------ helpers
     def network(self, pl_module: pl.LightningModule) -> nn.Module:
         """The (prepared) network inside ``pl_module``."""
-        assert self.target is not None
-        return pl_module.get_submodule(self.target)
-
-    def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule, counter: int) -> None:
-        if self._schedule is None:
-            return
-        freeze_bn, freeze_observers = self._schedule.due(counter)
-        network = self.network(pl_module)
-        if freeze_bn and not self.bn_frozen:
-            freeze_batch_norm(network)
-            self.bn_frozen = True
-            rank_zero_info(f"QAT: BatchNorm statistics frozen at {self._schedule.interval} {counter}.")
-        if freeze_observers and not self.observers_frozen:
-            ao.set_observers(network, False)
-            self.observers_frozen = True
-            rank_zero_info(
-                f"QAT: observers frozen at {self._schedule.interval} {counter}; quantization parameters fixed."
-            )
-        if self._search_at is not None and counter >= self._search_at and not self.fallback_searched:
-            self._search_fallback(trainer, pl_module, f"{self._schedule.interval} {counter}")
-
-    def _search_fallback(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
-        """The accuracy-budget search during the fit, on global rank 0; every rank keeps the result float."""
-        self.fallback_searched = True
-        found: tuple[list[str], bool | None, list[dict[str, Any]]] | None = None
-        if trainer.is_global_zero:
-            pipeline = self.pipeline(self._run(trainer, pl_module), eval_data(trainer, self.evaluate), trainer)
-            try:
-                result = pipeline.search_during_fit(when)
-            except Exception as err:  # noqa: BLE001 - training goes on as it was; the end of fit searches again
-                rank_zero_warn(f"QAT fallback ({when}) failed, training goes on unchanged: {type(err).__name__}: {err}")
-                result = None
-            if result is not None:
-                candidates = [asdict(candidate) for candidate in result.candidates]
-                found = ([group.layer for group in pipeline.float_groups], result.chosen is not None, candidates)
-        if trainer.world_size > 1:
-            found = trainer.strategy.broadcast(found, src=0)
-        if found is None:
-            return
-        self.fallback, self._fallback_met, self._fallback_candidates = found
-        network = self.network(pl_module)
-        keep_float(network, FinishPipeline.resolve_groups(network, self.fallback, self.chosen_activations == "static"))
-        rank_zero_info(f"QAT: training goes on with {', '.join(self.fallback) or 'no layer'} kept float.")
-
-    def _pause_observers(self, pl_module: pl.LightningModule) -> None:
-        """Observers off for an evaluation loop, which then leaves no trace in the quantization state."""
-        if self.prepared is None:
-            if not self._said_float:
-                self._said_float = True
-                rank_zero_info("QAT: the network and checkpoint hold no QAT state: they are evaluated as float.")
-            return
-        if self._paused_observers is None:
-            self._paused_observers = ao.pause_observers(self.network(pl_module))
-
-    def _resume_observers(self, pl_module: pl.LightningModule) -> None:
-        if self._paused_observers is not None:
-            ao.restore_observers(self.network(pl_module), self._paused_observers)
-            self._paused_observers = None
+        assert self.state.target is not None
+        return pl_module.get_submodule(self.state.target)

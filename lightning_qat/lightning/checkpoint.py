@@ -96,6 +96,16 @@ def qat_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
+def check_version(saved_state: dict[str, Any], supported: int) -> None:
+    """Raise ``CheckpointError`` for QAT state of a newer version than ``supported`` (a newer lightning-qat's)."""
+    version = saved_state.get("version", supported)
+    if version > supported:
+        raise CheckpointError(
+            f"This checkpoint's QATCallback state has version {version}, newer than this lightning-qat understands "
+            f"({supported}); upgrade lightning-qat to resume from it."
+        )
+
+
 def check_same_preparation(saved_state: dict[str, Any], current: dict[str, Any]) -> None:
     """Raise ``CheckpointError`` naming the first setting of ``current`` the checkpoint was prepared with differently.
 

@@ -13,8 +13,8 @@ from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning import preflight
 from lightning_qat.lightning.callback import QATCallback
 from lightning_qat.lightning.evaluate import EvalData
-from lightning_qat.lightning.finish import QATRun
 from lightning_qat.lightning.report import QATReport
+from lightning_qat.lightning.run import QATRun
 from lightning_qat.quantization.convert import cpu_eval_copy
 
 # QATCallback arguments that describe how the checkpoint's network was prepared or trained: the checkpoint decides.

@@ -9,31 +9,33 @@ return the subclass from ``QATCallback.pipeline``. The artifact is on disk befor
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.fabric.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_qat.choices import check_choice, choices_of
-from lightning_qat.exceptions import AccuracyBudgetError, ConversionError
+from lightning_qat.exceptions import AccuracyBudgetError
 from lightning_qat.export.aoti import save_pt2
-from lightning_qat.export.onnx import OnnxRuntimeNetwork, check_onnx_available, export_onnx, onnxruntime_version
+from lightning_qat.export.onnx import OnnxRuntimeNetwork, export_onnx, onnxruntime_version
 from lightning_qat.export.torchscript import load_quantized, save_torchscript, to_torchscript
 from lightning_qat.lightning import checkpoint as checkpoint_io
+from lightning_qat.lightning.budget import BudgetSearch, resolve_groups
 from lightning_qat.lightning.chart import save_chart
-from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
-from lightning_qat.lightning.report import MonitorMode, QATReport, drop
+from lightning_qat.lightning.evaluate import EvalData, module_with_network, run_evaluation
+from lightning_qat.lightning.report import QATReport
+from lightning_qat.lightning.run import QATRun
+from lightning_qat.lightning.settings import FinishSettings
 from lightning_qat.lightning.sigterm import sigterm_raises
-from lightning_qat.quantization import ao, engines
+from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
 from lightning_qat.quantization.dynamic import to_dynamic
-from lightning_qat.quantization.engines import Mode, Prepared
-from lightning_qat.quantization.fallback import Group, float_names, float_nodes, groups, keep_float
+from lightning_qat.quantization.fallback import Group, float_names, float_nodes, keep_float
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
 from lightning_qat.quantization.measure import (
     count_quantized_layers,
@@ -43,126 +45,7 @@ from lightning_qat.quantization.measure import (
     serialized_size,
 )
 from lightning_qat.quantization.prepare import float_islands, prepare_model
-from lightning_qat.quantization.search import Candidate, SearchResult, search
-from lightning_qat.quantization.sensitivity import MAX_DB, LayerSQNR, layer_sqnr
-
-OnDrop = Literal["warn", "raise", "fallback"]
-ExportFormat = Literal["torchscript", "onnx", "pt2"]
-ConvertFrom = Literal["last", "best"]
-
-
-def check_export(export: Sequence[str], mode: str = "auto") -> None:
-    """Raise ``ValueError`` unless ``export`` is a non-empty list of distinct formats the engine of ``mode`` writes.
-
-    Raises:
-        OnnxExtraMissing: for ``"onnx"`` without onnx / onnxruntime installed.
-    """
-    if isinstance(export, str) or not export or len(set(export)) != len(export):
-        raise ValueError(
-            f"export={export!r} must be a non-empty list of distinct formats from {choices_of(ExportFormat)}."
-        )
-    for fmt in export:
-        check_choice("export", fmt, ExportFormat)
-    formats = list(engines.get(mode).formats)
-    wrong = [fmt for fmt in export if fmt not in formats]
-    if wrong:
-        owners = "; ".join(
-            f"the {fmt!r} package needs mode={' or '.join(map(repr, engines.writing(fmt)))}" for fmt in wrong
-        )
-        raise ValueError(
-            f"export={list(export)!r}: mode={mode!r} cannot write {wrong}; its formats are {formats} ({owners})."
-        )
-    if "onnx" in export:
-        check_onnx_available()
-
-
-def check_engine(mode: str, backend: str, on_drop: str, activations: str) -> None:
-    """Raise unless the engine of ``mode`` can run here with these settings.
-
-    Raises:
-        PT2EUnavailable: for the PT2E engine without torchao, or on a torch older than torchao needs.
-        ValueError: for a backend, ``on_drop`` or ``activations`` the engine does not have.
-    """
-    engine = engines.get(mode)
-    engine.check(backend)
-    if on_drop == "fallback" and not (engine.searchable or engine.dynamic):
-        raise ValueError(
-            f"on_drop='fallback' searches FX graphs (or dynamic int8 Linears); with mode={mode!r} use on_drop='warn' "
-            "or 'raise'."
-        )
-    if activations == "dynamic" and not engine.dynamic:
-        dynamic = [name for name, other in engines.ENGINES.items() if other.dynamic]
-        raise ValueError(
-            f"activations='dynamic' is an artifact of modes {dynamic}; mode={mode!r} quantizes activations statically."
-        )
-
-
-def check_guard(monitor: str | None, max_metric_drop: float | None, evaluate: Stage | None) -> None:
-    """Raise ``ValueError`` for a guard that cannot work: a budget without a metric, a metric not evaluated."""
-    if max_metric_drop is not None and (monitor is None or max_metric_drop < 0):
-        raise ValueError(
-            f"max_metric_drop={max_metric_drop!r} needs a `monitor` metric name and a value >= 0 (monitor={monitor!r})."
-        )
-    if monitor is not None and evaluate is None:
-        raise ValueError(f"monitor={monitor!r} needs evaluate='val' or 'test', not None.")
-
-
-def check_fallback_at(value: object) -> None:
-    """Raise ``ValueError`` unless ``value`` is ``"bn"``, ``"end"``, an int >= 1 or a float in (0, 1)."""
-    if value in ("bn", "end"):
-        return
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not ((isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value < 1)):
-        raise ValueError(
-            f"fallback_at={value!r} is invalid; use 'bn' (when BatchNorm statistics freeze), 'end' (at the end of fit "
-            "only), an int >= 1 (an epoch or step index: observers must have seen data) or a float in (0, 1) (a "
-            "fraction of the run)."
-        )
-
-
-@dataclass
-class QATRun:
-    """The QAT network the pipeline finishes, inside its LightningModule, and how it was prepared.
-
-    ``best_checkpoint``: the path ``convert="best"`` takes the weights from (empty: none saved).
-    ``loaded_from``: the checkpoint the weights were loaded from (``convert_checkpoint``, ``trainer.validate``), which
-    then are the weights converted.
-    """
-
-    pl_module: Any  # the LightningModule
-    target: str
-    prepared: Prepared
-    float_network: nn.Module
-    example_inputs: tuple[Any, ...]
-    mode: Mode = "auto"
-    skip: list[str] = field(default_factory=list)
-    relu6_to_relu: bool = False
-    best_checkpoint: str = ""
-    loaded_from: str | None = None
-    activations: str = "static"  # what the artifact quantizes activations with, chosen in setup (activations.choose)
-    activation_ms: dict[str, float] = field(default_factory=dict)  # the candidates' timing behind that choice
-    fallback: list[str] = field(default_factory=list)  # layers a search during the fit kept float (then trained so)
-    fallback_met: bool | None = None  # whether that search met the budget (None: no search ran)
-    fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # what it tried
-
-
-@dataclass
-class FinishSettings:
-    """The :class:`~lightning_qat.QATCallback` arguments the end-of-fit pipeline reads (documented there)."""
-
-    backend: str
-    evaluate: Stage | None = "val"
-    monitor: str | None = None
-    monitor_mode: MonitorMode = "max"
-    max_metric_drop: float | None = None
-    on_drop: OnDrop = "warn"
-    save_artifact: bool = True
-    export: Sequence[ExportFormat] = ("torchscript",)
-    ptq_baseline: bool = False
-    ptq_batches: int = 8
-    latency_repeats: int = 20
-    convert: ConvertFrom = "last"
-    untrained_float: bool = False
+from lightning_qat.quantization.sensitivity import LayerSQNR, layer_sqnr
 
 
 class FinishPipeline:
@@ -207,6 +90,7 @@ class FinishPipeline:
         self.onnx_path: Path | None = None
         self._onnx_session: OnnxRuntimeNetwork | None = None
         self.float_groups: list[Group] = []  # the layers the accuracy-budget fallback keeps float
+        self.budget = BudgetSearch(self)
 
     def run(self, out_dir: Path, write: bool = True) -> QATReport:
         """Every step in order; ``write=False`` (``fast_dev_run``) stops after the conversion, writing nothing.
@@ -245,7 +129,7 @@ class FinishPipeline:
         run = self.qat_run
         self.trained_network, converted_from = self.trained_weights()
         static = run.activations == "static"
-        self.float_groups = self.resolve_groups(self.trained_network, run.fallback, static)  # kept float in the fit
+        self.float_groups = resolve_groups(self.trained_network, run.fallback, static)  # kept float in the fit
         self.quantized_model = self.to_int8(self.trained_network, self.float_groups)
         return QATReport(
             backend=self.settings.backend,
@@ -274,6 +158,7 @@ class FinishPipeline:
             fallback_met=run.fallback_met,
             fallback_candidates=list(run.fallback_candidates),
             fallback_evaluations=len(run.fallback_candidates),
+            freezing=dict(self.settings.freezing),
         )
 
     def to_int8(self, network: nn.Module, float_groups: Sequence[Group] = ()) -> nn.Module:
@@ -393,9 +278,10 @@ class FinishPipeline:
     def fall_back(self, report: QATReport, out_dir: Path) -> None:
         """``on_drop="fallback"`` at fit end: when int8 misses the budget, keep float the fewest layers that meet it.
 
-        Searched by :meth:`search_fallback` over the layers still int8 (a search during the fit may have kept some
-        float already). The chosen model (or, when none meets the budget, the best one, if it beats the int8 model)
-        becomes the int8 model: its artifacts are written again and its metrics are the int8 row.
+        Searched by :attr:`budget` (:class:`~lightning_qat.lightning.budget.BudgetSearch`) over the layers still int8
+        (a search during the fit may have kept some float already). The chosen model (or, when none meets the budget,
+        the best one, if it beats the int8 model) becomes the int8 model: its artifacts are written again and its
+        metrics are the int8 row.
         """
         settings = self.settings
         monitor, budget = settings.monitor, settings.max_metric_drop
@@ -404,12 +290,12 @@ class FinishPipeline:
         drop = report.metric_drop(monitor, settings.monitor_mode)
         if drop is not None and drop <= budget and report.fallback_met is False:
             report.fallback_met = True  # a search during the fit found nothing, but the training that followed did
-        if drop is None or drop <= budget or not self.searching:
+        if drop is None or drop <= budget or not self.budget.possible:
             return  # met (or not measurable, which check_metric_drop says): nothing more to evaluate
         assert self.trained_network is not None
         start = time.perf_counter()
         searched = len(self.float_groups)
-        result = self.search_fallback(
+        result = self.budget.search(
             self.trained_network, report.layer_sqnr, report.metrics["float"][monitor], report.metrics["int8"][monitor]
         )
         report.fallback_candidates += [asdict(candidate) for candidate in result.candidates]
@@ -428,102 +314,6 @@ class FinishPipeline:
             if self.onnx_path is not None:
                 report.metrics["int8-onnx"] = self.evaluate(self._onnx_network())
         report.fallback_seconds += time.perf_counter() - start
-
-    @property
-    def searching(self) -> bool:
-        """Whether a missed accuracy budget starts a search (``on_drop="fallback"`` and a graph to search in)."""
-        if self.settings.on_drop != "fallback":
-            return False
-        if self.qat_run.prepared.engine.searchable or self.qat_run.activations == "dynamic":
-            return True
-        rank_zero_warn(
-            "QAT fallback: int8 misses the accuracy budget, but the network was prepared in eager mode: a layer kept "
-            "float there keeps its damaged output quantizer (there is no graph to take it out of). Make the network "
-            "FX-traceable, or skip= layers by hand: the report's per-layer SQNR says which are worst."
-        )
-        return False
-
-    def search_fallback(
-        self, network: nn.Module, sqnr: dict[str, float], float_value: float, int8_value: float, when: str = "fit end"
-    ) -> SearchResult:
-        """Search the layers of ``network`` still int8, lowest SQNR first, for the fewest to keep float for the budget.
-
-        Each candidate is an int8 model converted from ``network`` with :attr:`float_groups` and the candidate's
-        groups (:func:`~lightning_qat.quantization.fallback.groups`) float, evaluated with the user's
-        ``validation_step``/``test_step`` and timed as TorchScript. The chosen (else the best, if better than
-        ``int8_value``) candidate's groups are added to :attr:`float_groups`.
-        """
-        settings, run = self.settings, self.qat_run
-        monitor, budget = settings.monitor, settings.max_metric_drop
-        assert monitor is not None
-        assert budget is not None
-        found = groups(network, static=run.activations == "static")
-        already = {group.layer for group in self.float_groups}
-        ranked = sorted((name for name in found if name not in already), key=lambda name: sqnr.get(name, MAX_DB))
-
-        def lost(value: float) -> float:  # how much worse than float
-            return drop(float_value, value, settings.monitor_mode)
-
-        rank_zero_info(
-            f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g} misses "
-            f"max_metric_drop={budget}; searching {len(ranked)} quantized layers, lowest SQNR first."
-        )
-
-        def evaluate(layers: list[str]) -> Candidate:
-            chosen = [*self.float_groups, *(found[name] for name in layers)]
-            try:
-                model = self.to_int8(network, chosen)
-            except ConversionError as err:  # this set does not convert: not a candidate, the search goes on
-                rank_zero_warn(f"QAT fallback ({when}): keeping {float_names(chosen)} float: {err}")
-                return Candidate(layers, float("nan"), False, names=float_names(chosen), when=when)
-            metrics = self.evaluate(model)
-            value = metrics.get(monitor, float("nan"))
-            scripted = to_torchscript(model, settings.backend, run.example_inputs)
-            latency = measure_latency({"int8": scripted}, run.example_inputs, settings.backend, repeats=5)["int8"]
-            meets = lost(value) <= budget
-            return Candidate(layers, value, meets, serialized_size(model), latency, float_names(chosen), metrics, when)
-
-        result = search(ranked, evaluate, better=lambda a, b: lost(a) < lost(b))
-        best = result.best
-        if best is not None and (result.chosen is not None or lost(best.metric) < lost(int8_value)):
-            self.float_groups = [*self.float_groups, *(found[name] for name in best.layers)]
-        rank_zero_info(
-            f"QAT fallback ({when}): budget {'met' if result.chosen else 'NOT met'} after {result.evaluations} int8 "
-            f"evaluations; kept float: {', '.join(float_names(self.float_groups)) or 'nothing'}."
-        )
-        return result
-
-    def search_during_fit(self, when: str) -> SearchResult | None:
-        """The fallback search on the QAT network as it is now, for training to go on with the result float.
-
-        Evaluates the float network and the current int8 model; searches only when the budget is missed. ``None``
-        when no search ran. :attr:`float_groups` then holds what to keep float.
-        """
-        settings, run = self.settings, self.qat_run
-        monitor = settings.monitor
-        assert monitor is not None
-        assert settings.max_metric_drop is not None
-        network = cpu_eval_copy(run.pl_module.get_submodule(run.target))
-        freeze_for_inference(network)
-        self.trained_network = network
-        self.float_groups = self.resolve_groups(network, run.fallback, run.activations == "static")
-        float_value = self.evaluate(run.float_network).get(monitor)
-        int8_value = self.evaluate(self.to_int8(network, self.float_groups)).get(monitor)
-        if float_value is None or int8_value is None:
-            rank_zero_warn(f"QAT fallback ({when}): monitor={monitor!r} was not logged by the evaluation: no search.")
-            return None
-        if drop(float_value, int8_value, settings.monitor_mode) <= settings.max_metric_drop or not self.searching:
-            rank_zero_info(f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g}.")
-            return None
-        return self.search_fallback(network, self.measure_sqnr(network), float_value, int8_value, when)
-
-    @staticmethod
-    def resolve_groups(network: nn.Module, layers: Sequence[str], static: bool = True) -> list[Group]:
-        """The :class:`~lightning_qat.quantization.fallback.Group` of each of ``layers`` in ``network``."""
-        if not layers:
-            return []
-        found = groups(network, static)
-        return [found[name] for name in layers if name in found]
 
     def measure_networks(self, report: QATReport) -> None:
         """Size and CPU latency on the example input of the float network and of the int8 artifacts as they ship.
@@ -631,3 +421,28 @@ class FinishPipeline:
         if self._onnx_session is None:
             self._onnx_session = OnnxRuntimeNetwork(self.onnx_path)
         return self._onnx_session
+
+
+def finish_on_rank0(trainer: pl.Trainer, build: Callable[[], FinishPipeline], out_dir: Path) -> QATReport | None:
+    """Run the pipeline ``build`` makes on global rank 0; every rank gets its report, or raises its failure.
+
+    Under DDP the other ranks wait for rank 0 and then raise too when it failed (none hangs in a later collective).
+    """
+    failure: Exception | None = None
+    report: QATReport | None = None
+    if trainer.is_global_zero:
+        try:
+            fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]  # set by Lightning's init
+            report = build().run(out_dir, write=not fast_dev_run)
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks were told
+            failure = err
+    if trainer.world_size > 1:
+        message, data = trainer.strategy.broadcast(
+            (str(failure) if failure else None, report.to_dict() if report else None), src=0
+        )
+        if message is not None and failure is None:
+            raise RuntimeError(f"QAT finish failed on global rank 0: {message}")
+        report = QATReport.from_dict(data) if data else None
+    if failure is not None:
+        raise failure
+    return report

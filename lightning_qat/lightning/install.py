@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_qat.quantization import compat
+from lightning_qat.quantization import ao, compat
 from lightning_qat.quantization.engines import Mode, Prepared
 from lightning_qat.quantization.prepare import prepare_model
 
@@ -29,6 +29,9 @@ def install(
     What was fused and in which mode, and what stays float and why (whether anything is quantized at all is said by
     the preflight, which converts).
     """
+    notice = ao.first_notice()  # once per process: torch.ao's deprecation warnings are silenced
+    if notice:
+        rank_zero_info(notice)
     prepared = prepare_model(network, backend, mode, skip, example_inputs, relu6_to_relu=relu6_to_relu)
     compat.set_submodule(pl_module, target, prepared.module)
     for warning in prepared.warnings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from lightning_qat.export.torchscript import to_torchscript
 from lightning_qat.lightning import internals
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
 from lightning_qat.lightning.sigterm import sigterm_raises
+from lightning_qat.lightning.state import QATState
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
-from lightning_qat.quantization.engines import Engine, Prepared
+from lightning_qat.quantization.engines import Engine
 from lightning_qat.quantization.measure import count_weight_layers
 
 SUPPORTED_PRECISIONS = ("32-true", "32", 32)
@@ -60,28 +62,34 @@ def check_fit(
 
 def run_preflight(
     pl_module: pl.LightningModule,
-    target: str,
-    prepared: Prepared,
-    float_network: nn.Module,
-    example_inputs: tuple[Any, ...],
+    state: QATState,
     backend: str,
     evaluate: Stage | None,
     data: EvalData,
-    onnx: bool,
-    torchscript: bool = True,
+    export: Sequence[str] = ("torchscript",),
     monitor: str | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """What would fail at the end of fit, checked now: determinism, conversion, tracing, ONNX, one int8 batch.
 
     Every rank runs it (the same checks on the same network), so a failure stops every rank in ``setup``. Also says,
-    on rank 0, when the int8 network would hold no quantized layer. A SIGTERM meanwhile raises
-    :class:`~lightning_qat.EvaluationInterrupted`. Returns the throw-away QAT copy that saw the example (its observers
-    calibrated) and its int8 conversion, for the checks after it.
+    on rank 0, when the int8 network would hold no quantized layer. ``state``: the freshly prepared network;
+    ``export``: the artifact formats the end of fit will write (TorchScript and ONNX are checked now). A
+    SIGTERM meanwhile raises :class:`~lightning_qat.EvaluationInterrupted`. Returns the throw-away QAT copy that saw
+    the example (its observers calibrated) and its int8 conversion, for the checks after it.
     """
+    target, prepared, float_network, example_inputs = (
+        state.target,
+        state.prepared,
+        state.float_network,
+        state.example_inputs,
+    )
+    assert target is not None
+    assert prepared is not None
+    assert float_network is not None
     with sigterm_raises("the QAT preflight"):
         start = time.perf_counter()
         check_eval_is_deterministic(float_network, prepared.module, example_inputs, target)
-        if torchscript:
+        if "torchscript" in export:
             check_outputs(float_network, example_inputs, target)
         probe = check_example(prepared.module, example_inputs, target, prepared=True)
         quantized = check_conversion(probe, prepared.engine, backend, example_inputs, target)
@@ -90,7 +98,7 @@ def run_preflight(
                 f"QAT: nothing in `{target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
                 "int8 model would be no smaller and no faster than the float one."
             )
-        if onnx:
+        if "onnx" in export:
             check_onnx_export(probe, example_inputs, target)
         if evaluate is not None:
             step = "validation_step" if evaluate == "val" else "test_step"

@@ -56,6 +56,7 @@ class QATReport:
     fallback_seconds: float = 0.0
     fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # each: layers, metric, meets, size...
     int8_kernels: int | None = None  # int8 conv/linear kernel calls in the PT2E engine's compiled package
+    freezing: dict[str, str] = field(default_factory=dict)  # "bn" / "observers" -> where the fit froze them
 
     def fusion(self) -> str | None:
         """How many Conv-BN pairs were fused, and which were not and why; ``None`` when not counted."""
@@ -193,6 +194,12 @@ class QATReport:
                 lines.append(f"accuracy budget met by keeping float: {floating} (search: {searched})")
             else:
                 lines.append(f"ACCURACY BUDGET NOT MET by any fallback tried ({searched}); kept float: {floating}")
+        if self.freezing:
+            said = [
+                f"{label} at {self.freezing[key]}" if key in self.freezing else f"{label} never"
+                for key, label in (("bn", "BatchNorm statistics"), ("observers", "observers"))
+            ]
+            lines.append(f"frozen in the fit: {'; '.join(said)}")
         if self.untrained_float:
             lines.append("the float row is the untrained network QAT started from: not a baseline to compare with")
         if self.converted_from != "last":

@@ -1,0 +1,44 @@
+import lightning.pytorch as pl
+import pytest
+from conftest import pretrained_tiny, trainer_kwargs
+from lightning.pytorch.callbacks import EarlyStopping
+
+from lightning_qat import QATCallback
+from lightning_qat.quantization import ao
+
+
+def _fit(tmp_path, digits8, float_tiny, *extra):
+    qat = QATCallback(freeze_bn_after=2, freeze_observers_after=3, save_artifact=False, latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=5, limit_train_batches=3, callbacks=[qat, *extra]))
+    trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
+    return qat, trainer
+
+
+def test_the_report_says_where_the_schedule_froze(tmp_path, digits8, float_tiny):
+    qat, _ = _fit(tmp_path, digits8, float_tiny)
+    assert qat.report.freezing == {"bn": "epoch 2", "observers": "epoch 3"}
+    assert "frozen in the fit: BatchNorm statistics at epoch 2; observers at epoch 3" in qat.report.summary()
+
+
+def test_a_fit_early_stopping_stopped_freezes_before_converting_and_says_so(tmp_path, digits8, float_tiny):
+    stop_after_first_validation = EarlyStopping(monitor="val_acc", mode="max", stopping_threshold=0.0)
+    with pytest.warns(
+        UserWarning, match=r"the fit stopped at epoch \d, before the schedule froze BatchNorm statistics"
+    ):
+        qat, trainer = _fit(tmp_path, digits8, float_tiny, stop_after_first_validation)
+    assert trainer.current_epoch < 2  # the schedule's epochs were never reached
+    assert qat.freezing.bn_frozen
+    assert qat.freezing.observers_frozen
+    assert qat.report.freezing["bn"].startswith("fit end (planned at epoch 2; the fit stopped at epoch ")
+    assert qat.report.freezing["observers"].startswith("fit end (planned at epoch 3;")
+    network = trainer.lightning_module.net
+    assert not any(bool(fq.observer_enabled[0]) for _, fq in ao.fake_quant_modules(network))
+
+
+def test_a_schedule_beyond_the_run_is_not_forced_at_the_end(tmp_path, digits8, float_tiny):
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=9, save_artifact=False, latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[qat]))
+    with pytest.warns(UserWarning, match=r"freeze_observers_after=9 resolves to epoch 9, which a run of 2 epochs"):
+        trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
+    assert qat.report.freezing == {"bn": "epoch 1"}  # warned at the start, and left so
+    assert "frozen in the fit: BatchNorm statistics at epoch 1; observers never" in qat.report.summary()

@@ -1,6 +1,7 @@
 """The PT2E engine (torch.export + torchao): capture, train/eval switching, BatchNorm arguments, convert."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -112,6 +113,19 @@ def test_convert_matches_the_qat_network_and_folds_batch_norm():
     assert not any("batch_norm" in t for t in targets)
     assert pt2e.int8_layers(quantized) == 2
     assert prepared.exported.graph is not quantized.exported.graph  # a copy was converted
+
+
+def test_the_conversion_cache_wraps_torchao_s_private_for_the_conversion_only():
+    from torchao.quantization.pt2e import qat_utils
+
+    original = qat_utils._get_aten_graph_module_for_pattern  # noqa: SLF001 - the canary: renamed upstream, red here
+    assert list(inspect.signature(original).parameters)[:3] == ["pattern", "example_inputs", "is_cuda"]
+    x = torch.randn(16, 1, 8, 8)
+    prepared = pt2e.prepare(TinyNet(), (x,), "x86")
+    prepared(x)
+    pt2e.convert(prepared.eval())
+    assert qat_utils._get_aten_graph_module_for_pattern is original  # noqa: SLF001 - put back after converting
+    assert 0 < len(pt2e._PATTERNS) <= pt2e._MOST_PATTERNS  # noqa: SLF001 - bounded
 
 
 def test_prepare_model_stops_with_the_reason_when_export_fails():

@@ -79,3 +79,16 @@ def test_metadata_that_is_not_json_is_an_artifact_error_naming_the_file(artifact
             target.writestr(info, b"{not json" if info.filename.endswith("extra/lightning_qat.json") else data)
     with pytest.raises(ArtifactError, match=r"broken\.pt' is corrupted: its lightning_qat\.json metadata is not JSON"):
         load_quantized(broken)
+
+
+def test_loading_leaves_the_process_quantized_engine_as_it_was(artifact):
+    path, int8, x = artifact
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"  # the user's setting, not the artifact's backend
+        model = load_quantized(path)
+        assert torch.backends.quantized.engine == "qnnpack"
+        with torch.no_grad(), ao.quiet():
+            assert torch.equal(model(x), int8(x))  # the weights were packed for x86 at load and keep it
+    finally:
+        torch.backends.quantized.engine = previous

@@ -127,9 +127,9 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     A ``.pt2`` file is the PT2E engine's AOTInductor package (:func:`~lightning_qat.export.aoti.load_pt2`: torch alone
     loads it); any other is the TorchScript artifact.
 
-    Sets ``torch.backends.quantized.engine`` to the backend the model was converted for *before* loading: the
-    int8 weights are packed for the engine active at load time, and weights packed for another engine run slowly
-    and give different outputs.
+    Loads with ``torch.backends.quantized.engine`` set to the backend the model was converted for: the int8 weights
+    are packed for the engine active at load time (packed for another engine, they run slowly and give different
+    outputs). The packed weights keep their engine, so the process's setting is restored afterwards.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -144,11 +144,11 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     data = path.read_bytes()  # once: checked and loaded from the same bytes, whatever replaces the file meanwhile
     info = verify_artifact(path, data)
     try:
-        torch.backends.quantized.engine = resolve_backend(info.get("backend"))
+        backend = resolve_backend(info.get("backend"))
     except ValueError as err:
         raise ArtifactError(f"Cannot run the artifact {str(path)!r} here: {err}") from err
     try:
-        with ao.quiet():
+        with ao.engine(backend), ao.quiet():
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as err:
         raise ArtifactError(f"{str(path)!r} is not a readable TorchScript int8 artifact: {err}") from err

@@ -292,6 +292,7 @@ class QATCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._apply_schedule(trainer, pl_module, self.freezing.counter(trainer, "step"))
+        self.freezing.hold()
 
     @override
     def on_train_batch_end(

@@ -28,11 +28,13 @@ class Freezing:
         self.applied: dict[str, str] = {}  # "bn" / "observers" -> where it happened ("epoch 2", "fit end ...")
         self._paused: list[dict[str, Any]] | None = None
         self._said_float = False
+        self._held: list[nn.Module] = []  # standalone BatchNorms frozen: held in eval mode while training
 
     def reset(self) -> None:
         """A freshly prepared network: nothing frozen."""
         self.bn_frozen = self.observers_frozen = False
         self.applied = {}
+        self._held = []
 
     def plan(
         self,
@@ -118,8 +120,12 @@ class Freezing:
             ao.restore_observers(network, self._paused)
             self._paused = None
 
+    def hold(self) -> None:
+        """Before a training step: frozen standalone BatchNorms back in eval mode (``train()`` undid it)."""
+        ao.hold_eval(self._held)
+
     def _freeze_bn(self, network: nn.Module, where: str) -> None:
-        freeze_batch_norm(network)
+        self._held = freeze_batch_norm(network)
         self.bn_frozen = True
         self.applied["bn"] = where
 

@@ -30,12 +30,16 @@ def float_islands(network: nn.Module) -> list[str]:
     ]
 
 
-def freeze_batch_norm(network: nn.Module) -> None:
-    """Freeze the BatchNorm statistics of a QAT network of any engine (see :func:`ao.freeze_bn_stats`)."""
+def freeze_batch_norm(network: nn.Module) -> list[nn.Module]:
+    """Freeze the BatchNorm statistics of a QAT network of any engine (see :func:`ao.freeze_bn_stats`).
+
+    Returns the modules to hold in eval mode while training (:func:`ao.hold_eval`): none for the PT2E engine,
+    whose graph keeps the switch itself.
+    """
     if pt2e.is_exported(network):
         network.freeze_bn()
-    else:
-        ao.freeze_bn_stats(network)
+        return []
+    return ao.freeze_bn_stats(network)
 
 
 def prepare_model(

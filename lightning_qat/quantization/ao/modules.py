@@ -81,32 +81,35 @@ def restore_observers(module: nn.Module, saved: list[dict[str, Any]]) -> None:
         fq.load_state_dict(state)
 
 
-def freeze_bn_stats(module: nn.Module) -> None:
+def freeze_bn_stats(module: nn.Module) -> list[nn.Module]:
     """Freeze the statistics of every BatchNorm in ``module``: they stop moving and normalize from now on.
 
-    Fused Conv-BN(-ReLU) and Linear-BN QAT modules switch to their running statistics (torch's ``freeze_bn_stats``);
-    standalone BatchNorm layers run in eval mode from their next forward on, whatever ``train()`` says later.
+    Fused Conv-BN(-ReLU) and Linear-BN QAT modules switch to their running statistics (torch's ``freeze_bn_stats``,
+    which ``train()`` does not undo). Standalone BatchNorm layers are put in eval mode and returned: ``train()``
+    (Lightning calls it after every validation) puts them back in training mode, so the caller holds them in eval
+    mode while it trains (:func:`hold_eval`) and nothing is left on the modules afterwards.
     """
     fused = [m for m in module.modules() if _is_fused_bn(m)]
     with quiet():
         for m in fused:
             m.freeze_bn_stats()  # type: ignore[operator]  # _is_fused_bn checked it is callable
     inside_fused = {id(fused_batch_norm(m)) for m in fused}
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inside_fused:
-            if not getattr(m, "_lightning_qat_frozen", False):
-                m.register_forward_pre_hook(_batch_norm_in_eval)
-                setattr(m, "_lightning_qat_frozen", True)  # noqa: B010 - a flag of ours on torch's module
-            m.training = False
+    standalone: list[nn.Module] = [
+        m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inside_fused
+    ]
+    hold_eval(standalone)
+    return standalone
+
+
+def hold_eval(modules: list[nn.Module]) -> None:
+    """Put ``modules`` (frozen BatchNorms) in eval mode again, whatever ``train()`` set since."""
+    for m in modules:
+        m.training = False
 
 
 def _is_fused_bn(module: nn.Module) -> bool:
     """A fused Conv-BN or Linear-BN QAT module (it has a ``bn`` and can freeze it)."""
     return callable(getattr(module, "freeze_bn_stats", None)) and isinstance(getattr(module, "bn", None), nn.Module)
-
-
-def _batch_norm_in_eval(module: nn.Module, args: tuple[Any, ...]) -> None:
-    module.training = False  # a frozen standalone BatchNorm: running statistics, whatever train() set
 
 
 def is_conv_bn_qat(module: nn.Module) -> bool:

@@ -90,10 +90,6 @@ class Engine(ABC):
     def convert(self, model: nn.Module, float_nodes: Collection[str] = ()) -> nn.Module:
         """The int8 form of the QAT ``model`` (a CPU copy the caller made); ``float_nodes`` stay float."""
 
-    def freeze_bn(self, network: nn.Module) -> None:
-        """Freeze the BatchNorm statistics of the QAT ``network`` (see :func:`ao.freeze_bn_stats`)."""
-        ao.freeze_bn_stats(network)
-
 
 def count_fused(network: nn.Module) -> int:
     """How many of torch's fused modules ``network`` holds."""

@@ -177,7 +177,7 @@ def test_int8_model_agrees_with_qat_model_on_digits(tmp_path, digits8, float_tin
     int8 = qat.quantized_model
     assert next(int8.parameters()).device.type == "cpu"
     assert type(int8.fc2.module) is torch.nn.Linear  # skipped: float
-    assert qat.report.skipped == ["fc2"]  # read back from the int8 model
+    assert qat.report.kept_float == [{"name": "fc2", "why": "skip=", "by": "you"}]
     assert isinstance(int8.conv1, torch.ao.nn.intrinsic.quantized.ConvReLU2d)
     assert isinstance(int8.fc1, torch.ao.nn.intrinsic.quantized.LinearReLU)
     assert isinstance(model.net, torch.fx.GraphModule)

@@ -3,10 +3,11 @@ import json
 import pytest
 
 from lightning_qat import QATReport
+from lightning_qat.lightning.report import kept
 
 
 def _report(**fields):
-    base = dict(backend="x86", mode="fx", num_fused=3, quantized_layers=4, skipped=["fc2"])
+    base = dict(backend="x86", mode="fx", num_fused=3, quantized_layers=4, kept_float=[kept("fc2", "skip=", "you")])
     return QATReport(**base | fields)
 
 
@@ -106,12 +107,20 @@ def test_the_report_counts_conv_bn_fusion_and_says_first_when_most_pairs_stay_un
 
 def test_the_report_names_the_layers_kept_float_and_what_the_artifact_holds():
     why = "int8 dilated depthwise convolution is 110x slower on 'x86'"
-    report = _report(kept_float={"a.0": why, "b.0": why}, artifact="model_int8.pt", module="model.backbone")
-    assert f"kept float by lightning-qat: 2 layers (a.0, b.0): {why}" in report.summary()
+    entries = [kept("fc2", "skip=", "you"), kept("a.0", why, "engine"), kept("b.0", why, "engine")]
+    entries.append(kept("conv1", "int8 missed max_metric_drop=0.01 on val_acc", "budget"))
+    report = _report(kept_float=entries, artifact="model_int8.pt", module="model.backbone")
+    summary = report.summary()
+    assert "kept float (by you): fc2: skip=" in summary
+    assert f"kept float (by the engine): a.0, b.0: {why}" in summary
+    assert "kept float (for the accuracy budget): conv1: int8 missed max_metric_drop=0.01 on val_acc" in summary
+    assert report.headline().endswith("kept float: fc2, a.0, b.0, conv1")
     assert "int8 artifact: model_int8.pt" in report.summary()  # the whole LightningModule's network
     part = _report(artifact="model_int8.pt", module="model.backbone", outside_params=1234)
     assert "int8 artifact: model_int8.pt (`model.backbone` only: 1,234 parameters" in "\n".join(part.summary())
     assert QATReport.from_dict(report.to_dict()).kept_float == report.kept_float
+    older = report.to_dict() | {"kept_float": {"a.0": why}}  # a report file from before the one list
+    assert QATReport.from_dict(older).kept_float == [kept("a.0", why, "engine")]
 
 
 def test_per_layer_sqnr_names_the_ten_worst_and_the_files_list_every_layer():

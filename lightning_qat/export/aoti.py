@@ -8,7 +8,7 @@ Loading needs neither torchao nor the training code: ``torch._inductor.aoti_load
 **The package takes the example input's shapes only** (its batch size too). Compiled with a dynamic batch dimension,
 torch 2.14's int8 convolutions return wrong outputs: the int8 convolution writes channels-last memory where the code
 around it reads contiguous (``torch.compile(dynamic=True)`` stops on that stride assertion; the AOT package has none
-and computes 120-140% relative error on a two-convolution network). So it is compiled static, and every package is
+and computes wrong outputs: the manual's PT2E page has the measurement). So it is compiled static, and every package is
 checked against the quantize / dequantize graph it was compiled from before it is written (:data:`TOLERANCE`).
 """
 

@@ -28,7 +28,7 @@ from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning.budget import BudgetSearch, resolve_groups
 from lightning_qat.lightning.chart import save_chart
 from lightning_qat.lightning.evaluate import EvalData, module_with_network, run_evaluation
-from lightning_qat.lightning.report import QATReport
+from lightning_qat.lightning.report import QATReport, kept
 from lightning_qat.lightning.run import QATRun
 from lightning_qat.lightning.settings import FinishSettings
 from lightning_qat.lightning.sigterm import sigterm_raises
@@ -44,7 +44,7 @@ from lightning_qat.quantization.measure import (
     measure_latency,
     serialized_size,
 )
-from lightning_qat.quantization.prepare import float_islands, prepare_model
+from lightning_qat.quantization.prepare import prepare_model
 from lightning_qat.quantization.sensitivity import LayerSQNR, layer_sqnr
 
 
@@ -136,7 +136,6 @@ class FinishPipeline:
             mode=run.prepared.mode,
             num_fused=run.prepared.num_fused,
             quantized_layers=count_quantized_layers(self.quantized_model),
-            skipped=float_islands(self.quantized_model),
             stage=self.settings.evaluate,
             converted_from=converted_from,
             untrained_float=self.settings.untrained_float,
@@ -145,7 +144,7 @@ class FinishPipeline:
             network_params=sum(p.numel() for p in self.trained_network.parameters()),
             conv_bn_pairs=run.prepared.conv_bn_pairs,
             conv_bn_unfused=list(run.prepared.conv_bn_unfused),
-            kept_float=dict(run.prepared.kept_float),
+            kept_float=self.kept_float(),
             module=run.target,
             outside_params=sum(
                 p.numel() for name, p in run.pl_module.named_parameters() if not name.startswith(f"{run.target}.")
@@ -160,6 +159,16 @@ class FinishPipeline:
             fallback_evaluations=len(run.fallback_candidates),
             freezing=dict(self.settings.freezing),
         )
+
+    def kept_float(self) -> list[dict[str, str]]:
+        """Every layer or op the int8 model keeps float, with why and who decided: the report's one list."""
+        run, settings = self.qat_run, self.settings
+        entries = [kept(name, "skip=", "you") for name in run.skip]
+        shared = "called at several places in one forward pass: fusing one call's BatchNorm would change the others"
+        entries += [kept(name, shared, "engine") for name in run.prepared.shared]
+        entries += [kept(name, why, "engine") for name, why in run.prepared.kept_float.items()]
+        budget = f"int8 missed max_metric_drop={settings.max_metric_drop} on {settings.monitor}"
+        return entries + [kept(name, budget, "budget") for name in float_names(self.float_groups)]
 
     def to_int8(self, network: nn.Module, float_groups: Sequence[Group] = ()) -> nn.Module:
         """The QAT ``network`` as the int8 model the run ships (static or dynamic), ``float_groups`` kept float."""
@@ -307,7 +316,7 @@ class FinishPipeline:
             report.metrics["int8"] = dict(result.best.metrics)
             report.fallback = float_names(self.float_groups)
             report.quantized_layers = count_quantized_layers(self.quantized_model)
-            report.skipped = float_islands(self.quantized_model)
+            report.kept_float = self.kept_float()
             report.float_params = float_parameters(self.quantized_model)
             report.float_ops = float_ops(self.quantized_model)
             self.write_artifact(report, out_dir)

@@ -13,6 +13,12 @@ from lightning_qat.quantization.sensitivity import worst
 ROWS = ("float", "ptq", "qat", "int8", "int8-onnx")
 WORST = 10  # layers of lowest SQNR the terminal notes name
 MonitorMode = Literal["max", "min"]
+KeptBy = Literal["you", "engine", "budget"]  # who kept a layer float: skip=, the engine's kernels / shapes, the budget
+
+
+def kept(name: str, why: str, by: KeptBy) -> dict[str, str]:
+    """One entry of :attr:`QATReport.kept_float`."""
+    return {"name": name, "why": why, "by": by}
 
 
 @dataclass
@@ -23,7 +29,6 @@ class QATReport:
     mode: str
     num_fused: int
     quantized_layers: int
-    skipped: list[str]
     stage: str | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     size_bytes: dict[str, int] = field(default_factory=dict)
@@ -42,7 +47,10 @@ class QATReport:
     network_params: int = 0
     conv_bn_pairs: int | None = None  # convolutions followed by a BatchNorm (None: not counted, eager mode)
     conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why" for each pair left unfused
-    kept_float: dict[str, str] = field(default_factory=dict)  # layers kept float by lightning-qat: name -> why
+    # every layer or op that stays float, one entry each ({"name", "why", "by"}: see kept()): what skip= asked
+    # ("you"), what the engine decided for this CPU's kernels or the network's shape ("engine"), what the accuracy
+    # budget search chose ("budget")
+    kept_float: list[dict[str, str]] = field(default_factory=list)
     module: str = ""  # the LightningModule's submodule that was quantized: what the artifact computes
     outside_params: int = 0  # parameters of the LightningModule outside ``module``: not in the artifact
     activations: str = "static"  # int8 activations: "static" (calibrated scales) or "dynamic" (per batch, Linears)
@@ -97,7 +105,10 @@ class QATReport:
     def from_dict(cls, data: dict[str, Any]) -> QATReport:
         """Inverse of :meth:`to_dict`."""
         names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        if isinstance(values.get("kept_float"), dict):  # a report written before the one list: name -> why
+            values["kept_float"] = [kept(name, why, "engine") for name, why in values["kept_float"].items()]
+        return cls(**values)
 
     def metric_names(self) -> list[str]:
         """Every metric name of any row, sorted."""
@@ -129,7 +140,8 @@ class QATReport:
         status = "" if self.status == "complete" else f"[{self.status}] "
         return status + (
             f"backend {self.backend}, {self.mode} mode, {self.num_fused} fused modules, "
-            f"{self.quantized_layers} quantized layers, skipped: {', '.join(self.skipped) or 'none'}"
+            f"{self.quantized_layers} quantized layers, kept float: "
+            f"{', '.join(entry['name'] for entry in self.kept_float) or 'nothing'}"
         )
 
     def summary(self) -> list[str]:
@@ -152,10 +164,10 @@ class QATReport:
             lines.append(f"MOST BATCHNORMS UNFUSED: {fusion}")
         elif fusion:
             lines.append(fusion)
-        for why in dict.fromkeys(self.kept_float.values()):
-            names = [name for name, reason in self.kept_float.items() if reason == why]
+        for by, why in dict.fromkeys((entry["by"], entry["why"]) for entry in self.kept_float):
+            names = [entry["name"] for entry in self.kept_float if (entry["by"], entry["why"]) == (by, why)]
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            lines.append(f"kept float by lightning-qat: {len(names)} layers ({shown}): {why}")
+            lines.append(f"kept float ({_BY[by]}): {shown}: {why}")
         if self.quantized_layers == 0:
             lines.append("nothing was quantized: the int8 model is the float network between quantize and dequantize")
         if self.float_params and self.network_params:
@@ -281,6 +293,9 @@ class QATReport:
         write_text_atomic(json_path, json.dumps(self.to_dict(), indent=2))
         write_text_atomic(md_path, self.to_markdown())
         return json_path, md_path
+
+
+_BY = {"you": "by you", "engine": "by the engine", "budget": "for the accuracy budget"}
 
 
 def drop(float_value: float, value: float, mode: MonitorMode) -> float:

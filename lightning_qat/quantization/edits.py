@@ -35,7 +35,9 @@ def check_skip(network: nn.Module, skip: Sequence[str]) -> None:
             raise ValueError(f"skip entry {entry!r} is not a submodule of the quantized network; {hint}")
 
 
-SLOW_INT8 = 8.0  # an int8 layer this many times slower than its float form stays float (measured: 0.6-0.9x or 13x+)
+# An int8 layer this many times slower than its float form stays float: the measured kernels fall far on either side
+# (docs/what-stays-float.md).
+SLOW_INT8 = 8.0
 
 
 def kept_float(network: nn.Module, backend: str, skip: Sequence[str] = ()) -> dict[str, str]:

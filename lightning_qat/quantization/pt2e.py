@@ -7,9 +7,9 @@ for. What torchao does not do, this module does:
   BatchNorm with the default ``eps``/``momentum`` and every dropout with ``p=0.5`` (pytorch/ao#2980).
   :class:`ExportedQAT` flips only the ``training`` argument of the graph's batch-norm and dropout calls.
 - **BatchNorm arguments.** ``prepare_qat_pt2e``'s Conv-BN rewrite itself drops ``eps`` and ``momentum`` (1e-5 and 0.1
-  for every BatchNorm; torchvision's MobileNetV3 uses eps 0.001): they are put back from the captured graph.
-- **convert speed.** ``convert_pt2e`` exports 96 small pattern graphs on every call (30 s on 2 cores, whatever the
-  network): they are built once per process and reused (:func:`_cached_patterns`).
+  for every BatchNorm, whatever the network used): they are put back from the captured graph.
+- **convert speed.** ``convert_pt2e`` exports the same small pattern graphs on every call, whatever the network:
+  they are built once per process and reused (:func:`_cached_patterns`; the cost is in the manual's PT2E page).
 """
 
 from __future__ import annotations

@@ -48,9 +48,9 @@ class WeightFakeQuantize(FusedMovingAvgObsFakeQuantize):
 
     Its fused kernel picks a symmetric scale as ``max|w| / 127`` (torch's C++ qparams, which preserve sparsity), while
     the observer's ``calculate_qparams``, which torch's int8 conversion reads, gives ``max|w| / 127.5`` (our ONNX
-    export reads the trained scale). So torch converts every weight onto a grid 0.4% finer than the one QAT trained
-    on, up to a step off per weight, which the layers after compound: timm's mobilenetv3 in the test zoo was 18.7%
-    off QAT with 77.8% top-1 agreement (regnety 7.2%, 97.4%); with the trained scale, 0.0% and 100%. Here
+    export reads the trained scale). So torch converts every weight onto a slightly finer grid than the one QAT
+    trained on, up to a step off per weight, which the layers after compound (docs/what-stays-float.md has what it
+    cost in the zoo). Here
     ``calculate_qparams`` returns the scale and zero point the forward uses (and checkpoints hold), once the observer
     has seen weights.
     """

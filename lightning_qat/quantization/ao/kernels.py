@@ -21,8 +21,8 @@ TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 def transposed_conv_int8_works(backend: str) -> bool:
     """Whether this torch's int8 ConvTranspose2d computes what the float one does on ``backend`` (checked once).
 
-    Measured on an AVX-512 x86 CPU: the x86 engine is off by over 100% (torch 2.4.1 and 2.14.1), fbgemm too on
-    torch 2.14.1 (right on 2.4.1); qnnpack is within 1%.
+    Some torch versions compute it wrong on some engines and CPUs (docs/what-stays-float.md has the measurements), so
+    it is checked here rather than assumed.
     """
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(4, 16, 4, 4, generator=generator)
@@ -61,9 +61,9 @@ def depthwise_saturation(backend: str) -> int:
     """How many output steps this torch's int8 depthwise 3x3 convolution is off on ``backend`` (checked once).
 
     ``x86``/``fbgemm`` observe activations with a 7-bit scale so that a kernel multiplying uint8 activations by int8
-    weights in int16 pairs cannot saturate; a value above the observed range still quantizes to 128-255. Measured
-    on an AVX-512 VNNI CPU with torch 2.14.1: ``fbgemm``'s depthwise kernel is then off by about 40 steps, ``x86``
-    and ``qnnpack`` by 0. Returns 0 when the kernel is right (or missing: nothing to warn about).
+    weights in int16 pairs cannot saturate; a value above the observed range still quantizes to 128-255, and some
+    engines' depthwise kernels then saturate (docs/what-stays-float.md: which, and by how much). Returns 0 when the
+    kernel is right (or missing: nothing to warn about).
     """
     generator = torch.Generator().manual_seed(0)
     channels = 16
@@ -101,11 +101,9 @@ def depthwise_shape(module: nn.Module) -> DepthwiseShape | None:
 def depthwise_slowdown(backend: str, shape: DepthwiseShape) -> float:
     """How many times slower this torch's int8 depthwise convolution of ``shape`` is than float (measured once).
 
-    ``x86`` and ``fbgemm`` have fast depthwise kernels only for some shapes; the others take a generic path. Measured
-    on an AVX-512 VNNI CPU with torch 2.14.1 (128 channels, 24x24 maps, 1 thread): 3x3 and 5x5 with the usual padding
-    0.6-0.9x the float time; strided without padding (TensorFlow's "same" padding made static, timm's ``tf_``
-    networks) 13-34x; dilated (DeepLab's and LR-ASPP's MobileNetV3) 52-125x. ``qnnpack``: 1.3-4x for all of them.
-    One such layer can make a whole int8 network slower than float (LR-ASPP MobileNetV3: 0.23x).
+    ``x86`` and ``fbgemm`` have fast depthwise kernels only for some shapes (the usual padded 3x3 and 5x5); the others
+    (strided without padding, dilated) take a generic path many times slower than float, and one such layer can make
+    a whole int8 network slower than float. docs/what-stays-float.md has the measurements.
     """
     kernel, stride, padding, dilation = shape
     channels = 128

@@ -292,7 +292,7 @@ def step_overhead(sizes: Sizes) -> list[str]:
                 freeze_bn_after=None,
                 freeze_observers_after=None,
                 evaluate=None,
-                save_artifact=False,
+                export=[],
                 latency_repeats=1,
             )
             lightning_qat = _lightning_step_ms(copy.deepcopy(fp32), data, b, [qat], warmup=2)

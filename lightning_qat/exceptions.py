@@ -69,7 +69,7 @@ class OnnxExtraMissing(ImportError):
 
 
 class PT2EUnavailable(ImportError):
-    """Raised by ``mode="pt2e"`` (or a ``.pt2`` artifact) when torchao's PT2E flow cannot run here.
+    """Raised by ``engine="pt2e"`` (or a ``.pt2`` artifact) when torchao's PT2E flow cannot run here.
 
     torchao is not installed (``pip install 'lightning-qat[pt2e]'``), or torch is older than torchao needs.
     """

@@ -83,7 +83,7 @@ def _fit(tmp_path, datamodule, model=None, callbacks=(), **kwargs):
 def test_initial_state_and_defaults():
     qat = QATCallback()
     assert qat.backend == default_backend()
-    assert (qat.mode, qat.interval, qat.evaluate) == ("auto", "epoch", "val")
+    assert (qat.engine, qat.interval, qat.evaluate) == ("auto", "epoch", "val")
     assert qat.freeze_bn_after < qat.freeze_observers_after  # BN frozen before observers, as torchvision does
     assert qat.quantized_model is None
     assert qat.report is None
@@ -93,7 +93,7 @@ def test_initial_state_and_defaults():
     ("kwargs", "match"),
     [
         ({"backend": "tensorrt"}, r"'tensorrt'.*\['x86', 'fbgemm', 'qnnpack'\]"),
-        ({"mode": "graph"}, r"mode='graph'.*\['auto', 'fx', 'eager', 'pt2e'\]"),
+        ({"engine": "graph"}, r"engine='graph'.*\['auto', 'fx', 'eager', 'pt2e'\]"),
         ({"interval": "batch"}, r"interval='batch'.*\['epoch', 'step'\]"),
         ({"freeze_bn_after": 1.5}, r"freeze_bn_after=1\.5.*float in \(0, 1\)"),
         ({"freeze_observers_after": -1}, r"freeze_observers_after=-1.*int >= 0"),
@@ -127,7 +127,7 @@ def test_bad_module_name_fails_in_setup(tmp_path, digits8):
 
 
 def test_optimizer_holds_the_prepared_parameters(tmp_path, digits8):
-    qat = QATCallback(evaluate=None, save_artifact=False)
+    qat = QATCallback(evaluate=None, export=[])
     trainer, model = _fit(tmp_path, digits8, callbacks=[qat], max_epochs=1, limit_train_batches=2)
     assert isinstance(model.net, torch.fx.GraphModule)
     assert any(ao.is_conv_bn_qat(m) for m in model.net.modules())
@@ -139,7 +139,7 @@ def test_optimizer_holds_the_prepared_parameters(tmp_path, digits8):
 @pytest.mark.parametrize(("bn", "obs"), [(1, 2), (0.3, 0.6)])
 def test_epoch_schedule_freezes_exactly_at_the_scheduled_epoch(tmp_path, digits8, bn, obs):
     recorder = FlagRecorder()
-    qat = QATCallback(freeze_bn_after=bn, freeze_observers_after=obs, evaluate=None, save_artifact=False)
+    qat = QATCallback(freeze_bn_after=bn, freeze_observers_after=obs, evaluate=None, export=[])
     _fit(tmp_path, digits8, callbacks=[qat, recorder], max_epochs=3, limit_train_batches=2)
     assert recorder.epochs == [(0, False, True), (1, True, True), (2, True, False)]
 
@@ -147,9 +147,7 @@ def test_epoch_schedule_freezes_exactly_at_the_scheduled_epoch(tmp_path, digits8
 @pytest.mark.parametrize(("bn", "obs"), [(3, 5), (0.5, 0.8)])
 def test_step_schedule_freezes_exactly_at_the_scheduled_step(tmp_path, digits8, bn, obs):
     recorder = FlagRecorder()
-    qat = QATCallback(
-        freeze_bn_after=bn, freeze_observers_after=obs, interval="step", evaluate=None, save_artifact=False
-    )
+    qat = QATCallback(freeze_bn_after=bn, freeze_observers_after=obs, interval="step", evaluate=None, export=[])
     _fit(tmp_path, digits8, callbacks=[qat, recorder], max_steps=6, limit_train_batches=4)
     expected = [(s, s >= 3, s < 5) for s in range(6)]
     assert recorder.steps == expected
@@ -158,7 +156,7 @@ def test_step_schedule_freezes_exactly_at_the_scheduled_step(tmp_path, digits8, 
 def test_observers_do_not_move_during_validation_and_are_restored(tmp_path, digits8):
     watcher = ObserverWatcher()
     recorder = FlagRecorder()
-    qat = QATCallback(freeze_bn_after=None, freeze_observers_after=None, evaluate=None, save_artifact=False)
+    qat = QATCallback(freeze_bn_after=None, freeze_observers_after=None, evaluate=None, export=[])
     _fit(
         tmp_path,
         digits8,
@@ -172,7 +170,7 @@ def test_observers_do_not_move_during_validation_and_are_restored(tmp_path, digi
 
 
 def test_int8_model_agrees_with_qat_model_on_digits(tmp_path, digits8, float_tiny):
-    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, evaluate=None, save_artifact=False, skip=["fc2"])
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, evaluate=None, export=[], skip=["fc2"])
     trainer, model = _fit(tmp_path, digits8, model=pretrained_tiny(float_tiny), callbacks=[qat], max_epochs=3)
     int8 = qat.quantized_model
     assert next(int8.parameters()).device.type == "cpu"
@@ -190,7 +188,7 @@ def test_int8_model_agrees_with_qat_model_on_digits(tmp_path, digits8, float_tin
 
 
 def test_eager_fallback_end_to_end(tmp_path, digits8, float_tiny):
-    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, evaluate=None, save_artifact=False)
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, evaluate=None, export=[])
     _, model = _fit(tmp_path, digits8, model=pretrained_tiny(float_tiny, UntraceableNet), callbacks=[qat], max_epochs=2)
     assert qat.prepared.mode == "eager"
     x, _ = digits8.splits["val"].tensors
@@ -202,7 +200,7 @@ def test_eager_fallback_end_to_end(tmp_path, digits8, float_tiny):
 
 def test_fx_resnet18_end_to_end_on_32px_digits(tmp_path, digits32):
     model = BoringClassifier(torchvision.models.resnet18(num_classes=10))
-    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=1, evaluate=None, save_artifact=False)
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=1, evaluate=None, export=[])
     _fit(tmp_path, digits32, model=model, callbacks=[qat], max_epochs=2, limit_train_batches=3)
     assert qat.prepared.mode == "fx"
     assert qat.prepared.num_fused == 20
@@ -314,13 +312,13 @@ def test_sigterm_during_the_final_evaluation_exits_nonzero_and_keeps_the_artifac
 
 def test_a_single_epoch_run_freezes_on_the_default_fractions_of_its_steps(tmp_path, digits8):
     recorder = FlagRecorder()
-    qat = QATCallback(evaluate=None, save_artifact=False)
+    qat = QATCallback(evaluate=None, export=[])
     _fit(tmp_path, digits8, callbacks=[qat, recorder], max_epochs=1, limit_train_batches=8)
     assert recorder.steps == [(s, s >= 4, s < 6) for s in range(8)]
 
 
 def test_one_callback_two_fits_freezes_in_both_and_refuses_a_prepared_network(tmp_path, digits8):
-    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=1, evaluate=None, save_artifact=False)
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=1, evaluate=None, export=[])
     first_recorder, second_recorder = FlagRecorder(), FlagRecorder()
     _fit(tmp_path, digits8, callbacks=[qat, first_recorder], max_epochs=2, limit_train_batches=2)
     _, model = _fit(tmp_path, digits8, callbacks=[qat, second_recorder], max_epochs=2, limit_train_batches=2)
@@ -370,3 +368,20 @@ def test_sigterm_during_the_preflight_evaluation_ends_the_run_nonzero_before_tra
     assert "SIGTERM received during the QAT preflight" in stderr
     assert not trained.exists()  # no training step ran after the signal
     assert not (out / ".lightning_qat.claim").exists()
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "other"),
+    [
+        ({"mode": "eager"}, {"engine": "eager"}, {"engine": "fx"}),
+        ({"convert": "best"}, {"weights": "best"}, {"weights": "best"}),
+        ({"save_artifact": False}, {"export": []}, {"export": ["torchscript"]}),
+    ],
+)
+def test_the_old_argument_names_still_work_for_one_release_and_say_so(old, new, other):
+    (old_name,), ((name, value),) = old, new.items()
+    with pytest.deprecated_call(match=rf"QATCallback\({old_name}=\.\.\.\) is deprecated: use {name}="):
+        qat = QATCallback(**old)
+    assert getattr(qat, name) == value
+    with pytest.raises(ValueError, match=rf"{old_name}=.* and {name}=.* are one setting: give {name} only"):
+        QATCallback(**old, **other)

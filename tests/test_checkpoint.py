@@ -27,7 +27,7 @@ def qat_run(tmp_path_factory, digits8, float_tiny):
     tmp_path = tmp_path_factory.mktemp("qat_run")
     pl.seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", save_top_k=1)
-    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=3, latency_repeats=2, convert="best")
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=3, latency_repeats=2, weights="best")
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_epochs=3, callbacks=[qat, checkpoint], enable_checkpointing=True)
         | {"default_root_dir": tmp_path, "logger": False}
@@ -86,7 +86,7 @@ def test_every_stage_reproduces_the_checkpoint_in_a_fresh_process(tmp_path, qat_
 def test_predict_never_moves_quantization_state(tmp_path, digits8, float_tiny):
     pl.seed_everything(0)
     model = pretrained_tiny(float_tiny)
-    qat = QATCallback(freeze_bn_after=None, freeze_observers_after=None, evaluate=None, save_artifact=False)
+    qat = QATCallback(freeze_bn_after=None, freeze_observers_after=None, evaluate=None, export=[])
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat]))
     trainer.fit(model, datamodule=digits8)
     assert all(bool(fq.observer_enabled[0]) for _, fq in ao.fake_quant_modules(model.net))  # never frozen
@@ -132,7 +132,7 @@ def test_converting_a_float_checkpoint_is_a_clear_error(tmp_path, digits8):
 def test_the_float_row_survives_a_resume(tmp_path, digits8, float_tiny):
     def fit(max_epochs, ckpt_path=None):
         pl.seed_everything(0)
-        qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, save_artifact=False, latency_repeats=1)
+        qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, export=[], latency_repeats=1)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
         # the resumed fit starts from a *fresh* network: its float row must come from the checkpoint
         model = pretrained_tiny(float_tiny) if ckpt_path is None else BoringClassifier()

@@ -45,6 +45,7 @@ def test_convert_honours_evaluation_and_output_arguments(tmp_path, subclass_chec
         ({"skip": ["fc1"]}, r"skip=\['fc1'\] cannot be honoured: the checkpoint's network was prepared"),
         ({"backend": "qnnpack"}, "backend='qnnpack' cannot be honoured"),
         ({"freeze_bn_after": 1}, "freeze_bn_after=1 acts during training"),
+        ({"weights": "best"}, "weights='best' acts during training"),
         ({"convert": "best"}, "convert='best' acts during training"),
         ({"save_dri": "x"}, r"'save_dri' is not a QATCallback argument; valid ones here: \[.*'save_dir'"),
     ],

@@ -57,7 +57,7 @@ def test_ddp_ranks_share_qparams_and_freeze_steps_and_rank0_alone_converts(tmp_p
     assert rank1["report"] == rank0["report"]  # broadcast from rank 0
 
     pl.seed_everything(0)
-    single = QATCallback(freeze_bn_after=1, freeze_observers_after=2, save_artifact=False, latency_repeats=2)
+    single = QATCallback(freeze_bn_after=1, freeze_observers_after=2, export=[], latency_repeats=2)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "single", max_epochs=3, callbacks=[single]))
     trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
     ddp_acc = rank0["report"]["metrics"]["int8"]["val_acc"]
@@ -66,7 +66,7 @@ def test_ddp_ranks_share_qparams_and_freeze_steps_and_rank0_alone_converts(tmp_p
 
 @pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
 def test_ddp_ranks_share_qparams_on_the_pt2e_engine(tmp_path, float_tiny):
-    rank0, rank1 = _ddp_fit(tmp_path, float_tiny, qat={"mode": "pt2e", "save_artifact": False})
+    rank0, rank1 = _ddp_fit(tmp_path, float_tiny, qat={"engine": "pt2e", "export": []})
     assert rank0["report"]["mode"] == "pt2e"
     assert len(rank0["qparams"]) >= 8  # torchao's fake-quants (input, 4 weights, activations), all-reduced
     assert rank0["qparams"] == rank1["qparams"]

@@ -1,4 +1,4 @@
-"""The callback on its two engines: torch.ao FX (the default) and torchao PT2E (``mode="pt2e"``), same digits run."""
+"""The callback on its two engines: torch.ao FX (the default) and torchao PT2E (``engine="pt2e"``), same digits run."""
 
 import subprocess
 import sys
@@ -17,7 +17,7 @@ needs_pt2e = pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine
 
 def fit(model, digits8, tmp_path, mode, epochs=2, **qat_kwargs):
     qat = QATCallback(
-        mode=mode, freeze_bn_after=1, freeze_observers_after=1, save_dir=str(tmp_path / mode), **qat_kwargs
+        engine=mode, freeze_bn_after=1, freeze_observers_after=1, save_dir=str(tmp_path / mode), **qat_kwargs
     )
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=epochs, callbacks=[qat]))
     trainer.fit(model, datamodule=digits8)
@@ -104,12 +104,12 @@ def test_validation_leaves_no_trace_in_the_observers(both, digits8, tmp_path):
 def test_pt2e_resumes_from_a_checkpoint(float_tiny, digits8, tmp_path):
     pl.seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    kwargs = dict(freeze_bn_after=1, freeze_observers_after=1, save_artifact=False, evaluate=None)
-    first = QATCallback(mode="pt2e", **kwargs)
+    kwargs = dict(freeze_bn_after=1, freeze_observers_after=1, export=[], evaluate=None)
+    first = QATCallback(engine="pt2e", **kwargs)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[first, ckpt], enable_checkpointing=True))
     trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
     trained = {k: v.clone() for k, v in first.network(trainer.lightning_module).state_dict().items()}
-    resumed, model = QATCallback(mode="pt2e", **kwargs), pretrained_tiny(float_tiny)
+    resumed, model = QATCallback(engine="pt2e", **kwargs), pretrained_tiny(float_tiny)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[resumed]))
     trainer.fit(model, datamodule=digits8, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))  # nothing left to train
     for key, value in resumed.network(model).state_dict().items():
@@ -128,7 +128,7 @@ def test_pt2e_resumes_from_a_checkpoint(float_tiny, digits8, tmp_path):
 @needs_pt2e
 def test_pt2e_stops_in_setup_with_the_reason(digits8, tmp_path):
     model = BoringClassifier(UntraceableNet())
-    qat = QATCallback(mode="pt2e")
+    qat = QATCallback(engine="pt2e")
     with pytest.raises(RuntimeError, match="torch.export cannot capture UntraceableNet"):
         pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[qat])).fit(model, datamodule=digits8)
     assert qat.prepared is None
@@ -146,9 +146,9 @@ def test_pt2e_stops_in_setup_with_the_reason(digits8, tmp_path):
 )
 def test_pt2e_refuses_what_it_does_not_have_in_init(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        QATCallback(mode="pt2e", **kwargs)
+        QATCallback(engine="pt2e", **kwargs)
 
 
 def test_pt2_export_needs_pt2e():
-    with pytest.raises(ValueError, match=r"'pt2' package needs mode='pt2e'"):
+    with pytest.raises(ValueError, match=r"'pt2' package needs engine='pt2e'"):
         QATCallback(export=["pt2"])

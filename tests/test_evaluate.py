@@ -204,7 +204,7 @@ def test_guard_quiet_within_threshold(tmp_path, digits8, float_tiny, recwarn):
         monitor="val_acc",
         max_metric_drop=0.5,
         on_drop="warn",  # a drop beyond the budget warns: the assertion below can fail
-        save_artifact=False,
+        export=[],
     )
     _fit(tmp_path, digits8, float_tiny, qat, max_epochs=2, limit_train_batches=2)
     drop = qat.report.metric_drop("val_acc", "max")
@@ -214,13 +214,13 @@ def test_guard_quiet_within_threshold(tmp_path, digits8, float_tiny, recwarn):
 
 
 def test_evaluate_none_skips_evaluation(tmp_path, digits8, float_tiny):
-    qat = QATCallback(evaluate=None, save_artifact=False)
+    qat = QATCallback(evaluate=None, export=[])
     _fit(tmp_path, digits8, float_tiny, qat, max_epochs=1, limit_train_batches=2)
     assert qat.report.metrics == {}
     assert qat.quantized_model is not None
 
 
 def test_evaluate_test_uses_the_test_loop(tmp_path, digits8, float_tiny):
-    qat = QATCallback(evaluate="test", save_artifact=False)
+    qat = QATCallback(evaluate="test", export=[])
     _fit(tmp_path, digits8, float_tiny, qat, max_epochs=1, limit_train_batches=2)
     assert set(qat.report.metrics["int8"]) == {"test_acc"}

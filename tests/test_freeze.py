@@ -10,7 +10,7 @@ from lightning_qat.quantization import ao
 
 
 def _fit(tmp_path, digits8, float_tiny, *extra):
-    qat = QATCallback(freeze_bn_after=2, freeze_observers_after=3, save_artifact=False, latency_repeats=1)
+    qat = QATCallback(freeze_bn_after=2, freeze_observers_after=3, export=[], latency_repeats=1)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=5, limit_train_batches=3, callbacks=[qat, *extra]))
     trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
     return qat, trainer
@@ -38,7 +38,7 @@ def test_a_fit_early_stopping_stopped_freezes_before_converting_and_says_so(tmp_
 
 
 def test_a_schedule_beyond_the_run_is_not_forced_at_the_end(tmp_path, digits8, float_tiny):
-    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=9, save_artifact=False, latency_repeats=1)
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=9, export=[], latency_repeats=1)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[qat]))
     with pytest.warns(UserWarning, match=r"freeze_observers_after=9 resolves to epoch 9, which a run of 2 epochs"):
         trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
@@ -77,7 +77,7 @@ class RunningMeans(Callback):
 
 
 def test_a_frozen_standalone_batchnorm_stays_frozen_between_validations_and_nothing_stays_on_it(tmp_path, digits8):
-    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, save_artifact=False, latency_repeats=1)
+    qat = QATCallback(freeze_bn_after=1, freeze_observers_after=2, export=[], latency_repeats=1)
     means = RunningMeans()
     model = TrainsAfterValidation(ReluThenNorm())
     trainer = pl.Trainer(

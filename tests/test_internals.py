@@ -98,7 +98,7 @@ def test_a_renamed_attribute_is_a_loud_error_naming_it_and_the_lightning_version
 
 def test_qat_fit_with_plain_dataloaders_evaluates_with_them(tmp_path, digits8):
     """No datamodule: the example input and the final evaluation both come through the seam."""
-    qat = QATCallback(freeze_bn_after=0, freeze_observers_after=1, save_artifact=False, latency_repeats=1)
+    qat = QATCallback(freeze_bn_after=0, freeze_observers_after=1, export=[], latency_repeats=1)
     _fit(
         tmp_path,
         BoringClassifier(),

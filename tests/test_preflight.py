@@ -154,7 +154,7 @@ def test_late_failures_now_stop_in_setup_with_the_fix(tmp_path, digits8, case):
 
 
 def test_a_plain_attribute_of_the_network_still_reads_after_preparation(tmp_path, digits8):
-    qat = QATCallback(evaluate=None, save_artifact=False, latency_repeats=1)
+    qat = QATCallback(evaluate=None, export=[], latency_repeats=1)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat]))
     model = ReadsAnAttribute()
     trainer.fit(model, datamodule=digits8)
@@ -185,7 +185,7 @@ def test_a_save_dir_that_cannot_take_the_artifact_stops_in_setup(tmp_path, digit
 
 def test_a_compiled_network_is_prepared_through_its_original_module(tmp_path, digits8):
     model = BoringClassifier(torch.compile(TinyNet()))
-    qat = QATCallback(evaluate=None, save_artifact=False, latency_repeats=1)
+    qat = QATCallback(evaluate=None, export=[], latency_repeats=1)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat]))
     with pytest.warns(UserWarning, match="torch.compile'd; QAT prepares and trains its original module"):
         trainer.fit(model, datamodule=digits8)
@@ -266,7 +266,7 @@ class LogsMonitorPerStepOnly(BoringClassifier):
 
 def test_a_monitor_the_final_evaluation_cannot_collect_stops_in_setup(tmp_path, digits8):
     counter = StepCounter()
-    qat = QATCallback(monitor="val_acc", max_metric_drop=0.01, on_drop="raise", save_artifact=False)
+    qat = QATCallback(monitor="val_acc", max_metric_drop=0.01, on_drop="raise", export=[])
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[qat, counter]))
     with pytest.raises(PreflightError, match=r"monitor='val_acc' is not among .*\['val_loss'\].*on_epoch=True"):
         trainer.fit(LogsMonitorPerStepOnly(), datamodule=digits8)
@@ -290,7 +290,7 @@ class NamedTupleClassifier(BoringClassifier):
 @pytest.mark.parametrize("save_artifact", [True, False])
 def test_a_namedtuple_output_the_artifact_would_lose_stops_in_setup(tmp_path, digits8, save_artifact):
     counter = StepCounter()
-    qat = QATCallback(evaluate=None, save_artifact=save_artifact, latency_repeats=1)
+    qat = QATCallback(evaluate=None, export=None if save_artifact else [], latency_repeats=1)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat, counter]))
     if save_artifact:
         with pytest.raises(PreflightError, match=r"returns a Logits \(a namedtuple\).*`\.logits` would be gone"):
@@ -303,7 +303,7 @@ def test_a_namedtuple_output_the_artifact_would_lose_stops_in_setup(tmp_path, di
 
 def test_a_lone_conv_as_the_module_is_quantized_and_no_warning_says_otherwise(tmp_path, digits8, recwarn):
     net = nn.Sequential(nn.Conv2d(1, 10, 8), nn.Flatten())
-    qat = QATCallback(module="net.0", evaluate=None, save_artifact=False, latency_repeats=1)
+    qat = QATCallback(module="net.0", evaluate=None, export=[], latency_repeats=1)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=2, callbacks=[qat]))
     trainer.fit(BoringClassifier(net), datamodule=digits8)
     assert qat.report.quantized_layers >= 1

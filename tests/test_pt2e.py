@@ -130,7 +130,9 @@ def test_the_conversion_cache_wraps_torchao_s_private_for_the_conversion_only():
 
 def test_prepare_model_stops_with_the_reason_when_export_fails():
     network = UntraceableNet()
-    with pytest.raises(RuntimeError, match=r"mode='pt2e' but torch.export cannot capture UntraceableNet .*mode='auto'"):
+    with pytest.raises(
+        RuntimeError, match=r"engine='pt2e' but torch.export cannot capture UntraceableNet .*engine='auto'"
+    ):
         prepare_model(network, "x86", "pt2e", [], (torch.randn(4, 1, 8, 8),))
 
 

@@ -10,7 +10,7 @@ from lightning_qat.quantization import ao
 
 
 def _qat(**kwargs):
-    return QATCallback(freeze_bn_after=1, freeze_observers_after=2, evaluate=None, save_artifact=False, **kwargs)
+    return QATCallback(freeze_bn_after=1, freeze_observers_after=2, evaluate=None, export=[], **kwargs)
 
 
 def _run(tmp_path, digits8, float_tiny, max_epochs, qat, ckpt_path=None, checkpoint=None):
@@ -110,7 +110,7 @@ def test_a_resumed_run_keeps_the_layers_a_search_kept_float_and_does_not_search_
             on_drop="fallback",
             fallback_at=1,
             interval="step",
-            save_artifact=False,
+            export=[],
         )
 
     def outlier_model():

@@ -69,7 +69,7 @@ def test_sync_batchnorm_inside_fused_qat_modules_trains_and_converts_like_batchn
     """What `Trainer(sync_batchnorm=True)` does to the prepared network (DDP itself needs GPUs for it)."""
     pl.seed_everything(0)
     model = pretrained_tiny(float_tiny)
-    qat = QATCallback(evaluate=None, save_artifact=False)
+    qat = QATCallback(evaluate=None, export=[])
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, max_steps=2, callbacks=[qat]))
     trainer.fit(model, datamodule=digits8)
     plain = copy.deepcopy(model.net)

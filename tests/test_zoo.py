@@ -578,7 +578,7 @@ def test_the_report_counts_the_ops_that_run_in_float_between_int8_layers(tmp_pat
 @pytest.mark.parametrize("mode", ["fx", "eager"])
 def test_an_embedding_network_passes_lightning_s_sanity_check_and_converts(tmp_path, digits8, mode):
     """Lightning validates before the first training step: the per-row embedding observer has seen nothing yet."""
-    qat = QATCallback(mode=mode, save_artifact=False, latency_repeats=1, activations="static")  # all-Linear: not timed
+    qat = QATCallback(engine=mode, export=[], latency_repeats=1, activations="static")  # all-Linear: not timed
     trainer = pl.Trainer(
         **trainer_kwargs(tmp_path, max_epochs=1, limit_train_batches=3, num_sanity_val_steps=2, callbacks=[qat])
     )
@@ -766,7 +766,7 @@ def test_every_exportable_shape_on_the_pt2e_engine(tmp_path, digits8, shape):
     classifier = CLASSIFIER.get(shape, BoringClassifier)
     pl.Trainer(**trainer_kwargs(tmp_path / "float", max_epochs=2)).fit(classifier(net), datamodule=digits8)
     qat = QATCallback(
-        mode="pt2e", interval="step", freeze_bn_after=3, freeze_observers_after=5, evaluate=None, save_artifact=False
+        engine="pt2e", interval="step", freeze_bn_after=3, freeze_observers_after=5, evaluate=None, export=[]
     )
     model = classifier(net)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=8, callbacks=[qat]))
@@ -798,9 +798,9 @@ def test_every_exportable_shape_on_the_pt2e_engine(tmp_path, digits8, shape):
 # boundaries on torchao's side, not investigated.
 PT2E_TOLERANCE = {"timm mobilenetv3 (hard-swish, hard-sigmoid gates)": (0.2, 0.8)}
 PT2E_STOPS = {  # shape -> why it stops in setup
-    "untraceable cnn (eager)": r"mode='pt2e' but torch.export cannot capture .*mode='auto'",  # data-dependent flow
-    "shared conv": r"mode='pt2e' but \['conv'\] are called at several places",
-    "shared conv-bn-relu block": r"mode='pt2e' but \['block'\] are called at several places",
+    "untraceable cnn (eager)": r"engine='pt2e' but torch.export cannot capture .*engine='auto'",  # data-dependent flow
+    "shared conv": r"engine='pt2e' but \['conv'\] are called at several places",
+    "shared conv-bn-relu block": r"engine='pt2e' but \['block'\] are called at several places",
     # torchvision's stochastic_depth tests `training` in Python: export keeps the training branch
     "stochastic depth + dropout": r"The prepared `net` is random in eval\(\)",
 }

@@ -36,6 +36,7 @@ from lightning_qat.lightning.settings import (
     FinishSettings,
     OnDrop,
     check_arguments,
+    renamed,
 )
 from lightning_qat.lightning.state import QATState
 from lightning_qat.lightning.target import find_target
@@ -62,7 +63,7 @@ class QATCallback(Callback):
         module: attribute of the LightningModule holding the network to quantize (dotted paths allowed);
             ``None`` picks the single top-level child that is not a metric or loss.
         backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``None`` picks ``x86`` on x86-64, ``qnnpack`` on ARM.
-        mode: the engine: ``"auto"`` (FX, eager where FX cannot trace), ``"fx"``, ``"eager"`` or ``"pt2e"``
+        engine: ``"auto"`` (FX, eager where FX cannot trace), ``"fx"``, ``"eager"`` or ``"pt2e"``
             (``torch.export`` + torchao, an AOTInductor package; ``pip install 'lightning-qat[pt2e]'``).
         skip: qualified submodule names (inside ``module``) kept in float, also in the int8 model.
         relu6_to_relu: replace ``nn.ReLU6`` by ``nn.ReLU`` before fusing (as torchvision's quantizable MobileNets do):
@@ -82,20 +83,18 @@ class QATCallback(Callback):
         fallback_at: with ``on_drop="fallback"`` only, when to search during training: ``"bn"`` (the default: when
             BatchNorm statistics freeze), an epoch/step index (int >= 1) or fraction, or ``"end"`` (fit end only).
         save_dir: where ``model_int8.pt`` and the report go; default ``trainer.log_dir``.
-        save_artifact: write the int8 artifacts (``False``: convert, evaluate and report only).
         export: the artifact formats the engine writes: ``"torchscript"`` (``model_int8.pt``), ``"onnx"`` (a QDQ
-            graph; ``pip install 'lightning-qat[onnx]'``), or for ``mode="pt2e"`` ``"pt2"`` (an AOTInductor package).
-            ``None``: the engine's first. Each one is evaluated and timed in the report as it will be loaded.
+            graph; ``pip install 'lightning-qat[onnx]'``), or for ``engine="pt2e"`` ``"pt2"`` (an AOTInductor package).
+            ``None``: the engine's first; ``[]``: none (convert, evaluate and report only). Each one is evaluated and
+            timed in the report as it will be loaded.
         ptq_baseline: also calibrate, convert and evaluate a post-training-quantized copy of the float network.
         ptq_batches: training batches used to calibrate the PTQ baseline (default 8; with ``ptq_baseline=True`` only).
         sync_observers: under DDP, all-reduce observer min/max each step so every rank has the same qparams.
         latency_repeats: timed forward passes per network for the latency columns of the report.
-        convert: which weights become the int8 model: ``"last"`` (the end of fit) or ``"best"`` (the best checkpoint
+        weights: which weights become the int8 model: ``"last"`` (the end of fit) or ``"best"`` (the best checkpoint
             of the trainer's ``ModelCheckpoint``; the last weights when it has none).
-        untrained_float: the network QAT starts from is untrained (random weights): the report marks its float row
-            so, and the accuracy guard does not compare against it.
-        overwrite: let a run write into a ``save_dir`` holding an earlier run's artifact or report (refused by
-            default, before training).
+        untrained_float: QAT starts from random weights: the float row is no baseline, and the guard skips it.
+        overwrite: let a run write into a ``save_dir`` holding an earlier run's files (refused before training).
         activations: ``"static"`` (scales calibrated by QAT, every layer int8), ``"dynamic"`` (Linears int8 with
             activations quantized per batch at run time, the rest float; QAT trains the weights' quantization only)
             or ``"auto"`` (static, unless a Linear-heavy network runs faster dynamic: both timed in ``setup``).
@@ -103,7 +102,9 @@ class QATCallback(Callback):
     Raises:
         ValueError: for any argument outside the values listed above.
         OnnxExtraMissing: for ``export=[..., "onnx"]`` without ``pip install 'lightning-qat[onnx]'``.
-        PT2EUnavailable: for ``mode="pt2e"`` without torchao (or with a torch older than it needs).
+        PT2EUnavailable: for ``engine="pt2e"`` without torchao (or with a torch older than it needs).
+        DeprecationWarning: for ``mode``, ``save_artifact`` or ``convert``, the old names of ``engine``,
+            ``export=[]`` and ``weights`` (the manual's "Using the callback" page).
 
     At fit end, on global rank 0, the :class:`~lightning_qat.FinishPipeline` that :meth:`pipeline` returns runs its
     steps (the artifact is on disk before anything that can fail); to change one, subclass the pipeline and set it as
@@ -128,7 +129,7 @@ class QATCallback(Callback):
         self,
         module: str | None = None,
         backend: Backend | None = None,
-        mode: Mode = "auto",
+        engine: Mode = "auto",
         skip: Sequence[str] = (),
         relu6_to_relu: bool = False,
         freeze_bn_after: int | float | None = 0.5,
@@ -140,22 +141,24 @@ class QATCallback(Callback):
         max_metric_drop: float | None = None,
         on_drop: OnDrop = "warn",
         save_dir: str | None = None,
-        save_artifact: bool = True,
         export: Sequence[ExportFormat] | None = None,
         ptq_baseline: bool = False,
         ptq_batches: int | None = None,
         sync_observers: bool = True,
         latency_repeats: int = 20,
-        convert: ConvertFrom = "last",
+        weights: ConvertFrom = "last",
         untrained_float: bool = False,
         overwrite: bool = False,
         activations: Activations = "auto",
         fallback_at: FallbackAt | None = None,
+        mode: Mode | None = None,
+        save_artifact: bool | None = None,
+        convert: ConvertFrom | None = None,
     ) -> None:
         super().__init__()
         self.backend = resolve_backend(backend)
         self.module = module
-        self.mode = mode
+        self.engine, self.weights, export = renamed(mode, engine, convert, weights, save_artifact, export)
         self.skip = skip
         self.relu6_to_relu = relu6_to_relu
         self.freeze_bn_after = freeze_bn_after
@@ -167,15 +170,12 @@ class QATCallback(Callback):
         self.max_metric_drop = max_metric_drop
         self.on_drop = on_drop
         self.save_dir = save_dir
-        self.save_artifact = save_artifact
         self.ptq_baseline = ptq_baseline
         self.sync_observers = sync_observers
         self.latency_repeats = latency_repeats
-        self.convert = convert
         self.untrained_float = untrained_float
         self.overwrite = overwrite
         self.activations = activations
-        # checked together (settings.check_arguments), then the defaults of the arguments that need a partner
         self.export = check_arguments(self, export=export, ptq_batches=ptq_batches, fallback_at=fallback_at)
         self.skip = list(skip)
         self.ptq_batches = ptq_batches if ptq_batches is not None else 8
@@ -239,8 +239,8 @@ class QATCallback(Callback):
         state.example_inputs = example_input.example_inputs(trainer, pl_module)
         # the checked copy is the float baseline (an eval forward pass leaves a float network as it was)
         state.float_network = preflight.check_example(network, state.example_inputs, state.target)
-        self._install(pl_module, network, self.mode)
-        data, written = eval_data(trainer, self.evaluate), self.export if self.save_artifact else []
+        self._install(pl_module, network, self.engine)
+        data, written = eval_data(trainer, self.evaluate), self.export
         probe, quantized = preflight.run_preflight(
             pl_module, state, self.backend, self.evaluate, data, written, self.monitor
         )
@@ -370,12 +370,12 @@ class QATCallback(Callback):
             monitor_mode=self.monitor_mode,
             max_metric_drop=self.max_metric_drop,
             on_drop=self.on_drop,
-            save_artifact=self.save_artifact,
+            save_artifact=bool(self.export),
             export=list(self.export),
             ptq_baseline=self.ptq_baseline,
             ptq_batches=self.ptq_batches,
             latency_repeats=self.latency_repeats,
-            convert=self.convert,
+            weights=self.weights,
             untrained_float=self.untrained_float,
             freezing=dict(self.freezing.applied),
         )
@@ -386,7 +386,7 @@ class QATCallback(Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QATRun:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")  # a ModelCheckpoint's; "" without one
-        return self.state.run(pl_module, best or "", self.mode, self.skip, self.relu6_to_relu, self.budget)
+        return self.state.run(pl_module, best or "", self.engine, self.skip, self.relu6_to_relu, self.budget)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -414,7 +414,7 @@ class QATCallback(Callback):
         current = {"backend": self.backend, "skip": list(self.skip), "relu6_to_relu": self.relu6_to_relu}
         current["module"] = self.state.target if self.state.target is not None else self.module  # None: found in setup
         current["mode"] = (  # "auto" matches whichever engine the checkpoint's run took
-            self.prepared.mode if self.prepared is not None else self.mode if self.mode in engines.ENGINES else None
+            self.prepared.mode if self.prepared is not None else self.engine if self.engine in engines.ENGINES else None
         )
         checkpoint_io.check_same_preparation(saved_state, current)
 

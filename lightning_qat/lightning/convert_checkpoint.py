@@ -18,8 +18,16 @@ from lightning_qat.lightning.run import QATRun
 from lightning_qat.quantization.convert import cpu_eval_copy
 
 # QATCallback arguments that describe how the checkpoint's network was prepared or trained: the checkpoint decides.
-_FROM_CHECKPOINT = {"module", "backend", "mode", "skip", "relu6_to_relu", "activations"}
-_TRAINING_ONLY = {"freeze_bn_after", "freeze_observers_after", "interval", "sync_observers", "convert", "fallback_at"}
+_FROM_CHECKPOINT = {"module", "backend", "engine", "mode", "skip", "relu6_to_relu", "activations"}
+_TRAINING_ONLY = {
+    "freeze_bn_after",
+    "freeze_observers_after",
+    "interval",
+    "sync_observers",
+    "weights",
+    "convert",
+    "fallback_at",
+}
 
 
 def convert_checkpoint(
@@ -56,7 +64,7 @@ def convert_checkpoint(
     )
     if trainer is None:
         _check_convert_kwargs(qat_kwargs)
-        qat = QATCallback(mode=state.get("mode") or "auto", **qat_kwargs)  # the engine's artifact formats
+        qat = QATCallback(engine=state.get("mode") or "auto", **qat_kwargs)  # the engine's artifact formats
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
         )
@@ -120,7 +128,7 @@ def analyze_checkpoint(
 ) -> QATReport:
     """The report of a QAT checkpoint without writing its artifact: metrics, per-layer SQNR, ``qat_layers.png``.
 
-    :func:`convert_checkpoint` with ``save_artifact=False``, same arguments. With ``on_drop="fallback"``,
+    :func:`convert_checkpoint` with ``export=[]``, same arguments. With ``on_drop="fallback"``,
     ``monitor`` and ``max_metric_drop``, a missed budget is searched as at the end of fit: the report lists every
     candidate and the layers to keep float (``convert_checkpoint`` with the same settings writes that model).
 
@@ -130,13 +138,13 @@ def analyze_checkpoint(
         print(sorted(report.layer_sqnr.items(), key=lambda item: item[1])[:5])  # the five worst layers
     """
     if trainer is None:
-        return convert_checkpoint(model, ckpt_path, datamodule, **{"save_artifact": False, **qat_kwargs})
+        return convert_checkpoint(model, ckpt_path, datamodule, **{"export": [], **qat_kwargs})
     qat = _callback_of(trainer)
-    saved, qat.save_artifact = qat.save_artifact, False
+    saved, qat.export = qat.export, []
     try:
         return convert_checkpoint(model, ckpt_path, datamodule, trainer, **qat_kwargs)
     finally:
-        qat.save_artifact = saved
+        qat.export = saved
 
 
 def _check_convert_kwargs(qat_kwargs: dict[str, Any]) -> None:

@@ -184,17 +184,17 @@ class FinishPipeline:
         network = cpu_eval_copy(run.pl_module.get_submodule(run.target))
         if run.loaded_from is not None:
             return network, f"checkpoint: {run.loaded_from}"
-        if self.settings.convert == "last":
+        if self.settings.weights == "last":
             return network, "last"
         if not run.best_checkpoint:
-            rank_zero_warn("QAT: convert='best' but no ModelCheckpoint saved a best checkpoint; converting the last.")
+            rank_zero_warn("QAT: weights='best' but no ModelCheckpoint saved a best checkpoint; converting the last.")
             return network, "last"
         state = checkpoint_io.read_checkpoint(run.best_checkpoint)["state_dict"]
         network.load_state_dict(checkpoint_io.network_state(state, run.target))
         return network, f"best: {run.best_checkpoint}"
 
     def write_artifact(self, report: QATReport, out_dir: Path) -> None:
-        """Save the int8 artifacts of ``export`` to ``out_dir`` (unless ``save_artifact=False``), TorchScript first."""
+        """Save the int8 artifacts of ``export`` to ``out_dir`` (none for ``export=[]``), TorchScript first."""
         if not self.settings.save_artifact:
             return
         assert self.quantized_model is not None
@@ -327,7 +327,7 @@ class FinishPipeline:
     def measure_networks(self, report: QATReport) -> None:
         """Size and CPU latency on the example input of the float network and of the int8 artifacts as they ship.
 
-        The int8 column times the TorchScript artifact loaded with :func:`load_quantized` (without ``save_artifact``,
+        The int8 column times the TorchScript artifact loaded with :func:`load_quantized` (with ``export=[]``,
         the same traced and frozen module, in memory); ``int8-onnx`` the ONNX file in ONNX Runtime. Sizes are the
         files' sizes (the float network: its saved ``state_dict``). All are timed interleaved, same batch and threads.
         """
@@ -345,9 +345,7 @@ class FinishPipeline:
         elif run.prepared.engine.compiled:
             networks["int8"] = self.quantized_model
             report.size_bytes["int8"] = serialized_size(self.quantized_model)
-            report.latency_runtime["int8"] = (
-                f"{run.prepared.mode} quantize/dequantize graph (not compiled: save_artifact=False)"
-            )
+            report.latency_runtime["int8"] = f"{run.prepared.mode} quantize/dequantize graph (not compiled: export=[])"
         else:
             networks["int8"] = to_torchscript(self.quantized_model, backend, run.example_inputs)
             report.size_bytes["int8"] = serialized_size(self.quantized_model)

@@ -320,7 +320,7 @@ def check_eval_is_deterministic(
         raise PreflightError(
             f"The prepared `{name}` is random in eval() though the float one is not: a dropout-like function traced "
             "with training=True (e.g. torchvision.ops.stochastic_depth or F.dropout called through a helper). Use "
-            "the module (torchvision.ops.StochasticDepth, nn.Dropout) in forward, or mode='eager'."
+            "the module (torchvision.ops.StochasticDepth, nn.Dropout) in forward, or engine='eager'."
         )
 
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lightning.pytorch.utilities import rank_zero_deprecation
+
 from lightning_qat.choices import check_choice, check_count, check_flag, choices_of
 from lightning_qat.export.onnx import check_onnx_available
 from lightning_qat.lightning.evaluate import Stage
@@ -26,14 +28,14 @@ FallbackAt = int | float | Literal["bn", "end"]
 
 
 def check_export(export: Sequence[str], mode: str = "auto") -> None:
-    """Raise ``ValueError`` unless ``export`` is a non-empty list of distinct formats the engine of ``mode`` writes.
+    """Raise ``ValueError`` unless ``export`` is a list of distinct formats the engine of ``mode`` writes.
 
     Raises:
         OnnxExtraMissing: for ``"onnx"`` without onnx / onnxruntime installed.
     """
-    if isinstance(export, str) or not export or len(set(export)) != len(export):
+    if isinstance(export, str) or len(set(export)) != len(export):
         raise ValueError(
-            f"export={export!r} must be a non-empty list of distinct formats from {choices_of(ExportFormat)}."
+            f"export={export!r} must be a list of distinct formats from {choices_of(ExportFormat)} ([]: none)."
         )
     for fmt in export:
         check_choice("export", fmt, ExportFormat)
@@ -41,10 +43,10 @@ def check_export(export: Sequence[str], mode: str = "auto") -> None:
     wrong = [fmt for fmt in export if fmt not in formats]
     if wrong:
         owners = "; ".join(
-            f"the {fmt!r} package needs mode={' or '.join(map(repr, engines.writing(fmt)))}" for fmt in wrong
+            f"the {fmt!r} package needs engine={' or '.join(map(repr, engines.writing(fmt)))}" for fmt in wrong
         )
         raise ValueError(
-            f"export={list(export)!r}: mode={mode!r} cannot write {wrong}; its formats are {formats} ({owners})."
+            f"export={list(export)!r}: engine={mode!r} cannot write {wrong}; its formats are {formats} ({owners})."
         )
     if "onnx" in export:
         check_onnx_available()
@@ -61,13 +63,14 @@ def check_engine(mode: str, backend: str, on_drop: str, activations: str) -> Non
     engine.check(backend)
     if on_drop == "fallback" and not (engine.searchable or engine.dynamic):
         raise ValueError(
-            f"on_drop='fallback' searches FX graphs (or dynamic int8 Linears); with mode={mode!r} use on_drop='warn' "
+            f"on_drop='fallback' searches FX graphs (or dynamic int8 Linears); with engine={mode!r} use on_drop='warn' "
             "or 'raise'."
         )
     if activations == "dynamic" and not engine.dynamic:
         dynamic = [name for name, other in engines.ENGINES.items() if other.dynamic]
         raise ValueError(
-            f"activations='dynamic' is an artifact of modes {dynamic}; mode={mode!r} quantizes activations statically."
+            f"activations='dynamic' is an artifact of engines {dynamic}; engine={mode!r} quantizes activations "
+            "statically."
         )
 
 
@@ -109,7 +112,7 @@ class FinishSettings:
     ptq_baseline: bool = False
     ptq_batches: int = 8
     latency_repeats: int = 20
-    convert: ConvertFrom = "last"
+    weights: ConvertFrom = "last"
     untrained_float: bool = False
     freezing: dict[str, str] = field(default_factory=dict)  # where BatchNorm / observers froze in the fit
 
@@ -129,12 +132,12 @@ def check_arguments(
         PT2EUnavailable: for the PT2E engine without torchao.
     """
     c = callback
-    check_choice("mode", c.mode, Mode)
+    check_choice("engine", c.engine, Mode)
     check_choice("interval", c.interval, Interval)
     check_choice("evaluate", c.evaluate, Stage | None)
     check_choice("monitor_mode", c.monitor_mode, MonitorMode)
     check_choice("on_drop", c.on_drop, OnDrop)
-    check_choice("convert", c.convert, ConvertFrom)
+    check_choice("weights", c.weights, ConvertFrom)
     check_choice("activations", c.activations, Activations)
     if isinstance(c.skip, str) or not all(isinstance(s, str) for s in c.skip):
         raise ValueError(f"skip={c.skip!r} must be a list of submodule names, e.g. ['classifier', 'features.0'].")
@@ -150,7 +153,7 @@ def check_arguments(
                 f"fallback_at={fallback_at!r} only acts with on_drop='fallback' (on_drop={c.on_drop!r}): set both, "
                 "or drop fallback_at."
             )
-    for name in ("relu6_to_relu", "save_artifact", "ptq_baseline", "sync_observers", "untrained_float", "overwrite"):
+    for name in ("relu6_to_relu", "ptq_baseline", "sync_observers", "untrained_float", "overwrite"):
         check_flag(name, getattr(c, name))
     if ptq_batches is not None:
         check_count("ptq_batches", ptq_batches)
@@ -158,9 +161,40 @@ def check_arguments(
             raise ValueError(
                 f"ptq_batches={ptq_batches!r} only acts with ptq_baseline=True: set both, or drop ptq_batches."
             )
-    engine = engines.get(c.mode)
+    engine = engines.get(c.engine)
     formats: list[ExportFormat] = list(export) if export is not None else [engine.formats[0]]  # type: ignore[list-item]
-    check_export(formats, c.mode)
-    check_engine(c.mode, c.backend, c.on_drop, c.activations)
+    check_export(formats, c.engine)
+    check_engine(c.engine, c.backend, c.on_drop, c.activations)
     check_count("latency_repeats", c.latency_repeats)
     return formats
+
+
+def renamed(
+    mode: Mode | None,
+    engine: Mode,
+    convert: ConvertFrom | None,
+    weights: ConvertFrom,
+    save_artifact: bool | None,
+    export: Sequence[ExportFormat] | None,
+) -> tuple[Mode, ConvertFrom, Sequence[ExportFormat] | None]:
+    """``(engine, weights, export)`` from the arguments, old names (``mode``, ``convert``, ``save_artifact``) included.
+
+    An old name warns (it goes in the next release); an old and a new name of one setting given together is an error.
+
+    Raises:
+        ValueError: when both names of one setting are given.
+    """
+    for old, old_value, new, new_value, default in (
+        ("mode", mode, "engine", engine, "auto"),
+        ("convert", convert, "weights", weights, "last"),
+        ("save_artifact", save_artifact, "export", export, None),
+    ):
+        if old_value is None:
+            continue
+        if new_value != default:
+            raise ValueError(f"{old}={old_value!r} and {new}={new_value!r} are one setting: give {new} only.")
+        rank_zero_deprecation(
+            f"QATCallback({old}=...) is deprecated: use {new}= (the old name goes in the next release)."
+        )
+    export = [] if save_artifact is False else export
+    return mode or engine, convert or weights, export

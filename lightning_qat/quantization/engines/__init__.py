@@ -1,7 +1,7 @@
 """The engines: FX, eager and PT2E, each an :class:`Engine` object the layers above ask (no branch on a name).
 
-``mode="auto"`` is not an engine: :func:`~lightning_qat.quantization.prepare.prepare_model` tries :data:`AUTO` first
-and takes eager for what torch.fx cannot trace.
+``"auto"`` (the callback's ``engine=``, :func:`~lightning_qat.quantization.prepare.prepare_model`'s ``mode``) is not
+an engine: :func:`prepare` tries :data:`AUTO` first and takes :data:`FALLBACK` for what torch.fx cannot trace.
 """
 
 from typing import Literal
@@ -36,8 +36,8 @@ def prepare(mode: str, network: nn.Module, settings: Preparation, kept: dict[str
     except NotTraceable as err:
         if mode != "auto":
             raise RuntimeError(
-                f"mode={mode!r} but {type(network).__name__} cannot be symbolically traced: {err}. "
-                "Use mode='auto' or mode='eager'."
+                f"engine={mode!r} but {type(network).__name__} cannot be symbolically traced: {err}. "
+                "Use engine='auto' or engine='eager'."
             ) from err
         prepared = FALLBACK.prepare(network, settings, kept)
         prepared.reason = f"FX tracing failed ({err})"

@@ -34,8 +34,8 @@ class PT2E(Engine):
         pt2e.require()
         if backend not in pt2e.BACKENDS:
             raise ValueError(
-                f"mode='pt2e' with backend={backend!r}: torchao's PT2E quantizers here are x86's (backends "
-                f"{list(pt2e.BACKENDS)}); its XNNPACK quantizer moved to ExecuTorch. Use mode='fx' for {backend!r}."
+                f"engine='pt2e' with backend={backend!r}: torchao's PT2E quantizers here are x86's (backends "
+                f"{list(pt2e.BACKENDS)}); its XNNPACK quantizer moved to ExecuTorch. Use engine='fx' for {backend!r}."
             )
 
     def owns(self, network: nn.Module) -> bool:
@@ -53,14 +53,14 @@ class PT2E(Engine):
         shared = [n for n in shared_stateful_modules(network, example_inputs) if not any(within(n, s) for s in skip)]
         if shared:  # converted, such a network computes something else (docs/pt2e.md has the measurement)
             raise RuntimeError(
-                f"mode='pt2e' but {shared} are called at several places in one forward pass: torchao's Conv-BN "
+                f"engine='pt2e' but {shared} are called at several places in one forward pass: torchao's Conv-BN "
                 "rewrite and its conversion treat each call as its own layer and the int8 network computes something "
-                "else. Use mode='auto' (FX keeps shared modules float), or call a copy of the module at each place."
+                "else. Use engine='auto' (FX keeps shared modules float), or call a copy of the module at each place."
             )
         try:
             exported = pt2e.prepare(network, example_inputs, settings.backend, skip, settings.qat)
         except RuntimeError as err:
-            raise RuntimeError(f"mode='pt2e' but {err}. Use mode='auto' (FX, or eager) for this network.") from err
+            raise RuntimeError(f"engine='pt2e' but {err}. Use engine='auto' (FX, or eager) for this network.") from err
         fused = pt2e.conv_bn_count(exported)
         return Prepared(exported, self, "requested", fused, conv_bn_pairs=fused)
 

@@ -101,6 +101,24 @@ class NormActNet(nn.Module):
         return self.fc(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
 
 
+class AtrousNet(nn.Module):
+    """A DeepLab / LR-ASPP MobileNetV3 tail: a dilated depthwise Conv-BN-ReLU next to a plain one."""
+
+    def __init__(self):
+        super().__init__()
+        block = lambda dilation: nn.Sequential(  # noqa: E731
+            nn.Conv2d(16, 16, 3, padding=dilation, dilation=dilation, groups=16),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.plain, self.atrous = block(1), block(2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.atrous(self.plain(self.stem(x))).mean((2, 3)))
+
+
 class BoringClassifier(pl.LightningModule):
     """The tiny LightningModule of the tests (like Lightning's BoringModel)."""
 

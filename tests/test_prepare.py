@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torchvision
-from conftest import IdsFromPixels, SelfFusingNet, TinyNet, UntraceableNet
+from conftest import AtrousNet, IdsFromPixels, SelfFusingNet, TinyNet, UntraceableNet
 from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.utils.flop_counter import FlopCounterMode
@@ -178,24 +178,6 @@ def test_a_batchnorm_initialised_to_zero_trains_without_nan(mode):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in prepared.parameters() if p.grad is not None)
-
-
-class AtrousNet(torch.nn.Module):
-    """A DeepLab / LR-ASPP MobileNetV3 tail: a dilated depthwise Conv-BN-ReLU next to a plain one."""
-
-    def __init__(self):
-        super().__init__()
-        block = lambda dilation: torch.nn.Sequential(  # noqa: E731
-            torch.nn.Conv2d(16, 16, 3, padding=dilation, dilation=dilation, groups=16),
-            torch.nn.BatchNorm2d(16),
-            torch.nn.ReLU(),
-        )
-        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
-        self.plain, self.atrous = block(1), block(2)
-        self.head = torch.nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.atrous(self.plain(self.stem(x))).mean((2, 3)))
 
 
 @pytest.mark.parametrize("mode", ["fx", "eager"])

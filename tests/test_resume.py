@@ -1,10 +1,17 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import OUTLIER_BUDGET, pretrained_tiny, trainer_kwargs, with_outlier_channels
+from conftest import (
+    OUTLIER_BUDGET,
+    AtrousNet,
+    BoringClassifier,
+    pretrained_tiny,
+    trainer_kwargs,
+    with_outlier_channels,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_qat import QATCallback
+from lightning_qat import QATCallback, convert_checkpoint
 from lightning_qat.exceptions import CheckpointError
 from lightning_qat.quantization import ao
 
@@ -140,3 +147,46 @@ def test_a_resumed_run_keeps_the_layers_a_search_kept_float_and_does_not_search_
     off = {name for name, fq in ao.fake_quant_modules(model.net) if not fq.fake_quant_enabled[0]}
     assert {"conv1.weight_fake_quant", "conv2.weight_fake_quant"} <= off  # trained float after the resume too
     assert resumed.report.fallback_candidates[0]["when"] == "step 1"
+
+
+def _cpu(monkeypatch, slow: bool) -> None:
+    """A CPU whose int8 kernel for dilated depthwise convolutions is slow (AtrousNet's atrous.0 stays float), or not."""
+    monkeypatch.setattr(ao, "depthwise_slowdown", lambda backend, shape: 100.0 if slow and shape[3] == (2, 2) else 1.0)
+
+
+def test_a_checkpoint_keeps_the_graph_its_cpu_chose_on_a_cpu_that_would_choose_otherwise(
+    tmp_path, digits8, monkeypatch
+):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _cpu(monkeypatch, slow=True)
+    first = _qat(latency_repeats=1)
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path / "a",
+            max_epochs=1,
+            limit_train_batches=3,
+            callbacks=[first, checkpoint],
+            enable_checkpointing=True,
+        )
+    )
+    trainer.fit(BoringClassifier(AtrousNet()), datamodule=digits8)
+    assert list(first.prepared.kernels) == ["atrous.0"]
+
+    _cpu(monkeypatch, slow=False)  # another machine: here the layer would be int8, another graph
+    resumed = _qat(latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", max_epochs=2, limit_train_batches=3, callbacks=[resumed]))
+    trainer.fit(BoringClassifier(AtrousNet()), datamodule=digits8, ckpt_path=checkpoint.last_model_path)
+    assert list(resumed.prepared.kernels) == ["atrous.0"]
+    assert trainer.global_step == 6  # it did resume and train
+    by_engine = [entry["name"] for entry in resumed.report.kept_float if entry["by"] == "engine"]
+    assert by_engine == ["atrous.0"]
+
+    tested = QATCallback(latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "c", callbacks=[tested]))
+    trainer.validate(BoringClassifier(AtrousNet()), datamodule=digits8, ckpt_path=checkpoint.last_model_path)
+    assert list(tested.prepared.kernels) == ["atrous.0"]
+
+    converted = convert_checkpoint(
+        BoringClassifier(AtrousNet()), checkpoint.last_model_path, datamodule=digits8, save_dir=str(tmp_path / "d")
+    )
+    assert [entry["name"] for entry in converted.kept_float if entry["by"] == "engine"] == ["atrous.0"]

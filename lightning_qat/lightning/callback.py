@@ -6,6 +6,7 @@ The work lives below it: preparing and converting in :mod:`lightning_qat.quantiz
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -25,7 +27,7 @@ from lightning_qat.lightning.budget import FitSearch
 from lightning_qat.lightning.evaluate import EvalData, Stage, eval_data
 from lightning_qat.lightning.finish import FinishPipeline, finish_on_rank0
 from lightning_qat.lightning.freeze import Freezing
-from lightning_qat.lightning.install import install
+from lightning_qat.lightning.install import decide_kernels, install
 from lightning_qat.lightning.report import MonitorMode, QATReport
 from lightning_qat.lightning.run import QATRun
 from lightning_qat.lightning.settings import (
@@ -239,7 +241,8 @@ class QATCallback(Callback):
         state.example_inputs = example_input.example_inputs(trainer, pl_module)
         # the checked copy is the float baseline (an eval forward pass leaves a float network as it was)
         state.float_network = preflight.check_example(network, state.example_inputs, state.target)
-        self._install(pl_module, network, self.engine)
+        kernels = decide_kernels(trainer, network, self.backend, self.skip)
+        self._install(pl_module, network, self.engine, kernels)
         data, written = eval_data(trainer, self.evaluate), self.export
         probe, quantized = preflight.run_preflight(
             pl_module, state, self.backend, self.evaluate, data, written, self.monitor
@@ -251,12 +254,11 @@ class QATCallback(Callback):
             self._out_dir = preflight.output_dir(trainer, self.save_dir, self.overwrite)
             self._claim = preflight.claim_output_dir(trainer, self._out_dir)  # last: nothing after it can fail
 
-    def _install(self, pl_module: pl.LightningModule, network: nn.Module, mode: Mode) -> Prepared:
-        state = self.state
+    def _install(self, pl_module: pl.LightningModule, network: nn.Module, mode: Mode, kernels: Any) -> Prepared:
+        state, skip, relu6 = self.state, self.skip, self.relu6_to_relu
         assert state.target is not None
-        state.prepared = install(
-            pl_module, state.target, network, self.backend, mode, self.skip, state.example_inputs, self.relu6_to_relu
-        )
+        inputs = state.example_inputs
+        state.prepared = install(pl_module, state.target, network, self.backend, mode, skip, inputs, relu6, kernels)
         self.freezing.reset()
         return state.prepared
 
@@ -363,22 +365,7 @@ class QATCallback(Callback):
 
         Used at the end of fit and by :func:`~lightning_qat.convert_checkpoint`.
         """
-        settings = FinishSettings(
-            backend=self.backend,
-            evaluate=self.evaluate,
-            monitor=self.monitor,
-            monitor_mode=self.monitor_mode,
-            max_metric_drop=self.max_metric_drop,
-            on_drop=self.on_drop,
-            save_artifact=bool(self.export),
-            export=list(self.export),
-            ptq_baseline=self.ptq_baseline,
-            ptq_batches=self.ptq_batches,
-            latency_repeats=self.latency_repeats,
-            weights=self.weights,
-            untrained_float=self.untrained_float,
-            freezing=dict(self.freezing.applied),
-        )
+        settings = FinishSettings.of(self, freezing=dict(self.freezing.applied))
         progress = trainer.progress_bar_callback is not None
         return self.pipeline_class(
             settings, run, data, trainer.loggers, trainer.global_step, progress, str(trainer.default_root_dir)
@@ -424,18 +411,22 @@ class QATCallback(Callback):
         """Runs when Lightning loads a checkpoint into the LightningModule, before any weight is copied.
 
         Drops the QAT checkpoint marker. In validate / test / predict, prepares the float network as the checkpoint's
-        was, so the keys match. On resume, compares the QAT configuration: a different skip list or mode would change
-        the keys, and the user gets the setting that differs instead of Lightning's missing/unexpected-keys error.
+        was, so the keys match. On resume, compares the QAT configuration (a different skip list or engine is named,
+        instead of Lightning's missing/unexpected-keys error) and prepares again as the checkpoint's run did where that
+        run's CPU kept other layers float for its kernels.
         """
         checkpoint_io.unmark(state_dict)
         saved = checkpoint_io.qat_state(internals.loaded_checkpoint(trainer))
         if saved is None:
             return
+        kernels = saved.get("kernels")  # the writing run's decision for its CPU's kernels (None: an older checkpoint)
         if self.prepared is None:  # validate / test / predict: prepared as the checkpoint's network was
             self.check_preparation(saved)
-            self._install(
-                pl_module, self.state.from_checkpoint(pl_module, saved, str(trainer.ckpt_path)), saved["mode"]
-            )
+            network = self.state.from_checkpoint(pl_module, saved, str(trainer.ckpt_path))
+            self._install(pl_module, network, saved["mode"], kernels)
+        elif kernels is not None and kernels != self.prepared.kernels and self.state.float_network is not None:
+            rank_zero_info(f"QAT: prepared again as the checkpoint's run was, keeping {sorted(kernels)} float.")
+            self._install(pl_module, copy.deepcopy(self.state.float_network), saved["mode"], kernels)
         self.load_state_dict(saved)
 
     def _remove_preparation_check(self) -> None:

@@ -200,7 +200,15 @@ def load_into(
     network = model.get_submodule(state["module"])
     inputs = example_input.stored(state) or example_input.module_example_inputs(model)
     prepared = install(
-        model, state["module"], network, state["backend"], state["mode"], state["skip"], inputs, state["relu6_to_relu"]
+        model,
+        state["module"],
+        network,
+        state["backend"],
+        state["mode"],
+        state["skip"],
+        inputs,
+        state["relu6_to_relu"],
+        state.get("kernels"),  # the writing run's decision, on its CPU (older checkpoints: timed here)
     )
     weights = dict(checkpoint["state_dict"])
     unmark(weights)

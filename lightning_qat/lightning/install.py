@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_qat.quantization import ao, compat
+from lightning_qat.quantization.edits import kept_float
 from lightning_qat.quantization.engines import Mode, Prepared
 from lightning_qat.quantization.prepare import prepare_model
 
@@ -23,6 +24,7 @@ def install(
     skip: Sequence[str],
     example_inputs: tuple[Any, ...],
     relu6_to_relu: bool = False,
+    kernels: dict[str, str] | None = None,
 ) -> Prepared:
     """Prepare ``network`` for QAT and set it as ``pl_module``'s submodule ``target``; on rank 0, say what was done.
 
@@ -32,7 +34,7 @@ def install(
     notice = ao.first_notice()  # once per process: torch.ao's deprecation warnings are silenced
     if notice:
         rank_zero_info(notice)
-    prepared = prepare_model(network, backend, mode, skip, example_inputs, relu6_to_relu=relu6_to_relu)
+    prepared = prepare_model(network, backend, mode, skip, example_inputs, relu6_to_relu=relu6_to_relu, kept=kernels)
     compat.set_submodule(pl_module, target, prepared.module)
     for warning in prepared.warnings:
         rank_zero_warn(warning)
@@ -53,6 +55,15 @@ def install(
             f"QAT: {unfused} of {pairs} Conv-BN pairs of `{target}` stay unfused: {prepared.conv_bn_unfused}"
         )
     return prepared
+
+
+def decide_kernels(trainer: pl.Trainer, network: nn.Module, backend: str, skip: Sequence[str]) -> dict[str, str]:
+    """The layers to keep float for this CPU's int8 kernels, timed on global rank 0 and the same on every rank.
+
+    Each rank timing for itself could prepare another graph (the timings of two CPUs, or of one busy moment, differ).
+    """
+    kernels = kept_float(network, backend, skip) if trainer.is_global_zero else {}
+    return trainer.strategy.broadcast(kernels, src=0) if trainer.world_size > 1 else kernels
 
 
 def say_folded(folded: Sequence[str]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from lightning.pytorch.utilities import rank_zero_deprecation
 
@@ -97,6 +97,29 @@ def check_fallback_at(value: object) -> None:
         )
 
 
+class Arguments(Protocol):
+    """The :class:`~lightning_qat.QATCallback` arguments these checks and settings read (mypy checks the names)."""
+
+    backend: str
+    engine: Mode
+    skip: Any
+    interval: Interval
+    freeze_bn_after: int | float | None
+    freeze_observers_after: int | float | None
+    evaluate: Stage | None
+    monitor: str | None
+    monitor_mode: MonitorMode
+    max_metric_drop: float | None
+    on_drop: OnDrop
+    export: list[ExportFormat]
+    ptq_baseline: bool
+    ptq_batches: int
+    latency_repeats: int
+    weights: ConvertFrom
+    untrained_float: bool
+    activations: Activations
+
+
 @dataclass
 class FinishSettings:
     """The :class:`~lightning_qat.QATCallback` arguments the end-of-fit pipeline reads (documented there)."""
@@ -116,9 +139,30 @@ class FinishSettings:
     untrained_float: bool = False
     freezing: dict[str, str] = field(default_factory=dict)  # where BatchNorm / observers froze in the fit
 
+    @classmethod
+    def of(cls, arguments: Arguments, freezing: dict[str, str]) -> FinishSettings:
+        """The settings of a :class:`~lightning_qat.QATCallback` (its ``arguments``), field by field."""
+        a = arguments
+        return cls(
+            backend=a.backend,
+            evaluate=a.evaluate,
+            monitor=a.monitor,
+            monitor_mode=a.monitor_mode,
+            max_metric_drop=a.max_metric_drop,
+            on_drop=a.on_drop,
+            save_artifact=bool(a.export),
+            export=list(a.export),
+            ptq_baseline=a.ptq_baseline,
+            ptq_batches=a.ptq_batches,
+            latency_repeats=a.latency_repeats,
+            weights=a.weights,
+            untrained_float=a.untrained_float,
+            freezing=freezing,
+        )
+
 
 def check_arguments(
-    callback: Any, export: Sequence[ExportFormat] | None, ptq_batches: int | None, fallback_at: FallbackAt | None
+    callback: Arguments, export: Sequence[ExportFormat] | None, ptq_batches: int | None, fallback_at: FallbackAt | None
 ) -> list[ExportFormat]:
     """Raise for any :class:`~lightning_qat.QATCallback` argument outside its choices, or given without its partner.
 

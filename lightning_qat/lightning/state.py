@@ -41,6 +41,7 @@ class QATState:
         """What a checkpoint keeps: the float weights keep the report's float row right after a resume or a convert."""
         return {
             "mode": self.prepared.mode if self.prepared else None,
+            "kernels": dict(self.prepared.kernels) if self.prepared else None,
             "module": self.target,
             "float_state_dict": self.float_network.state_dict() if self.float_network is not None else None,
             "example_inputs": example_input.storable(self.example_inputs),

@@ -50,8 +50,13 @@ def prepare_model(
     example_inputs: tuple[Any, ...],
     qat: bool = True,
     relu6_to_relu: bool = False,
+    kept: dict[str, str] | None = None,
 ) -> Prepared:
     """Fuse and insert fake-quant into ``network`` for ``backend`` with the engine of ``mode``.
+
+    ``kept``: the layers to keep float for this CPU's int8 kernels (name -> why), decided before (by rank 0 of a
+    DDP job, or by the run that wrote a checkpoint, on its CPU); ``None``: measured here
+    (:func:`~.edits.kept_float`). The graph depends on it, so a checkpoint keeps it.
 
     With ``qat=False`` the network is prepared for post-training quantization instead (observers, eval mode):
     the PTQ baseline of the report. ``relu6_to_relu`` first applies :func:`~.edits.replace_relu6` (outside ``skip``).
@@ -65,7 +70,8 @@ def prepare_model(
     edits.check_skip(network, skip)
     folded = edits.fold_parametrizations(network, skip)
     replaced = edits.replace_relu6(network, skip) if relu6_to_relu else 0
-    kept = edits.kept_float(network, backend, skip)  # before fusion: found by the layers' own types
+    if kept is None:  # before fusion: found by the layers' own types
+        kept = edits.kept_float(network, backend, skip)
     said = edits.kept_float_warning(kept, backend)
     depthwise = sum(
         ao.is_depthwise(m) for n, m in network.named_modules() if not any(edits.within(n, s) for s in [*skip, *kept])
@@ -82,6 +88,6 @@ def prepare_model(
     settings = Preparation(backend, list(skip), example_inputs, qat, relu6_to_relu)
     with ao.engine(backend):
         prepared = engines.prepare(mode, network, settings, kept)
-    prepared.relu6_replaced, prepared.folded = replaced, folded
+    prepared.relu6_replaced, prepared.folded, prepared.kernels = replaced, folded, dict(kept)
     prepared.warnings = said + prepared.warnings
     return prepared

@@ -48,6 +48,9 @@ class Prepared:
     conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why", for the pairs left unfused
     kept_float: dict[str, str] = field(default_factory=dict)  # layers kept float by the engine: name -> why
     attention: int = 0  # nn.MultiheadAttention modules decomposed so their projections are quantized (FX)
+    kernels: dict[str, str] = field(
+        default_factory=dict
+    )  # kept float for this CPU's int8 kernels: a checkpointed decision
 
     @property
     def mode(self) -> str:

@@ -22,6 +22,7 @@ __all__ = [
     "EvaluationInterrupted",
     "LightningInternalsError",
     "NotAQATCheckpointError",
+    "NotTraceable",
     "OnnxExtraMissing",
     "PT2EUnavailable",
     "PreflightError",
@@ -58,6 +59,14 @@ class CheckpointError(ValueError):
     or written by a newer lightning-qat, and when it holds Python objects that only a full unpickling (which can run
     code from the file) would load: lightning-qat loads checkpoints with ``weights_only=True``. The message names the
     file, or the setting that differs.
+    """
+
+
+class NotTraceable(RuntimeError):
+    """Raised by the FX engine when torch.fx (or torch's QAT tracer) cannot trace the network.
+
+    ``engine="auto"`` then prepares it in eager mode; ``engine="fx"`` stops in ``setup`` with the reason. Nothing
+    else falls back: a failure of lightning-qat's own FX passes is raised as it is, with the network restored.
     """
 
 

@@ -13,6 +13,7 @@ BUILTIN = {
     "EvaluationInterrupted": RuntimeError,
     "LightningInternalsError": RuntimeError,
     "NotAQATCheckpointError": ValueError,
+    "NotTraceable": RuntimeError,
     "OnnxExtraMissing": ImportError,
     "PT2EUnavailable": ImportError,
     "PreflightError": ValueError,

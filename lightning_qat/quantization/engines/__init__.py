@@ -8,9 +8,10 @@ from typing import Literal
 
 from torch import nn
 
+from lightning_qat.exceptions import NotTraceable
 from lightning_qat.quantization.engines.base import Engine, Preparation, Prepared, count_fused
 from lightning_qat.quantization.engines.eager import Eager
-from lightning_qat.quantization.engines.fx import FX, NotTraceable
+from lightning_qat.quantization.engines.fx import FX
 from lightning_qat.quantization.engines.pt2e import PT2E
 
 Mode = Literal["auto", "fx", "eager", "pt2e"]
@@ -65,7 +66,6 @@ __all__ = [
     "Eager",
     "Engine",
     "Mode",
-    "NotTraceable",
     "Preparation",
     "Prepared",
     "count_fused",

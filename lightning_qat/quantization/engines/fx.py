@@ -14,15 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_qat.exceptions import NotTraceable
 from lightning_qat.quantization import ao, compat, passes
 from lightning_qat.quantization.attention import decompose_attention, restore
 from lightning_qat.quantization.edits import shared_stateful_modules, within
 from lightning_qat.quantization.engines.base import Engine, Preparation, Prepared, count_fused
 from lightning_qat.quantization.trace import conv_bn_pairs, own_forward_convs, trace, train_eval_leaves
-
-
-class NotTraceable(RuntimeError):
-    """torch.fx cannot trace the network (its own control flow, or torch's QAT tracer refuses it): try eager."""
 
 
 class Unfused(nn.Module):

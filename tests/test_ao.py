@@ -46,7 +46,7 @@ class _Upsampler(torch.nn.Module):
 @pytest.mark.parametrize("works", [True, False])
 def test_transposed_convs_stay_float_where_the_int8_kernel_is_wrong(monkeypatch, mode, works):
     from lightning_qat.quantization.convert import to_int8
-    from lightning_qat.quantization.prepare import float_islands, prepare_model
+    from lightning_qat.quantization.prepare import float_modules, prepare_model
 
     monkeypatch.setattr(ao, "transposed_conv_int8_works", lambda backend: works)
     x = (torch.randn(4, 1, 8, 8),)
@@ -61,7 +61,7 @@ def test_transposed_convs_stay_float_where_the_int8_kernel_is_wrong(monkeypatch,
     int8 = to_int8(prepared.module, mode, "x86", x)
     quantized = [m for m in int8.modules() if isinstance(m, torch.ao.nn.quantized.ConvTranspose2d)]
     assert len(quantized) == (1 if works else 0)
-    assert ("up" in " ".join(float_islands(int8))) == (not works and mode == "eager")
+    assert ("up" in " ".join(float_modules(int8))) == (not works and mode == "eager")
 
 
 def test_qnnpack_int8_depthwise_conv_does_not_saturate_above_the_observed_range():

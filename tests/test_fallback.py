@@ -5,7 +5,7 @@ from torch import nn
 
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
-from lightning_qat.quantization.fallback import float_names, float_nodes, groups, keep_float
+from lightning_qat.quantization.fallback import float_names, float_nodes, groups, train_float
 from lightning_qat.quantization.prepare import prepare_model
 
 
@@ -41,7 +41,7 @@ def test_int8_with_a_group_float_is_the_qat_network_with_its_fake_quants_off(flo
     assert not ao.is_quantized_module(int8.get_submodule("conv2"))
     assert ao.is_quantized_module(int8.get_submodule("fc1"))
     reference = cpu_eval_copy(qat)
-    switched = keep_float(reference, [group])
+    switched = train_float(reference, [group])
     assert switched == ["activation_post_process_1", "conv1.weight_fake_quant", "conv2.weight_fake_quant"]
     all_int8 = to_int8(qat, "fx", "x86", (x[:8],))
     with torch.no_grad(), ao.quiet():
@@ -86,5 +86,5 @@ def test_eager_groups_are_the_layers_alone(float_tiny, digits8):
     qat = calibrated(net, train_images(digits8), mode="eager")
     found = groups(qat)
     assert all(group.names == (name,) and group.nodes == () for name, group in found.items())
-    switched = keep_float(qat, [found[next(iter(found))]])
+    switched = train_float(qat, [found[next(iter(found))]])
     assert len(switched) == 2  # the layer's weight fake-quant and its own output fake-quant

@@ -10,7 +10,7 @@ import lightning_qat
 from lightning_qat.quantization import ao, passes
 from lightning_qat.quantization.edits import check_skip, replace_relu6
 from lightning_qat.quantization.engines.eager import EagerQATWrapper, find_fusion_groups
-from lightning_qat.quantization.prepare import float_islands, prepare_model
+from lightning_qat.quantization.prepare import float_modules, prepare_model
 
 EXAMPLE8 = (torch.randn(4, 1, 8, 8),)
 
@@ -67,10 +67,10 @@ def test_fusion_discovery_never_fuses_a_shared_relu():
 def test_skip_keeps_modules_float_in_both_modes():
     fx = prepare_model(TinyNet(), "x86", "fx", ["fc2"], EXAMPLE8)
     assert type(fx.module.fc2.module) is torch.nn.Linear
-    assert float_islands(fx.module) == ["fc2"]
+    assert float_modules(fx.module) == ["fc2"]
     eager = prepare_model(UntraceableNet(), "x86", "eager", ["fc2"], EXAMPLE8)
     assert type(eager.module.module.fc2.module) is torch.nn.Linear
-    assert float_islands(eager.module) == ["fc2"]
+    assert float_modules(eager.module) == ["fc2"]
 
 
 def test_unknown_skip_name_lists_close_matches():

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_qat import QATCallback, load_quantized
 from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
-from lightning_qat.quantization.fallback import float_nodes, groups, keep_float
+from lightning_qat.quantization.fallback import float_nodes, groups, train_float
 from lightning_qat.quantization.inputs import map_tensors
 from lightning_qat.quantization.prepare import prepare_model
 
@@ -478,7 +478,7 @@ def test_every_shape_trains_freezes_converts_and_reloads(tmp_path, digits8, shap
     if qat.report.mode == "fx":
         kept = to_int8(qat_net, "fx", qat.backend, inputs, float_nodes([group]))
         reference = cpu_eval_copy(qat_net)
-        keep_float(reference, [group])
+        train_float(reference, [group])
         with torch.no_grad(), ao.quiet():
             kept_out, reference_out = logits(kept(*inputs)), logits(reference(*inputs))
         kept_error = ((kept_out - reference_out).abs().mean() / reference_out.abs().mean()).item()

@@ -23,7 +23,7 @@ from lightning_qat.lightning.report import drop
 from lightning_qat.lightning.run import QATRun
 from lightning_qat.lightning.settings import FinishSettings
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference
-from lightning_qat.quantization.fallback import Group, float_names, groups, keep_float
+from lightning_qat.quantization.fallback import Group, float_names, groups, train_float
 from lightning_qat.quantization.measure import measure_latency, serialized_size
 from lightning_qat.quantization.schedule import FreezeSchedule, resolve_after
 from lightning_qat.quantization.search import Candidate, SearchResult, search
@@ -202,7 +202,7 @@ class FitSearch:
         if found is None:
             return
         self.fallback, self.met, self.candidates = found
-        keep_float(network, resolve_groups(network, self.fallback, static))
+        train_float(network, resolve_groups(network, self.fallback, static))
         rank_zero_info(f"QAT: training goes on with {', '.join(self.fallback) or 'no layer'} kept float.")
 
     def state_dict(self) -> dict[str, Any]:

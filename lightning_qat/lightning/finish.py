@@ -35,7 +35,7 @@ from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
 from lightning_qat.quantization.dynamic import to_dynamic
-from lightning_qat.quantization.fallback import Group, float_names, float_nodes, keep_float
+from lightning_qat.quantization.fallback import Group, float_names, float_nodes, train_float
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
 from lightning_qat.quantization.measure import (
     count_quantized_layers,
@@ -225,7 +225,7 @@ class FinishPipeline:
             network = self.trained_network
             if self.float_groups:  # the QDQ graph keeps them float too: their fake-quants off, on a copy
                 network = cpu_eval_copy(network)
-                keep_float(network, self.float_groups)
+                train_float(network, self.float_groups)
             self.onnx_path = export_onnx(network, out_dir / "model_int8.onnx", run.example_inputs)
             self._onnx_session = None  # a new file: a new session, opened once for evaluation and timing
             report.onnx_artifact = str(self.onnx_path)

@@ -104,7 +104,7 @@ def float_names(chosen: Iterable[Group]) -> list[str]:
     return list(dict.fromkeys(name for group in chosen for name in group.names))
 
 
-def keep_float(network: nn.Module, chosen: Iterable[Group]) -> list[str]:
+def train_float(network: nn.Module, chosen: Iterable[Group]) -> list[str]:
     """Switch off, in a QAT network, the fake-quants that the int8 conversion keeping ``chosen`` float drops.
 
     The weights' fake-quants of the groups' layers, and each activation fake-quant whose every call has only float

@@ -17,10 +17,10 @@ from lightning_qat.quantization.engines import Mode, Preparation, Prepared
 from lightning_qat.quantization.engines.eager import EagerQATWrapper, FloatIsland
 from lightning_qat.quantization.engines.fx import Unfused
 
-__all__ = ["Mode", "Prepared", "float_islands", "freeze_batch_norm", "prepare_model"]
+__all__ = ["Mode", "Prepared", "float_modules", "freeze_batch_norm", "prepare_model"]
 
 
-def float_islands(network: nn.Module) -> list[str]:
+def float_modules(network: nn.Module) -> list[str]:
     """Names of the submodules kept in float in a prepared or converted network (skipped or shared)."""
     prefix = "module." if isinstance(network, EagerQATWrapper) else ""
     return [

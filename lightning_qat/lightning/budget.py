@@ -31,7 +31,7 @@ from lightning_qat.quantization.sensitivity import MAX_DB
 
 
 class Pipeline(Protocol):
-    """What the search reads and sets of the end-of-fit pipeline (:class:`~lightning_qat.Pipeline`)."""
+    """What the search reads and sets of the end-of-fit pipeline (:class:`~lightning_qat.FinishPipeline`)."""
 
     settings: FinishSettings
     qat_run: QATRun

@@ -5,7 +5,7 @@ from lightning_qat.lightning.report import QATReport
 
 
 def searched_report():
-    report = QATReport("x86", "fx", 3, 4, [], monitor="val_acc", metrics={"float": {"val_acc": 0.93}})
+    report = QATReport("x86", "fx", 3, 4, monitor="val_acc", metrics={"float": {"val_acc": 0.93}})
     report.layer_sqnr = {"conv1": 2.2, "conv2": 18.2, "fc1": 27.6, "fc2": 36.6}
     report.fallback = ["conv1", "conv2"]
     report.fallback_evaluations = 2
@@ -28,7 +28,7 @@ def test_the_chart_is_written_beside_the_report_and_sent_to_image_loggers(tmp_pa
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
     assert sent == ["qat/layers"]
-    tensorboard.experiment.flush()
+    tensorboard.experiment.close()  # joins the writer thread (flush() may return before the image is on disk)
     assert sum(f.stat().st_size for f in (tmp_path / "tb").rglob("events.out.tfevents.*")) > 10_000  # the image
 
 

@@ -144,10 +144,14 @@ def test_missing_extra_is_named_with_its_install_command(monkeypatch):
     QATCallback(export=["torchscript"])  # the default needs nothing more
 
 
-@pytest.mark.parametrize("export", ["onnx", [], ["tflite"], ["onnx", "onnx"]])
+@pytest.mark.parametrize("export", ["onnx", ["tflite"], ["onnx", "onnx"]])
 def test_export_values_are_checked(export):
     with pytest.raises(ValueError, match=r"export=.*(torchscript|distinct formats)"):
         QATCallback(export=export)
+
+
+def test_an_empty_export_writes_no_artifact():
+    assert QATCallback(export=[]).export == []
 
 
 def test_a_layer_onnx_cannot_take_fails_in_setup_before_training(tmp_path, digits8):

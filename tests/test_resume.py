@@ -89,6 +89,7 @@ def test_state_dict_holds_the_preparation_and_refuses_another_one():
         "version": 1,
         "backend": "fbgemm",
         "mode": None,
+        "kernels": None,
         "module": None,
         "skip": [],
         "relu6_to_relu": False,

@@ -435,7 +435,7 @@ def test_every_shape_trains_freezes_converts_and_reloads(tmp_path, digits8, shap
     classifier = CLASSIFIER.get(shape, BoringClassifier)
     float_trainer.fit(classifier(net), datamodule=digits8)  # QAT fine-tunes a trained float network
     qat = QATCallback(
-        mode=MODE.get(shape, "auto"),
+        engine=MODE.get(shape, "auto"),
         interval="step",
         freeze_bn_after=3,
         freeze_observers_after=5,

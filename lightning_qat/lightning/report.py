@@ -139,7 +139,7 @@ class QATReport:
         """How the int8 model was made, in one line (the status first while it is not complete)."""
         status = "" if self.status == "complete" else f"[{self.status}] "
         return status + (
-            f"backend {self.backend}, {self.mode} mode, {self.num_fused} fused modules, "
+            f"backend {self.backend}, {self.mode} engine, {self.num_fused} fused modules, "
             f"{self.quantized_layers} quantized layers, kept float: "
             f"{', '.join(entry['name'] for entry in self.kept_float) or 'nothing'}"
         )

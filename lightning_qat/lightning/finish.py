@@ -413,6 +413,7 @@ class FinishPipeline:
             run.example_inputs,
             qat=False,
             relu6_to_relu=run.relu6_to_relu,
+            kept=run.prepared.kernels,  # the run's decision for the kernels: the baseline has the QAT run's graph
         )
         with ao.engine(backend), ao.quiet(), torch.no_grad():
             for i, batch in enumerate(self.data.calibration() if self.data.calibration else ()):

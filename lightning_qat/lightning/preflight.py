@@ -136,7 +136,7 @@ def check_outputs(float_network: nn.Module, example_inputs: tuple[Any, ...], nam
         raise PreflightError(
             f"`{name}` returns a {type(named).__name__} (a namedtuple): the TorchScript int8 artifact would return a "
             f"plain tuple and `.{named._fields[0]}` would be gone. Return a dict instead ({{{fields}}}), which the "
-            "artifact keeps, or pass export=['onnx'] / save_artifact=False."
+            "artifact keeps, or pass export=['onnx'] / export=[]."
         )
 
 
@@ -356,7 +356,7 @@ def check_conversion(
     except Exception as err:
         raise PreflightError(
             f"The int8 `{name}` cannot be traced to TorchScript for the artifact: {type(err).__name__}: {err}. "
-            "Return tensors (or tuples of tensors) from the network, or pass save_artifact=False."
+            "Return tensors (or tuples of tensors) from the network, or pass export=[]."
         ) from err
     return quantized
 

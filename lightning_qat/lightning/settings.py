@@ -130,7 +130,6 @@ class FinishSettings:
     monitor_mode: MonitorMode = "max"
     max_metric_drop: float | None = None
     on_drop: OnDrop = "warn"
-    save_artifact: bool = True
     export: Sequence[ExportFormat] = ("torchscript",)
     ptq_baseline: bool = False
     ptq_batches: int = 8
@@ -138,6 +137,11 @@ class FinishSettings:
     weights: ConvertFrom = "last"
     untrained_float: bool = False
     freezing: dict[str, str] = field(default_factory=dict)  # where BatchNorm / observers froze in the fit
+
+    @property
+    def save_artifact(self) -> bool:
+        """Whether the end of fit writes artifacts: ``export`` names at least one format."""
+        return bool(self.export)
 
     @classmethod
     def of(cls, arguments: Arguments, freezing: dict[str, str]) -> FinishSettings:
@@ -150,7 +154,6 @@ class FinishSettings:
             monitor_mode=a.monitor_mode,
             max_metric_drop=a.max_metric_drop,
             on_drop=a.on_drop,
-            save_artifact=bool(a.export),
             export=list(a.export),
             ptq_baseline=a.ptq_baseline,
             ptq_batches=a.ptq_batches,

@@ -63,10 +63,11 @@ class CheckpointError(ValueError):
 
 
 class NotTraceable(RuntimeError):
-    """Raised by the FX engine when torch.fx (or torch's QAT tracer) cannot trace the network.
+    """Raised by an engine that cannot take the network: torch.fx cannot trace it, ``torch.export`` cannot capture it.
 
-    ``engine="auto"`` then prepares it in eager mode; ``engine="fx"`` stops in ``setup`` with the reason. Nothing
-    else falls back: a failure of lightning-qat's own FX passes is raised as it is, with the network restored.
+    ``engine="auto"`` then tries the next engine (FX, then PT2E, then eager); an engine named by ``engine=`` stops in
+    ``setup`` with the reason. Nothing else falls back: a failure of lightning-qat's own passes is raised as it is,
+    with the network restored.
     """
 
 

@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import pretrained_tiny, trainer_kwargs
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_qat import FinishPipeline, QATCallback, QATReport, load_quantized
@@ -224,3 +225,21 @@ def test_evaluate_test_uses_the_test_loop(tmp_path, digits8, float_tiny):
     qat = QATCallback(evaluate="test", export=[])
     _fit(tmp_path, digits8, float_tiny, qat, max_epochs=1, limit_train_batches=2)
     assert set(qat.report.metrics["int8"]) == {"test_acc"}
+
+
+@pytest.mark.parametrize("bar", [RichProgressBar, TQDMProgressBar])
+def test_the_end_of_fit_shows_one_bar_per_step_of_the_fits_kind_and_nothing_after_the_report(
+    tmp_path, digits8, float_tiny, capsys, bar
+):
+    """Before: five tqdm "Validation DataLoader" bars under the rich one, and the epoch's bar again after the report."""
+    qat = QATCallback(export=[], latency_repeats=1)
+    kwargs = trainer_kwargs(tmp_path, max_epochs=1, enable_progress_bar=True, callbacks=[bar(), qat])
+    pl.Trainer(**kwargs).fit(pretrained_tiny(float_tiny), datamodule=digits8)
+    out, err = capsys.readouterr()
+    assert out.rstrip().splitlines()[-1].strip() == qat.report.summary()[-1]  # the report is the last thing shown
+    for row in ("float", "qat", "int8"):  # each evaluation's bar names its step
+        assert f"QAT: evaluating {row}" in out + err
+    if bar is RichProgressBar:
+        assert out.count("Epoch 0/0") == 1  # the fit's own bar, once, above the end of fit
+        assert "Validation" not in out + err
+        assert "it/s]" not in out + err  # no tqdm bar

@@ -7,8 +7,9 @@ from torch.ao.nn.intrinsic import qat as nniqat
 from torch.utils.flop_counter import FlopCounterMode
 
 import lightning_qat
-from lightning_qat.quantization import ao, passes
+from lightning_qat.quantization import ao, passes, pt2e
 from lightning_qat.quantization.edits import check_skip, replace_relu6
+from lightning_qat.quantization.engines import Needs
 from lightning_qat.quantization.engines.eager import EagerQATWrapper, find_fusion_groups
 from lightning_qat.quantization.prepare import float_modules, prepare_model
 
@@ -34,7 +35,7 @@ def test_fx_resnet18_fuses_and_fake_quantizes_residual_model():
 def test_untraceable_model_falls_back_to_eager_with_discovered_fusion():
     prepared = prepare_model(UntraceableNet(), "x86", "auto", [], EXAMPLE8)
     assert prepared.mode == "eager"
-    assert "FX tracing failed" in prepared.reason
+    assert "fx: UntraceableNet cannot be symbolically traced" in prepared.reason
     assert isinstance(prepared.module, EagerQATWrapper)
     inner = prepared.module.module
     assert isinstance(inner.conv1, nniqat.ConvBnReLU2d)
@@ -263,7 +264,44 @@ def test_a_failure_of_our_own_fx_passes_is_raised_with_the_network_as_it_was(mon
     assert [(name, type(module)) for name, module in net.named_modules()] == before
 
 
-def test_what_fx_cannot_trace_still_goes_to_eager_mode():
+def test_what_neither_fx_nor_torch_export_can_take_goes_to_eager_mode():
     prepared = prepare_model(UntraceableNet(), "x86", "auto", [], EXAMPLE8)
     assert prepared.mode == "eager"
-    assert prepared.reason.startswith("FX tracing failed (TraceError: ")
+    assert prepared.reason.startswith("fx: UntraceableNet cannot be symbolically traced (TraceError: ")
+    if pt2e.missing() is None:  # data-dependent control flow: torch.export cannot capture it either
+        assert "; pt2e: torch.export cannot capture UntraceableNet" in prepared.reason
+    else:
+        assert f"; pt2e: {pt2e.missing()}" in prepared.reason
+
+
+class ShapeBranch(nn.Module):
+    """A branch on ``x.dim()`` inside a helper torch.fx cannot see through (``len(x.shape)`` of a Proxy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x):
+        for _ in range(len(x.shape) - 2):  # iterates on a Proxy: a TraceError for torch.fx, a constant for export
+            x = torch.relu(self.conv(x))
+            break
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
+def test_auto_takes_pt2e_for_what_fx_cannot_trace_unless_the_run_needs_what_pt2e_lacks():
+    """Before: eager, which fails on hybrid conv/attention networks (timm's ViTs: tests/test_families.py)."""
+    prepared = prepare_model(ShapeBranch(), "x86", "auto", [], EXAMPLE8)
+    assert prepared.mode == "pt2e"
+    assert prepared.reason.startswith("fx: ShapeBranch cannot be symbolically traced")
+    for needs, why in [
+        (Needs(formats=("torchscript",)), "it does not write ['torchscript']"),
+        (Needs(dynamic=True), "it has no dynamic int8 activations"),
+        (Needs(search=True), "the accuracy-budget search cannot keep its layers float"),
+    ]:
+        prepared = prepare_model(ShapeBranch(), "x86", "auto", [], EXAMPLE8, needs=needs)
+        assert prepared.mode == "eager"
+        assert prepared.reason.endswith(f"; pt2e: {why}")
+    prepared = prepare_model(ShapeBranch(), "qnnpack", "auto", [], EXAMPLE8)
+    assert prepared.mode == "eager"
+    assert "pt2e: engine='pt2e' with backend='qnnpack'" in prepared.reason

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import NormActNet, UntraceableNet
+from conftest import BatchNormAct2d, NormActNet, UntraceableNet
 from torch import nn
 
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.prepare import prepare_model
 from lightning_qat.quantization.trace import conv_bn_pairs, trace
 
@@ -42,13 +42,49 @@ def test_a_batchnorm_that_calls_f_batch_norm_becomes_a_plain_batchnorm_that_foll
     assert traced.batch_norms == ["bn1", "bn2"]
     assert type(traced.module.bn1) is nn.BatchNorm2d  # torch's own class: the fuser matches it
     assert traced.module.bn1.running_mean is net.bn1.running_mean  # the same tensors (and state-dict keys)
-    assert isinstance(traced.module.bn2.act, nn.SiLU)  # the activation still runs after the norm
+    assert isinstance(traced.module.bn2_act, nn.SiLU)  # the activation still runs after the norm, beside it
+    assert "bn2_act" in traced.module.code
     assert "torch._assert" not in traced.module.code  # a second user of the conv output would block fusion
     with torch.no_grad():  # evaluation uses the running statistics, not the batch's
         assert torch.allclose(traced.module.eval()(x), net.eval()(x), atol=1e-6)
     before = int(net.bn1.num_batches_tracked)
     traced.module.train()(x)
     assert int(net.bn1.num_batches_tracked) == before + 1  # counted once, by the BatchNorm itself
+
+
+class MixedKernelNormAct(nn.Module):
+    """timm's mixnet block in short: depthwise convs of two kernel sizes, concatenated, then a BatchNormAct2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.dw3, self.dw5 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.bn = BatchNormAct2d(16, nn.SiLU)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        a, b = self.stem(x).split(8, 1)
+        return self.fc(self.bn(torch.cat([self.dw3(a), self.dw5(b)], 1)).mean((2, 3)))
+
+
+def test_a_batchnorm_act_after_a_cat_converts_with_its_activation():
+    """No convolution precedes the BatchNorm: torch converts it to a quantized BatchNorm, which has no children.
+
+    Before, its activation stayed its child (``bn.act``) and the conversion failed: "Node bn_act target bn.act
+    references nonexistent attribute act of bn" (timm's mixnet and dpn, #38).
+    """
+    x = torch.randn(16, 1, 8, 8)
+    net = _with_statistics(MixedKernelNormAct(), x)
+    reference = copy.deepcopy(net).eval()
+    prepared = prepare_model(net, "x86", "fx", [], EXAMPLE8, kept={})
+    assert prepared.conv_bn_pairs == 0
+    prepared.module(x)
+    int8 = prepared.engine.convert(copy.deepcopy(prepared.module).eval())
+    assert ao.is_quantized_module(int8.bn)
+    assert isinstance(int8.bn_act, nn.SiLU)
+    with torch.no_grad():  # int8 after one calibration batch, random weights: 12% of the largest logit measured
+        expected = reference(x)
+        assert (int8(x) - expected).abs().max() <= 0.25 * expected.abs().max()
 
 
 def test_conv_bn_pairs_name_what_torch_cannot_fuse():
@@ -152,10 +188,14 @@ class ChecksAModuleOutput(nn.Module):
 
 
 def test_a_condition_on_a_module_output_shape_is_not_decided():
-    """Deciding it would run the module inside the trace; it stays torch.fx's error, and the eager fallback works."""
+    """Deciding it would run the module inside the trace; it stays torch.fx's error, and "auto" takes the next engine.
+
+    torch.export captures it (PT2E); without torchao, eager mode takes it.
+    """
     with pytest.raises(torch.fx.proxy.TraceError):
         trace(ChecksAModuleOutput().train(), (), EXAMPLE8)
-    assert prepare_model(ChecksAModuleOutput(), "x86", "auto", [], EXAMPLE8).mode == "eager"
+    fallback = "pt2e" if pt2e.missing() is None else "eager"
+    assert prepare_model(ChecksAModuleOutput(), "x86", "auto", [], EXAMPLE8).mode == fallback
 
 
 def test_a_condition_on_tensor_values_is_still_not_traced():

@@ -17,6 +17,7 @@ from lightning_qat.exceptions import CheckpointError
 from lightning_qat.lightning.callback import QATCallback
 from lightning_qat.lightning.checkpoint import check_readable
 from lightning_qat.lightning.convert_checkpoint import analyze_checkpoint, convert_checkpoint
+from lightning_qat.lightning.evaluate import quiet_lightning
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -162,17 +163,18 @@ class QATLightningCLI(LightningCLI):
         rank_zero_info(f"Float pre-training: {pretrain.epochs} epochs at lr {lr} before QAT.")
         if qat_lr is not None:
             hparams.lr = lr
-        trainer = Trainer(
-            max_epochs=pretrain.epochs,
-            accelerator=self.trainer.accelerator,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=self.trainer.progress_bar_callback is not None,
-            default_root_dir=self.trainer.default_root_dir,
-            limit_train_batches=self.trainer.limit_train_batches,  # --trainer.limit_*: the whole job, not QAT only
-            limit_val_batches=self.trainer.limit_val_batches,
-        )
+        with quiet_lightning():  # its start-up lines (and Lightning's tips) were said by the QAT trainer's
+            trainer = Trainer(
+                max_epochs=pretrain.epochs,
+                accelerator=self.trainer.accelerator,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=self.trainer.progress_bar_callback is not None,
+                default_root_dir=self.trainer.default_root_dir,
+                limit_train_batches=self.trainer.limit_train_batches,  # --trainer.limit_*: the whole job, not QAT only
+                limit_val_batches=self.trainer.limit_val_batches,
+            )
         trainer.fit(self.model, datamodule=copy.copy(self.datamodule))
         if qat_lr is not None:
             hparams.lr = qat_lr

@@ -22,9 +22,9 @@ from typing_extensions import override
 from lightning_qat import files
 from lightning_qat.lightning import activations as activation_choice
 from lightning_qat.lightning import checkpoint as checkpoint_io
-from lightning_qat.lightning import example_input, internals, preflight
+from lightning_qat.lightning import example_input, internals, peers, preflight
 from lightning_qat.lightning.budget import FitSearch
-from lightning_qat.lightning.evaluate import EvalData, Stage, eval_data
+from lightning_qat.lightning.evaluate import EvalData, Stage, eval_data, stop_display
 from lightning_qat.lightning.finish import FinishPipeline, finish_on_rank0
 from lightning_qat.lightning.freeze import Freezing
 from lightning_qat.lightning.install import decide_kernels, install
@@ -44,7 +44,7 @@ from lightning_qat.lightning.state import QATState
 from lightning_qat.lightning.target import find_target
 from lightning_qat.quantization import ao, compat, engines
 from lightning_qat.quantization.backends import Backend, resolve_backend
-from lightning_qat.quantization.engines import Mode, Prepared
+from lightning_qat.quantization.engines import Mode, Needs, Prepared
 from lightning_qat.quantization.schedule import Interval
 from lightning_qat.quantization.sync import all_reduce_observers
 
@@ -65,8 +65,9 @@ class QATCallback(Callback):
         module: attribute of the LightningModule holding the network to quantize (dotted paths allowed);
             ``None`` picks the single top-level child that is not a metric or loss.
         backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``None`` picks ``x86`` on x86-64, ``qnnpack`` on ARM.
-        engine: ``"auto"`` (FX, eager where FX cannot trace), ``"fx"``, ``"eager"`` or ``"pt2e"``
-            (``torch.export`` + torchao, an AOTInductor package; ``pip install 'lightning-qat[pt2e]'``).
+        engine: ``"auto"`` (FX; PT2E where FX cannot trace; eager where neither takes the network or PT2E lacks
+            what the run asks: see the manual), ``"fx"``, ``"eager"`` or ``"pt2e"`` (``torch.export`` + torchao, an
+            AOTInductor package; ``pip install 'lightning-qat[pt2e]'``).
         skip: qualified submodule names (inside ``module``) kept in float, also in the int8 model.
         relu6_to_relu: replace ``nn.ReLU6`` by ``nn.ReLU`` before fusing (as torchvision's quantizable MobileNets do):
             Conv-BN-ReLU6 fuses into one int8 op; the function changes above 6, which QAT adapts to.
@@ -179,6 +180,7 @@ class QATCallback(Callback):
         self.overwrite = overwrite
         self.activations = activations
         self.export = check_arguments(self, export=export, ptq_batches=ptq_batches, fallback_at=fallback_at)
+        self.needs = Needs(tuple(export or ()), activations == "dynamic", on_drop == "fallback")  # of engine="auto"
         self.skip = list(skip)
         self.ptq_batches = ptq_batches if ptq_batches is not None else 8
         self.fallback_at: FallbackAt = fallback_at if fallback_at is not None else "bn"
@@ -242,7 +244,10 @@ class QATCallback(Callback):
         # the checked copy is the float baseline (an eval forward pass leaves a float network as it was)
         state.float_network = preflight.check_example(network, state.example_inputs, state.target)
         kernels = decide_kernels(trainer, network, self.backend, self.skip)
-        self._install(pl_module, network, self.engine, kernels)
+        names = peers.module_names(pl_module)
+        peers.retarget_pruning(
+            trainer, pl_module, state.target, self._install(pl_module, network, self.engine, kernels), names
+        )
         data, written = eval_data(trainer, self.evaluate), self.export
         probe, quantized = preflight.run_preflight(
             pl_module, state, self.backend, self.evaluate, data, written, self.monitor
@@ -258,7 +263,11 @@ class QATCallback(Callback):
         state, skip, relu6 = self.state, self.skip, self.relu6_to_relu
         assert state.target is not None
         inputs = state.example_inputs
-        state.prepared = install(pl_module, state.target, network, self.backend, mode, skip, inputs, relu6, kernels)
+        state.prepared = install(
+            pl_module, state.target, network, self.backend, mode, skip, inputs, relu6, kernels, self.needs
+        )
+        if self.export and not self.needs.formats:  # formats not named: the artifact of the engine "auto" took
+            self.export = [state.prepared.engine.formats[0]]  # type: ignore[list-item]
         self.freezing.reset()
         return state.prepared
 
@@ -352,6 +361,7 @@ class QATCallback(Callback):
         if self.prepared is None or trainer.interrupted:
             return
         self.freezing.finish(self.network(pl_module), trainer)
+        stop_display(trainer.progress_bar_callback)  # the end of fit prints below the last epoch's bar, once
 
         def build() -> FinishPipeline:
             self.finished = self.pipeline(self._run(trainer, pl_module), eval_data(trainer, self.evaluate), trainer)
@@ -366,10 +376,8 @@ class QATCallback(Callback):
         Used at the end of fit and by :func:`~lightning_qat.convert_checkpoint`.
         """
         settings = FinishSettings.of(self, freezing=dict(self.freezing.applied))
-        progress = trainer.progress_bar_callback is not None
-        return self.pipeline_class(
-            settings, run, data, trainer.loggers, trainer.global_step, progress, str(trainer.default_root_dir)
-        )
+        progress, root = trainer.progress_bar_callback, str(trainer.default_root_dir)
+        return self.pipeline_class(settings, run, data, trainer.loggers, trainer.global_step, progress, root)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> QATRun:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")  # a ModelCheckpoint's; "" without one

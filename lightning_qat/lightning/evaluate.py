@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from torch import nn
 from torchmetrics import Metric
 
@@ -22,8 +22,8 @@ Stage = Literal["val", "test"]
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Keep the evaluation trainer's start-up lines (GPU available, ...) out of the user's log."""
+def quiet_lightning() -> Iterator[None]:
+    """Keep a helper trainer's start-up lines (GPU available, Lightning's tips, ...) out of the user's log."""
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -102,13 +102,16 @@ def run_evaluation(
     stage: Stage,
     backend: str,
     data: EvalData,
-    progress: bool = False,
+    progress: ProgressBar | None = None,
     limit: int | float | None = None,
     root_dir: str = ".",
+    label: str = "",
 ) -> dict[str, float]:
     """Run the user's ``validation_step``/``test_step`` on ``pl_module`` on the CPU with Lightning's own loop.
 
-    Batches come from ``data``; ``limit`` overrides ``data.limit``. Returns the logged metrics as floats.
+    Batches come from ``data``; ``limit`` overrides ``data.limit``. ``progress``: the fit's progress bar, whose kind
+    (rich or tqdm) this evaluation's bar takes, named ``label`` and gone when done (none for other bars, or None).
+    Returns the logged metrics as floats.
     """
     datamodule = data.datamodule
     kwargs: dict[str, Any] = {}
@@ -119,16 +122,16 @@ def run_evaluation(
     limit = limit if limit is not None else data.limit
     limit = 1.0 if limit is None else limit
     previous_dm_trainer = datamodule.trainer if datamodule is not None else None
-    with _quiet_lightning():
+    bar = _bar_like(progress, label or stage)
+    with quiet_lightning():
         eval_trainer = pl.Trainer(
             accelerator="cpu",
             devices=1,
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            enable_progress_bar=progress,
-            # tqdm, not rich: a second rich live display inside the training one breaks rich's live stack.
-            callbacks=[TQDMProgressBar(leave=False)] if progress else None,
+            enable_progress_bar=bar is not None,
+            callbacks=[bar] if bar is not None else None,
             limit_val_batches=limit,
             limit_test_batches=limit,
             default_root_dir=root_dir,
@@ -145,3 +148,55 @@ def run_evaluation(
         for name, value in result.items():
             metrics[name.split("/dataloader_idx_")[0] if len(results) == 1 else name] = float(value)
     return metrics
+
+
+def stop_display(progress: ProgressBar | None) -> None:
+    """End the fit's rich live display now, leaving its last state on the terminal once.
+
+    Lightning stops it in ``teardown``, after ``on_fit_end``: everything the end of fit prints would redraw the
+    epoch's bar below it, and the bar would be drawn once more after the report. A tqdm bar is closed already.
+    """
+    live = getattr(progress, "progress", None) if isinstance(progress, RichProgressBar) else None
+    if live is not None:
+        live.stop()  # rich's Progress; Lightning's own stop in teardown is then a no-op
+
+
+class _RichBar(RichProgressBar):
+    """A rich bar for one end-of-fit evaluation, named by what it evaluates, gone when it ends."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(leave=False)
+        self.label = label
+
+    @property
+    def validation_description(self) -> str:  # noqa: D102
+        return self.label
+
+    @property
+    def test_description(self) -> str:  # noqa: D102
+        return self.label
+
+
+class _TqdmBar(TQDMProgressBar):
+    """A tqdm bar for one end-of-fit evaluation, named by what it evaluates, gone when it ends."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(leave=False)
+        self.label = label
+
+    @property
+    def validation_description(self) -> str:  # noqa: D102
+        return self.label
+
+    @property
+    def test_description(self) -> str:  # noqa: D102
+        return self.label
+
+
+def _bar_like(progress: ProgressBar | None, label: str) -> ProgressBar | None:
+    """A bar of the kind of ``progress`` for one evaluation (one display at a time: the fit's is stopped first)."""
+    if isinstance(progress, RichProgressBar):
+        return _RichBar(label)
+    if isinstance(progress, TQDMProgressBar):
+        return _TqdmBar(label)
+    return None

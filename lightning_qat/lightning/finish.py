@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.loggers import Logger
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -43,6 +44,7 @@ from lightning_qat.quantization.measure import (
     float_parameters,
     measure_latency,
     serialized_size,
+    zero_weights,
 )
 from lightning_qat.quantization.prepare import prepare_model
 from lightning_qat.quantization.sensitivity import LayerSQNR, layer_sqnr
@@ -58,7 +60,7 @@ class FinishPipeline:
         run: the trained QAT network and how it was prepared.
         data: the final evaluation's batches (and the PTQ baseline's calibration batches).
         loggers: the loggers the report's metrics go to (``float/…``, ``qat/…``, ``int8/…``), at ``step``.
-        progress: show a progress bar during the evaluation.
+        progress: the fit's progress bar: each evaluation shows one of its kind, named by the network it evaluates.
         root_dir: the evaluation trainer's ``default_root_dir``.
 
     After :meth:`run`: ``quantized_model`` (the int8 network), ``artifact_path`` / ``onnx_path`` (the files written),
@@ -74,7 +76,7 @@ class FinishPipeline:
         data: EvalData,
         loggers: Sequence[Logger] = (),
         step: int = 0,
-        progress: bool = False,
+        progress: ProgressBar | None = None,
         root_dir: str = ".",
     ) -> None:
         self.settings = settings
@@ -141,6 +143,7 @@ class FinishPipeline:
             untrained_float=self.settings.untrained_float,
             float_params=float_parameters(self.quantized_model),
             float_ops=float_ops(self.quantized_model),
+            zero_weights=zero_weights(self.quantized_model),
             network_params=sum(p.numel() for p in self.trained_network.parameters()),
             conv_bn_pairs=run.prepared.conv_bn_pairs,
             conv_bn_unfused=list(run.prepared.conv_bn_unfused),
@@ -247,18 +250,20 @@ class FinishPipeline:
         if self.onnx_path is not None:
             networks["int8-onnx"] = self._onnx_network()
         for row, network in networks.items():
-            report.metrics[row] = self.evaluate(network)
+            report.metrics[row] = self.evaluate(network, label=f"QAT: evaluating {row}")
 
-    def evaluate(self, network: nn.Module, limit: int | None = None) -> dict[str, float]:
+    def evaluate(
+        self, network: nn.Module, limit: int | None = None, label: str = "QAT: evaluating"
+    ) -> dict[str, float]:
         """The user's ``validation_step``/``test_step`` metrics of ``network`` in place of the trained one.
 
-        ``limit``: that many batches (default: the run's evaluation limit).
+        ``limit``: that many batches (default: the run's evaluation limit); ``label``: its progress bar's name.
         """
         run, stage = self.qat_run, self.settings.evaluate
         assert stage is not None
         clone = module_with_network(run.pl_module, run.target, network)
         return run_evaluation(
-            clone, stage, self.settings.backend, self.data, self.progress, limit=limit, root_dir=self.root_dir
+            clone, stage, self.settings.backend, self.data, self.progress, limit, self.root_dir, label
         )
 
     def analyze_layers(self, report: QATReport) -> None:
@@ -281,7 +286,7 @@ class FinishPipeline:
         copy = cpu_eval_copy(network)
         freeze_for_inference(copy)
         with LayerSQNR(copy, self.sqnr_batches) as meter:
-            self.evaluate(copy, limit=self.sqnr_batches)
+            self.evaluate(copy, limit=self.sqnr_batches, label="QAT: per-layer SQNR")
         return meter.result()
 
     def fall_back(self, report: QATReport, out_dir: Path) -> None:
@@ -319,9 +324,10 @@ class FinishPipeline:
             report.kept_float = self.kept_float()
             report.float_params = float_parameters(self.quantized_model)
             report.float_ops = float_ops(self.quantized_model)
+            report.zero_weights = zero_weights(self.quantized_model)
             self.write_artifact(report, out_dir)
             if self.onnx_path is not None:
-                report.metrics["int8-onnx"] = self.evaluate(self._onnx_network())
+                report.metrics["int8-onnx"] = self.evaluate(self._onnx_network(), label="QAT: evaluating int8-onnx")
         report.fallback_seconds += time.perf_counter() - start
 
     def measure_networks(self, report: QATReport) -> None:

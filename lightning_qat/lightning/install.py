@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_qat.quantization import ao, compat
 from lightning_qat.quantization.edits import kept_float
-from lightning_qat.quantization.engines import Mode, Prepared
+from lightning_qat.quantization.engines import Mode, Needs, Prepared
 from lightning_qat.quantization.prepare import prepare_model
 
 
@@ -25,6 +25,7 @@ def install(
     example_inputs: tuple[Any, ...],
     relu6_to_relu: bool = False,
     kernels: dict[str, str] | None = None,
+    needs: Needs | None = None,
 ) -> Prepared:
     """Prepare ``network`` for QAT and set it as ``pl_module``'s submodule ``target``; on rank 0, say what was done.
 
@@ -34,7 +35,9 @@ def install(
     notice = ao.first_notice()  # once per process: torch.ao's deprecation warnings are silenced
     if notice:
         rank_zero_info(notice)
-    prepared = prepare_model(network, backend, mode, skip, example_inputs, relu6_to_relu=relu6_to_relu, kept=kernels)
+    prepared = prepare_model(
+        network, backend, mode, skip, example_inputs, relu6_to_relu=relu6_to_relu, kept=kernels, needs=needs
+    )
     compat.set_submodule(pl_module, target, prepared.module)
     for warning in prepared.warnings:
         rank_zero_warn(warning)

@@ -24,11 +24,12 @@ from lightning_qat.export.onnx import onnx_bytes
 from lightning_qat.export.torchscript import to_torchscript
 from lightning_qat.lightning import internals
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
+from lightning_qat.lightning.peers import check_averaging
 from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.lightning.state import QATState
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
-from lightning_qat.quantization.engines import Engine
+from lightning_qat.quantization.engines import Engine, Prepared
 from lightning_qat.quantization.measure import count_weight_layers
 
 SUPPORTED_PRECISIONS = ("32-true", "32", 32)
@@ -44,8 +45,8 @@ def check_fit(
 
     Raises:
         ValueError: if ``network`` is QAT-prepared already.
-        PreflightError: for a precision QAT cannot train, a missing evaluation step or data, or a call to a method
-            of the network from the LightningModule.
+        PreflightError: for a precision QAT cannot train, weight averaging beside it, a missing evaluation step or
+            data, or a call to a method of the network from the LightningModule.
     """
     if ao.fake_quant_modules(network):
         raise ValueError(
@@ -54,6 +55,7 @@ def check_fit(
             "`trainer.fit(MyModule(), ckpt_path=...)`."
         )
     check_precision(trainer)
+    check_averaging(trainer)
     check_evaluation(trainer, pl_module, evaluate)
     network = unwrap_compiled(network, target)
     check_network_calls(pl_module, target, network)
@@ -88,18 +90,7 @@ def run_preflight(
     assert float_network is not None
     with sigterm_raises("the QAT preflight"):
         start = time.perf_counter()
-        check_eval_is_deterministic(float_network, prepared.module, example_inputs, target)
-        if "torchscript" in export:
-            check_outputs(float_network, example_inputs, target)
-        probe = check_example(prepared.module, example_inputs, target, prepared=True)
-        quantized = check_conversion(probe, prepared.engine, backend, example_inputs, target)
-        if count_weight_layers(quantized) == 0:
-            rank_zero_warn(
-                f"QAT: nothing in `{target}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
-                "int8 model would be no smaller and no faster than the float one."
-            )
-        if "onnx" in export:
-            check_onnx_export(probe, example_inputs, target)
+        probe, quantized = check_network(float_network, prepared, backend, example_inputs, target, export)
         if evaluate is not None:
             step = "validation_step" if evaluate == "val" else "test_step"
             clone = module_with_network(pl_module, target, quantized)
@@ -123,6 +114,34 @@ def run_preflight(
         rank_zero_info(
             f"QAT: preflight passed in {time.perf_counter() - start:.2f} s (int8 conversion and evaluation)."
         )
+    return probe, quantized
+
+
+def check_network(
+    float_network: nn.Module,
+    prepared: Prepared,
+    backend: str,
+    example_inputs: tuple[Any, ...],
+    name: str,
+    export: Sequence[str] = ("torchscript",),
+) -> tuple[nn.Module, nn.Module]:
+    """The preflight's checks of the network alone (no trainer, no metric): what the end of fit would do to it.
+
+    Determinism in ``eval()``, the example through the prepared network, int8 conversion and a forward pass, the
+    artifacts of ``export`` that are traced. Returns the calibrated QAT copy and its int8 conversion.
+    """
+    check_eval_is_deterministic(float_network, prepared.module, example_inputs, name)
+    if "torchscript" in export:
+        check_outputs(float_network, example_inputs, name)
+    probe = check_example(prepared.module, example_inputs, name, prepared=True)
+    quantized = check_conversion(probe, prepared.engine, backend, example_inputs, name)
+    if count_weight_layers(quantized) == 0:
+        rank_zero_warn(
+            f"QAT: nothing in `{name}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
+            "int8 model would be no smaller and no faster than the float one."
+        )
+    if "onnx" in export:
+        check_onnx_export(probe, example_inputs, name)
     return probe, quantized
 
 

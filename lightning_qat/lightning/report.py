@@ -21,6 +21,11 @@ def kept(name: str, why: str, by: KeptBy) -> dict[str, str]:
     return {"name": name, "why": why, "by": by}
 
 
+# Below this share of zero int8 weights the report says nothing of sparsity: rounding alone zeroes ~1% of a dense
+# network's weights (a weight under half a quantization step).
+SPARSE = 0.05
+
+
 @dataclass
 class QATReport:
     """Metrics, size and latency of the float, (PTQ,) QAT and int8 networks, and how the int8 one was made."""
@@ -65,6 +70,7 @@ class QATReport:
     fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # each: layers, metric, meets, size...
     int8_kernels: int | None = None  # int8 conv/linear kernel calls in the PT2E engine's compiled package
     freezing: dict[str, str] = field(default_factory=dict)  # "bn" / "observers" -> where the fit froze them
+    zero_weights: float | None = None  # share of the int8 weights that are exactly zero (sparsity, e.g. pruning)
 
     def fusion(self) -> str | None:
         """How many Conv-BN pairs were fused, and which were not and why; ``None`` when not counted."""
@@ -206,6 +212,8 @@ class QATReport:
                 lines.append(f"accuracy budget met by keeping float: {floating} (search: {searched})")
             else:
                 lines.append(f"ACCURACY BUDGET NOT MET by any fallback tried ({searched}); kept float: {floating}")
+        if self.zero_weights is not None and self.zero_weights >= SPARSE:
+            lines.append(f"sparsity: {self.zero_weights:.1%} of the int8 weights are zero (pruned weights stay zero)")
         if self.freezing:
             said = [
                 f"{label} at {self.freezing[key]}" if key in self.freezing else f"{label} never"

@@ -53,6 +53,16 @@ def count_weight_layers(network: nn.Module) -> int:
     return modules + functions
 
 
+def zero_weights(network: nn.Module) -> float | None:
+    """The share of a converted network's int8 weights that are exactly zero (``None``: no int8 weight to count).
+
+    Sparsity (from ``ModelPruning``, say) survives conversion: a zero weight quantizes to the zero point.
+    """
+    weights = [w for w in map(ao.int8_weight, network.modules()) if w is not None]
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total if total else None
+
+
 def float_parameters(network: nn.Module) -> dict[str, int]:
     """Float parameters left in a converted network, by module type (what int8 does not cover)."""
     if pt2e.is_exported(network):

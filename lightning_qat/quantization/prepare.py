@@ -1,8 +1,8 @@
 """Preparing a float network for QAT: the edits every engine starts from, then the engine's own preparation.
 
 :func:`prepare_model` folds weight norms, swaps ReLU6 (when asked), asks this CPU's kernels what stays float
-(:mod:`.edits`), then hands the network to the engine of ``mode`` (:mod:`.engines`); ``mode="auto"`` tries FX and
-takes eager only for what torch.fx cannot trace.
+(:mod:`.edits`), then hands the network to the engine of ``mode`` (:mod:`.engines`); ``mode="auto"`` tries FX, then
+PT2E for what torch.fx cannot trace, then eager.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from lightning_qat.quantization import ao, edits, engines, pt2e
-from lightning_qat.quantization.engines import Mode, Preparation, Prepared
+from lightning_qat.quantization.engines import Mode, Needs, Preparation, Prepared
 from lightning_qat.quantization.engines.eager import EagerQATWrapper, FloatIsland
 from lightning_qat.quantization.engines.fx import Unfused
 
@@ -51,6 +51,7 @@ def prepare_model(
     qat: bool = True,
     relu6_to_relu: bool = False,
     kept: dict[str, str] | None = None,
+    needs: Needs | None = None,
 ) -> Prepared:
     """Fuse and insert fake-quant into ``network`` for ``backend`` with the engine of ``mode``.
 
@@ -60,8 +61,10 @@ def prepare_model(
 
     With ``qat=False`` the network is prepared for post-training quantization instead (observers, eval mode):
     the PTQ baseline of the report. ``relu6_to_relu`` first applies :func:`~.edits.replace_relu6` (outside ``skip``).
-    ``mode="auto"`` takes the eager engine when torch.fx cannot trace the network; any other failure of the FX
-    engine (a bug in its passes, say) is raised, with the network as it was given to the engine.
+    ``mode="auto"`` takes the PT2E engine when torch.fx cannot trace the network, and eager when ``torch.export``
+    cannot capture it either or PT2E cannot serve ``needs`` (formats the user named, dynamic activations, the
+    accuracy-budget search: :func:`~.engines.prepare`); any other failure of an engine (a bug in its passes, say) is
+    raised, with the network as it was given to the engine.
 
     Raises:
         RuntimeError: when ``mode="fx"`` and the network cannot be symbolically traced, or ``mode="pt2e"`` and
@@ -85,7 +88,7 @@ def prepare_model(
             f"{edits.ZERO_BN_WEIGHT}: torch's fused Conv-BN QAT divides by them (NaN otherwise)."
         )
     network.train(qat)
-    settings = Preparation(backend, list(skip), example_inputs, qat, relu6_to_relu)
+    settings = Preparation(backend, list(skip), example_inputs, qat, relu6_to_relu, needs or Needs())
     with ao.engine(backend):
         prepared = engines.prepare(mode, network, settings, kept)
     prepared.relu6_replaced, prepared.folded, prepared.kernels = replaced, folded, dict(kept)

@@ -26,7 +26,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
-from lightning_qat.exceptions import PT2EUnavailable, first_line
+from lightning_qat.exceptions import NotTraceable, PT2EUnavailable, first_line
 
 INSTALL_HINT = "pip install 'lightning-qat[pt2e]'  (torchao >= 0.18)"
 MIN_TORCH = (2, 11)  # torchao 0.18's own lower bound
@@ -224,7 +224,7 @@ def prepare(
     module at several places, as torchvision's ResNets do), then non-strict.
 
     Raises:
-        RuntimeError: naming both attempts' errors, when neither can be captured and prepared.
+        NotTraceable: naming both attempts' errors, when neither can be captured and prepared.
     """
     require()
     with quiet():
@@ -250,7 +250,7 @@ def prepare(
         wrapped = ExportedQAT(prepared)
         wrapped.train(qat)
         return wrapped
-    raise RuntimeError(f"torch.export cannot capture {type(network).__name__} for torchao ({'; '.join(errors)})")
+    raise NotTraceable(f"torch.export cannot capture {type(network).__name__} for torchao ({'; '.join(errors)})")
 
 
 def conv_bn_count(network: ExportedQAT) -> int:

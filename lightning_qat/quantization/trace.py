@@ -373,6 +373,7 @@ def _batch_norm_calls_to_modules(graph_module: torch.fx.GraphModule, network: nn
             continue
         name, module = owner
         compat.set_submodule(graph_module, name, _plain_batch_norm(module))
+        _hoist_children(graph_module, name, module)
         with graph.inserting_before(node):
             call = graph.call_module(name, (bound.arguments["input"],))
         node.replace_all_uses_with(call)
@@ -424,10 +425,32 @@ def _plain_batch_norm(module: nn.modules.batchnorm._BatchNorm) -> nn.modules.bat
     plain.weight, plain.bias = module.weight, module.bias
     plain.running_mean, plain.running_var = module.running_mean, module.running_var
     plain.num_batches_tracked = module.num_batches_tracked
-    for name, child in module.named_children():  # timm's `act` and `drop`: the graph calls them after the norm
-        plain.add_module(name, child)
     plain.train(module.training)
     return plain
+
+
+def _hoist_children(graph_module: torch.fx.GraphModule, name: str, module: nn.Module) -> None:
+    """Move the children of the BatchNorm ``name`` (timm's ``act`` and ``drop``) beside it: ``bn2.act`` -> ``bn2_act``.
+
+    The graph calls them after the norm. Left inside it, they would be lost wherever torch swaps the BatchNorm for
+    another module: a BatchNorm no convolution precedes (after a mixed-kernel convolution's ``cat``) becomes a
+    quantized BatchNorm at conversion, without children, and the graph would call a module that no longer exists.
+    """
+    parent_name, _, leaf = name.rpartition(".")
+    parent = graph_module.get_submodule(parent_name)
+    moved = {}
+    for child_name, child in module.named_children():
+        hoisted = f"{leaf}_{child_name}"
+        while hasattr(parent, hoisted):
+            hoisted += "_"
+        parent.add_module(hoisted, child)
+        moved[f"{name}.{child_name}"] = f"{parent_name}.{hoisted}" if parent_name else hoisted
+    for node in graph_module.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        for old, new in moved.items():
+            if node.target == old or str(node.target).startswith(f"{old}."):
+                node.target = new + str(node.target)[len(old) :]
 
 
 def conv_bn_pairs(graph_module: torch.fx.GraphModule) -> list[tuple[str, str, str]]:

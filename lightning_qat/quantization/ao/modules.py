@@ -139,6 +139,15 @@ def output_fake_quant(module: nn.Module) -> FakeQuantizeBase | None:
     return fake_quant if isinstance(fake_quant, FakeQuantizeBase) else None
 
 
+def int8_weight(module: nn.Module) -> torch.Tensor | None:
+    """The dequantized weight of a converted (int8) layer, else ``None``."""
+    weight_of = getattr(module, "weight", None)
+    if not is_quantized_module(module) or not callable(weight_of):
+        return None
+    weight = weight_of()
+    return weight.dequantize() if isinstance(weight, torch.Tensor) and weight.is_quantized else None
+
+
 def fused_batch_norm(module: nn.Module) -> nn.modules.batchnorm._BatchNorm | None:
     """The BatchNorm a fused Conv-BN / Linear-BN QAT module holds (to fold or freeze), else ``None``."""
     bn = getattr(module, "bn", None)

@@ -17,6 +17,19 @@ from torch import nn
 from lightning_qat.quantization import ao
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a run asks of the engine ``engine="auto"`` picks, beside taking the network.
+
+    ``formats``: the artifact formats the user named (empty: the engine's own); ``dynamic``: dynamic int8
+    activations asked for; ``search``: the accuracy-budget search (``on_drop="fallback"``).
+    """
+
+    formats: tuple[str, ...] = ()
+    dynamic: bool = False
+    search: bool = False
+
+
 @dataclass
 class Preparation:
     """What preparing a network needs, whatever the engine: the settings that shape the QAT graph.
@@ -30,6 +43,7 @@ class Preparation:
     example_inputs: tuple[Any, ...] = ()
     qat: bool = True
     relu6_to_relu: bool = False
+    needs: Needs = field(default_factory=Needs)
 
 
 @dataclass
@@ -77,6 +91,21 @@ class Engine(ABC):
 
     def check(self, backend: str) -> None:  # noqa: B027 - most engines run anywhere torch.ao does
         """Raise when this engine cannot run here with ``backend`` (a missing extra, a backend it has not)."""
+
+    def refuses(self, settings: Preparation) -> str:
+        """Why this engine cannot serve a run with ``settings`` here (``""``: it can), whatever the network."""
+        try:
+            self.check(settings.backend)
+        except (ImportError, RuntimeError, ValueError) as err:
+            return str(err)
+        missing = [fmt for fmt in settings.needs.formats if fmt not in self.formats]
+        if missing:
+            return f"it does not write {missing}"
+        if settings.needs.dynamic and not self.dynamic:
+            return "it has no dynamic int8 activations"
+        if settings.needs.search and not self.searchable:
+            return "the accuracy-budget search cannot keep its layers float"
+        return ""
 
     def owns(self, network: nn.Module) -> bool:
         """Whether ``network`` is a QAT network of this engine's (one loaded without its preparation record)."""

@@ -84,7 +84,8 @@ class FX(Engine):
         try:
             traced = trace(network, (Unfused,), example_inputs)
         except Exception as err:  # noqa: BLE001 - tracing runs the user's code on proxies: anything can fail
-            raise NotTraceable(f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}") from err
+            why = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            raise NotTraceable(f"{type(network).__name__} cannot be symbolically traced ({why})") from err
         pairs = conv_bn_pairs(traced.module)
         float_layers = [n for n in kept if not any(within(n, i) for i in islands)]
         mapping = ao.qconfig_mapping(settings.backend, float_layers, settings.qat)
@@ -92,7 +93,8 @@ class FX(Engine):
         try:
             prepared = ao.prepare_fx(traced.module, mapping, example_inputs, settings.qat, leaf_classes=leaves)
         except Exception as err:  # noqa: BLE001 - torch's QAT tracer traces the graph again, its own way
-            raise NotTraceable(f"torch's FX preparation failed ({type(err).__name__}: {err})") from err
+            why = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            raise NotTraceable(f"{type(network).__name__} cannot be prepared by torch's FX tracer ({why})") from err
         passes.drop_fake_quant_of_integer_tensors(prepared, example_inputs)
         passes.copy_parameter_views(prepared)
         passes.share_cat_quantizers(prepared)

@@ -10,6 +10,7 @@ from collections.abc import Collection
 
 from torch import nn
 
+from lightning_qat.exceptions import NotTraceable
 from lightning_qat.quantization import pt2e
 from lightning_qat.quantization.edits import shared_stateful_modules, within
 from lightning_qat.quantization.engines.base import Engine, Preparation, Prepared
@@ -46,21 +47,18 @@ class PT2E(Engine):
         """Capture and prepare with torchao; refuses modules called at several places.
 
         Raises:
-            RuntimeError: when ``torch.export`` cannot capture the network, or a stateful module is called twice
+            NotTraceable: when ``torch.export`` cannot capture the network, or a stateful module is called twice
                 (torchao's Conv-BN rewrite and conversion treat each call as a layer of its own).
         """
         skip, example_inputs = settings.skip, settings.example_inputs
         shared = [n for n in shared_stateful_modules(network, example_inputs) if not any(within(n, s) for s in skip)]
         if shared:  # converted, such a network computes something else (docs/pt2e.md has the measurement)
-            raise RuntimeError(
-                f"engine='pt2e' but {shared} are called at several places in one forward pass: torchao's Conv-BN "
-                "rewrite and its conversion treat each call as its own layer and the int8 network computes something "
-                "else. Use engine='auto' (FX keeps shared modules float), or call a copy of the module at each place."
+            raise NotTraceable(
+                f"{shared} are called at several places in one forward pass: torchao's Conv-BN rewrite and its "
+                "conversion treat each call as its own layer and the int8 network would compute something else "
+                "(FX keeps shared modules float; or call a copy of the module at each place)"
             )
-        try:
-            exported = pt2e.prepare(network, example_inputs, settings.backend, skip, settings.qat)
-        except RuntimeError as err:
-            raise RuntimeError(f"engine='pt2e' but {err}. Use engine='auto' (FX, or eager) for this network.") from err
+        exported = pt2e.prepare(network, example_inputs, settings.backend, skip, settings.qat)
         fused = pt2e.conv_bn_count(exported)
         return Prepared(exported, self, "requested", fused, conv_bn_pairs=fused)
 

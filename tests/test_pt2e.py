@@ -80,6 +80,45 @@ def test_train_eval_switching_keeps_dropout_p_and_freezes_batch_norm():
     assert dropout[0].args[2] is True
 
 
+class DecidesOnTraining(nn.Module):
+    """Decisions in Python on ``self.training``, as timm and torchvision write them: captured as their training branch.
+
+    A drop path (timm's ``drop_path``: ``new_empty(...).bernoulli_(keep).div_(keep)``; at keep 0.5 torch.export drops
+    the argument, it is bernoulli's default) and an attention whose ``dropout_p`` is chosen from ``self.training``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.qkv = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 24)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv(x).flatten(2).transpose(1, 2)  # (batch, 64 tokens, 8)
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, -1)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3 if self.training else 0.0).squeeze(1)
+        if self.training:
+            keep = 0.5
+            y = y * y.new_empty(y.shape[0], 1, 1).bernoulli_(keep).div_(keep)
+        return self.fc((x + y).mean(1))
+
+
+def test_decisions_on_self_training_follow_train_and_eval_after_capture():
+    """Before: captured in training mode, the drop path and the attention dropout stayed on in eval()."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 8, 8)
+    network = DecidesOnTraining()
+    reference = copy.deepcopy(network).eval()
+    prepared = without_fake_quant(pt2e.prepare(network, (x[:16],), "x86"))
+    with torch.no_grad():
+        prepared.eval()
+        torch.testing.assert_close(prepared(x), reference(x), rtol=1e-4, atol=1e-5)  # the float function, exactly
+        torch.testing.assert_close(prepared(x), prepared(x), rtol=0, atol=0)
+        prepared.train()
+        assert not torch.equal(prepared(x), prepared(x))  # training: the drop path and dropout again
+        evaluated = copy.deepcopy(prepared).eval()  # a copy switches too (the preflight's and the conversion's)
+        torch.testing.assert_close(evaluated(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
 def test_observers_are_found_paused_and_restored():
     x = torch.randn(16, 1, 8, 8)
     prepared = pt2e.prepare(TinyNet(), (x,), "x86")

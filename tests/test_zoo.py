@@ -802,6 +802,4 @@ PT2E_STOPS = {  # shape -> why it stops in setup
     "untraceable cnn (eager)": r"engine='pt2e' but torch.export cannot capture .*engine='auto'",  # data-dependent flow
     "shared conv": r"engine='pt2e' but \['conv'\] are called at several places",
     "shared conv-bn-relu block": r"engine='pt2e' but \['block'\] are called at several places",
-    # torchvision's stochastic_depth tests `training` in Python: export keeps the training branch
-    "stochastic depth + dropout": r"The prepared `net` is random in eval\(\)",
 }

@@ -119,6 +119,20 @@ class AtrousNet(nn.Module):
         return self.head(self.atrous(self.plain(self.stem(x))).mean((2, 3)))
 
 
+class ShapeBranch(nn.Module):
+    """A branch on ``x.dim()`` inside a helper torch.fx cannot see through (``len(x.shape)`` of a Proxy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x):
+        for _ in range(len(x.shape) - 2):  # iterates on a Proxy: a TraceError for torch.fx, a constant for export
+            x = torch.relu(self.conv(x))
+            break
+        return self.fc(x.mean((2, 3)))
+
+
 class BoringClassifier(pl.LightningModule):
     """The tiny LightningModule of the tests (like Lightning's BoringModel)."""
 

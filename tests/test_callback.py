@@ -11,13 +11,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
-from conftest import BoringClassifier, TinyNet, UntraceableNet, pretrained_tiny, trainer_kwargs
+from conftest import BoringClassifier, ShapeBranch, TinyNet, UntraceableNet, pretrained_tiny, trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_qat.quantization.convert
 from lightning_qat import QATCallback, load_quantized
 from lightning_qat.exceptions import ConversionError
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.backends import default_backend
 
 
@@ -385,3 +385,16 @@ def test_the_old_argument_names_still_work_for_one_release_and_say_so(old, new, 
     assert getattr(qat, name) == value
     with pytest.raises(ValueError, match=rf"{old_name}=.* and {name}=.* are one setting: give {name} only"):
         QATCallback(**old, **other)
+
+
+@pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
+@pytest.mark.parametrize(("export", "engine", "written"), [(None, "pt2e", ["pt2"]), (["torchscript"], "eager", None)])
+def test_auto_takes_the_engine_that_takes_the_network_and_the_artifact_follows_it(
+    tmp_path, digits8, export, engine, written
+):
+    """torch.fx cannot trace ShapeBranch: PT2E takes it and ships its `.pt2`, unless TorchScript was named."""
+    qat = QATCallback(export=export, evaluate=None, latency_repeats=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, fast_dev_run=True, callbacks=[qat]))
+    trainer.fit(BoringClassifier(ShapeBranch()), datamodule=digits8)
+    assert qat.prepared.mode == engine
+    assert qat.export == (written or export)

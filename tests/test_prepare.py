@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torchvision
-from conftest import AtrousNet, IdsFromPixels, SelfFusingNet, TinyNet, UntraceableNet
+from conftest import AtrousNet, IdsFromPixels, SelfFusingNet, ShapeBranch, TinyNet, UntraceableNet
 from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.utils.flop_counter import FlopCounterMode
@@ -272,20 +272,6 @@ def test_what_neither_fx_nor_torch_export_can_take_goes_to_eager_mode():
         assert "; pt2e: torch.export cannot capture UntraceableNet" in prepared.reason
     else:
         assert f"; pt2e: {pt2e.missing()}" in prepared.reason
-
-
-class ShapeBranch(nn.Module):
-    """A branch on ``x.dim()`` inside a helper torch.fx cannot see through (``len(x.shape)`` of a Proxy)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8, 10)
-
-    def forward(self, x):
-        for _ in range(len(x.shape) - 2):  # iterates on a Proxy: a TraceError for torch.fx, a constant for export
-            x = torch.relu(self.conv(x))
-            break
-        return self.fc(x.mean((2, 3)))
 
 
 @pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")

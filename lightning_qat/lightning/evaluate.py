@@ -200,3 +200,19 @@ def _bar_like(progress: ProgressBar | None, label: str) -> ProgressBar | None:
     if isinstance(progress, TQDMProgressBar):
         return _TqdmBar(label)
     return None
+
+
+@contextlib.contextmanager
+def showing(progress: ProgressBar | None, label: str) -> Iterator[None]:
+    """Name a step of the end of fit while it runs: a rich status line (gone when done) where the fit used rich.
+
+    The steps between evaluations (converting, compiling the artifact, timing) have no batches to count; with a tqdm
+    bar or none, nothing is shown (their results are in the log and the report).
+    """
+    if not isinstance(progress, RichProgressBar):
+        yield
+        return
+    from rich.console import Console
+
+    with Console().status(label):
+        yield

@@ -28,7 +28,7 @@ from lightning_qat.export.torchscript import load_quantized, save_torchscript, t
 from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning.budget import BudgetSearch, resolve_groups
 from lightning_qat.lightning.chart import save_chart
-from lightning_qat.lightning.evaluate import EvalData, module_with_network, run_evaluation
+from lightning_qat.lightning.evaluate import EvalData, module_with_network, run_evaluation, showing
 from lightning_qat.lightning.report import QATReport, kept
 from lightning_qat.lightning.run import QATRun
 from lightning_qat.lightning.settings import FinishSettings
@@ -104,18 +104,21 @@ class FinishPipeline:
 
     def _run(self, out_dir: Path, write: bool) -> QATReport:
         start = time.perf_counter()
-        report = self.convert_network()
+        with showing(self.progress, "QAT: converting a CPU copy to int8"):
+            report = self.convert_network()
         if not write:
             rank_zero_info("QAT: fast_dev_run: the int8 conversion works; no artifact or report is written.")
             return report
-        self.write_artifact(report, out_dir)  # first: a failure in any later step keeps the int8 model on disk
+        with showing(self.progress, "QAT: writing the int8 artifact"):  # first: a later failure keeps it on disk
+            self.write_artifact(report, out_dir)
         report.status = "evaluating"
         report.save(out_dir)  # says so until the evaluation is done
         try:
             self.evaluate_networks(report)
             self.analyze_layers(report)
             self.fall_back(report, out_dir)
-            self.measure_networks(report)
+            with showing(self.progress, "QAT: measuring size and latency"):
+                self.measure_networks(report)
         except BaseException as err:
             report.status = f"failed during evaluation ({type(err).__name__}: {err}); the int8 artifact is saved"
             report.save(out_dir)

@@ -55,7 +55,7 @@ class QATCallback(Callback):
     r"""Quantization-aware training for any LightningModule, ending in a real int8 CPU model.
 
     In ``setup("fit")`` (before optimizers exist and before DDP wraps the model) the network is fused
-    (Conv+BN(+ReLU), Linear(+ReLU)) and fake-quantized: FX graph mode when it is traceable, eager mode otherwise.
+    (Conv+BN(+ReLU), Linear(+ReLU)) and fake-quantized: FX graph mode when it is traceable, else PT2E or eager mode.
     During training BatchNorm statistics and then observers are frozen on a schedule; observers never move during
     validation. When the fit ends normally, a CPU copy is converted to int8, evaluated with your own
     ``validation_step`` metrics next to the float and QAT networks, reported, and saved as a TorchScript artifact

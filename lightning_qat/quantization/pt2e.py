@@ -53,7 +53,7 @@ def missing() -> str | None:
     return None
 
 
-def require(what: str = "mode='pt2e'") -> None:
+def require(what: str = "engine='pt2e'") -> None:
     """Raise :class:`~lightning_qat.PT2EUnavailable` naming the fix unless the PT2E engine can run."""
     reason = missing()
     if reason is not None:

@@ -161,12 +161,10 @@ def stop_display(progress: ProgressBar | None) -> None:
         live.stop()  # rich's Progress; Lightning's own stop in teardown is then a no-op
 
 
-class _RichBar(RichProgressBar):
-    """A rich bar for one end-of-fit evaluation, named by what it evaluates, gone when it ends."""
+class _Named:
+    """A progress bar for one end-of-fit evaluation, named by what it evaluates (``label``), gone when it ends."""
 
-    def __init__(self, label: str) -> None:
-        super().__init__(leave=False)
-        self.label = label
+    label: str
 
     @property
     def validation_description(self) -> str:  # noqa: D102
@@ -177,20 +175,16 @@ class _RichBar(RichProgressBar):
         return self.label
 
 
-class _TqdmBar(TQDMProgressBar):
-    """A tqdm bar for one end-of-fit evaluation, named by what it evaluates, gone when it ends."""
-
+class _RichBar(_Named, RichProgressBar):
     def __init__(self, label: str) -> None:
         super().__init__(leave=False)
         self.label = label
 
-    @property
-    def validation_description(self) -> str:  # noqa: D102
-        return self.label
 
-    @property
-    def test_description(self) -> str:  # noqa: D102
-        return self.label
+class _TqdmBar(_Named, TQDMProgressBar):
+    def __init__(self, label: str) -> None:
+        super().__init__(leave=False)
+        self.label = label
 
 
 def _bar_like(progress: ProgressBar | None, label: str) -> ProgressBar | None:

@@ -87,7 +87,7 @@ def row(name: str, steps: int, repeats: int, workdir: Path) -> list[str]:
             if engine == "fx":
                 path = save_torchscript(int8, workdir / f"{name[:8]}.pt", "x86", (x_val[:batch],))
             else:
-                path, _ = save_pt2(int8, workdir / f"{name[:8]}_b{batch}.pt2", (x_val[:batch],))
+                path = save_pt2(int8, workdir / f"{name[:8]}_b{batch}.pt2", (x_val[:batch],)).path
             compile_s[engine].append(time.perf_counter() - start)
             artifacts[engine][batch] = load_quantized(path)
             sizes[f"{engine} b{batch}"] = path.stat().st_size

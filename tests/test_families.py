@@ -122,3 +122,61 @@ def test_a_timm_family_fx_cannot_trace_is_captured_by_pt2e(name):
 def test_a_timm_family_that_cannot_convert_is_refused_in_setup_with_why(name):
     with pytest.raises(PreflightError, match=CONVERSION_FAILS):
         _check(name)
+
+
+# Hugging Face transformers, tiny configs built here (random init, nothing downloaded): text models take 65 token ids
+# (the digits' 64 pixels and a class token), image models 1x8x8 digits. torch.fx cannot trace them; "auto" captures
+# them with torch.export. name: (config, model, the config's arguments beyond the shared small sizes)
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_labels=10)
+TEXT = dict(vocab_size=20, max_position_embeddings=80)
+DECODER = TEXT | dict(num_key_value_heads=2, pad_token_id=0)  # grouped-query attention; the pad id ends a sequence
+IMAGE = dict(image_size=8, patch_size=2, num_channels=1)
+HF = {
+    "bert": ("BertConfig", "BertForSequenceClassification", TEXT),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification", TEXT | dict(dim=64, hidden_dim=128)),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", TEXT | dict(pad_token_id=1)),  # int position ids
+    "electra": ("ElectraConfig", "ElectraForSequenceClassification", TEXT | dict(embedding_size=32)),
+    "gpt2": ("GPT2Config", "GPT2ForSequenceClassification", TEXT | dict(pad_token_id=0, n_embd=64, n_layer=2)),
+    "llama": ("LlamaConfig", "LlamaForSequenceClassification", DECODER),
+    "qwen2": ("Qwen2Config", "Qwen2ForSequenceClassification", DECODER),
+    "mistral": ("MistralConfig", "MistralForSequenceClassification", DECODER),
+    "phi": ("PhiConfig", "PhiForSequenceClassification", TEXT | dict(pad_token_id=0)),
+    "gemma": ("GemmaConfig", "GemmaForSequenceClassification", DECODER),
+    "vit": ("ViTConfig", "ViTForImageClassification", IMAGE),
+    "deit": ("DeiTConfig", "DeiTForImageClassification", IMAGE),
+}
+
+
+class Logits(torch.nn.Module):
+    """What a LightningModule's ``forward`` around a Hugging Face model returns: ``.logits``."""
+
+    def __init__(self, model: torch.nn.Module, key: str) -> None:
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(**{self.key: x}).logits
+
+
+@pytest.mark.skipif(pt2e.missing() is not None, reason=f"Hugging Face models need the PT2E engine: {pt2e.missing()}")
+@pytest.mark.parametrize("name", list(HF))
+def test_a_hugging_face_family_is_captured_by_pt2e_and_converts(name):
+    transformers = pytest.importorskip("transformers")
+    config, model, extra = HF[name]
+    if not hasattr(transformers, model):
+        pytest.skip(f"transformers {transformers.__version__} has no {model}")
+    torch.manual_seed(0)
+    network = getattr(transformers, model)(getattr(transformers, config)(**(SMALL | extra)))
+    text = "vocab_size" in extra
+    net = Logits(network, "input_ids" if text else "pixel_values")
+    x = (torch.randint(2, 17, (4, 65)),) if text else (torch.randn(4, 1, 8, 8),)
+    reference = copy.deepcopy(net).eval()
+    prepared = prepare_model(net, "x86", "auto", [], x, kept={})
+    # the preflight's checks: eval() deterministic (attention dropout decided on self.training), converts, runs
+    _, quantized = check_network(reference, prepared, "x86", x, name, export=prepared.engine.formats[:1])
+    assert prepared.mode == "pt2e"
+    with torch.no_grad():
+        out = quantized(*x)
+    assert out.shape == (4, 10)
+    assert torch.isfinite(out).all()
+    assert count_weight_layers(quantized) > 0

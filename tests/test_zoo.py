@@ -14,10 +14,11 @@ from packaging.version import Version
 from torch import nn
 
 from lightning_qat import QATCallback, load_quantized
+from lightning_qat.export import aoti
 from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.fallback import float_nodes, groups, train_float
-from lightning_qat.quantization.inputs import map_tensors
+from lightning_qat.quantization.inputs import map_tensors, with_batch
 from lightning_qat.quantization.prepare import prepare_model
 
 
@@ -793,6 +794,13 @@ def test_every_exportable_shape_on_the_pt2e_engine(tmp_path, digits8, shape):
     max_error, min_agreement = PT2E_TOLERANCE.get(shape, (0.06, 0.9))
     assert relative_error <= max_error, relative_error
     assert agreement >= min_agreement, agreement
+    # the shipped package takes batch 1 and the whole validation set, computing what its graph does
+    package = aoti.save_pt2(qat.quantized_model, tmp_path / "model_int8.pt2", with_batch(inputs, 16))
+    assert package.static == "", package.static
+    assert package.shapes[0][0] is None
+    loaded = load_quantized(package.path)
+    for rows in (1, len(x)):
+        assert aoti.output_error(loaded, qat.quantized_model, with_batch(inputs, rows)) < aoti.TOLERANCE, rows
 
 
 # Measured on torch 2.14.1 / torchao 0.18: 14.5% and 88.5% (FX: within 6% / 90%); hard-swish and the SE gates' int8

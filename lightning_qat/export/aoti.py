@@ -5,18 +5,20 @@ layer pattern with a oneDNN int8 kernel (``_qconv_pointwise``, ``_qlinear_pointw
 compile to float kernels, silently (pytorch/ao#4566). :func:`int8_kernels` reads the compiled package to check it.
 Loading needs neither torchao nor the training code: ``torch._inductor.aoti_load_package(path)``.
 
-**The package takes the example input's shapes only** (its batch size too). Compiled with a dynamic batch dimension,
-torch 2.14's int8 convolutions return wrong outputs: the int8 convolution writes channels-last memory where the code
-around it reads contiguous (``torch.compile(dynamic=True)`` stops on that stride assertion; the AOT package has none
-and computes wrong outputs: the manual's PT2E page has the measurement). So it is compiled static, and every package is
-checked against the quantize / dequantize graph it was compiled from before it is written (:data:`TOLERANCE`).
+**Any batch size.** The package is compiled with a dynamic batch dimension (after :mod:`.layout`'s pass, which
+works around torch 2.14's wrong layout for one-channel int8 convolutions) and checked against the quantize /
+dequantize graph it was compiled from at batch 1, the example's and a larger one (:data:`TOLERANCE`). Where that
+fails (the network fixes its batch, or inductor miscompiles it), it is compiled for the example's shapes, checked
+the same way, says why in :attr:`Package.static`, and refuses other shapes with both named.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +26,26 @@ import torch
 from torch import nn
 
 from lightning_qat.exceptions import ArtifactError, ConversionError, first_line
+from lightning_qat.export.layout import pad_single_channel
 from lightning_qat.files import write_atomic
 from lightning_qat.quantization import pt2e
-from lightning_qat.quantization.inputs import cpu_inputs
+from lightning_qat.quantization.inputs import batch_size, cpu_inputs, with_batch
 
 TOLERANCE = 0.05  # largest relative error of the package's output against the graph's: int8 rounding is far below
 KERNELS = ("_qconv_pointwise", "_qlinear_pointwise")  # oneDNN's int8 convolution and linear, as inductor calls them
+SHAPES_KEY = "lightning_qat.input_shapes"  # the package's metadata: its input shapes (JSON; null: any size)
+
+Shapes = list[list[int | None]]
 
 
-SHAPES_KEY = "lightning_qat.input_shapes"  # the package's metadata: the input shapes it was compiled for (JSON)
+@dataclass
+class Package:
+    """A written ``.pt2``: where, how many int8 kernels it calls, the input shapes it takes (``None``: any size)."""
+
+    path: Path
+    kernels: int
+    shapes: Shapes
+    static: str = ""  # why it takes the example's batch size only ("" when it takes any)
 
 
 class CompiledNetwork(nn.Module):
@@ -47,7 +60,7 @@ class CompiledNetwork(nn.Module):
         self.path = path
         metadata = compiled.get_metadata() if hasattr(compiled, "get_metadata") else {}
         shapes = metadata.get(SHAPES_KEY)
-        self.input_shapes: list[list[int]] | None = json.loads(shapes) if shapes else None
+        self.input_shapes: Shapes | None = json.loads(shapes) if shapes else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The compiled network on inputs of the shapes it was compiled for.
@@ -57,15 +70,27 @@ class CompiledNetwork(nn.Module):
         """
         if self.input_shapes is not None:
             shapes = _shapes((args, kwargs))
-            if shapes != self.input_shapes:
+            if not _fits(shapes, self.input_shapes):
                 raise ValueError(
-                    f"{self.path.name} was compiled for inputs of shapes {self.input_shapes} and got {shapes}: "
-                    "an AOTInductor int8 package takes the shapes of the example input it was compiled with."
+                    f"{self.path.name} was compiled for inputs of shapes {show(self.input_shapes)} and got "
+                    f"{show(shapes)}: an AOTInductor package takes the shapes it was compiled for (any: any size)."
                 )
         return self.compiled(*args, **kwargs)
 
 
-def _shapes(value: Any) -> list[list[int]]:
+def show(shapes: Shapes) -> str:
+    """Shapes as ``[[any, 1, 8, 8]]``."""
+    return "[" + ", ".join("[" + ", ".join("any" if d is None else str(d) for d in s) + "]" for s in shapes) + "]"
+
+
+def _fits(shapes: Shapes, compiled: Shapes) -> bool:
+    return len(shapes) == len(compiled) and all(
+        len(got) == len(want) and all(w is None or g == w for g, w in zip(got, want, strict=True))
+        for got, want in zip(shapes, compiled, strict=True)
+    )
+
+
+def _shapes(value: Any) -> Shapes:
     return [list(t.shape) for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
@@ -76,11 +101,10 @@ def int8_kernels(path: str | os.PathLike) -> int:
     return sum(source.count(kernel) for source in sources for kernel in KERNELS)
 
 
-def save_pt2(quantized: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...]) -> tuple[Path, int]:
+def save_pt2(quantized: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...]) -> Package:
     """Compile the int8 PT2E graph ``quantized`` for the CPU into the package ``path`` (written atomically).
 
-    Compiled for the shapes of ``example_inputs`` (see the module's note). Returns the path and how many int8
-    kernels the package calls.
+    For any batch size where that compiles correctly, else for the example's shapes (see the module's note).
 
     Raises:
         ConversionError: if inductor cannot compile the graph, the package calls no int8 kernel while the graph has
@@ -88,38 +112,68 @@ def save_pt2(quantized: nn.Module, path: str | os.PathLike, example_inputs: tupl
     """
     pt2e.require("a .pt2 artifact")
     inputs = cpu_inputs(example_inputs)
-    exported = quantized.exported if pt2e.is_exported(quantized) else quantized
-    layers = pt2e.int8_layers(quantized)
-    kernels = 0
+    graph = copy.deepcopy(quantized.exported if pt2e.is_exported(quantized) else quantized)
+    if isinstance(graph, torch.fx.GraphModule):
+        pad_single_channel(graph)
+    written: list[Package] = []
 
     def compile_into(tmp: Path) -> None:
-        nonlocal kernels
         try:
-            with pt2e.quiet(), torch.no_grad():  # without no_grad inductor skips freezing: float kernels
-                program = torch.export.export(exported, inputs)
-                metadata = {SHAPES_KEY: json.dumps(_shapes((inputs, {})))}
-                torch._inductor.aoti_compile_and_package(
-                    program,
-                    package_path=str(tmp),
-                    inductor_configs={"freezing": True, "aot_inductor.metadata": metadata},
-                )
-        except Exception as err:
-            raise ConversionError(f"AOTInductor cannot compile the int8 PT2E network: {first_line(err)[:300]}") from err
-        kernels = int8_kernels(tmp)
-        if layers and not kernels:
-            raise ConversionError(
-                f"the compiled package calls no int8 kernel for the {layers} int8 layers of the graph: inductor's "
-                "int8 passes did not run (torchao's x86 quantizer registers them; freezing must be on)."
+            written.append(_compile(graph, quantized, tmp, inputs, dynamic=True))
+        except ConversionError as err:
+            package = _compile(graph, quantized, tmp, inputs, dynamic=False)
+            package.static = first_line(err)
+            written.append(package)
+
+    final = write_atomic(path, compile_into)
+    written[-1].path = final
+    return written[-1]
+
+
+def _compile(graph: nn.Module, quantized: nn.Module, tmp: Path, inputs: tuple[Any, ...], dynamic: bool) -> Package:
+    batch = batch_size(inputs)
+    # a dimension of size 1 is never exported dynamic (torch.export specializes it): export a batch of 2
+    traced = with_batch(inputs, 2) if dynamic and batch == 1 else inputs
+    try:
+        with pt2e.quiet(), torch.no_grad():  # without no_grad inductor skips freezing: float kernels
+            program = torch.export.export(graph, traced, dynamic_shapes=pt2e.batch_dims(traced) if dynamic else None)
+            shapes = _program_shapes(program)
+            metadata = {SHAPES_KEY: json.dumps(shapes)}
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(tmp), inductor_configs={"freezing": True, "aot_inductor.metadata": metadata}
             )
-        error = output_error(load_pt2(tmp), quantized, inputs)
+    except Exception as err:
+        raise ConversionError(f"AOTInductor cannot compile the int8 PT2E network: {first_line(err)[:300]}") from err
+    if dynamic and all(None not in shape for shape in shapes):
+        raise ConversionError("torch.export fixed the batch size: the network's code depends on it")
+    kernels = int8_kernels(tmp)
+    layers = pt2e.int8_layers(quantized)
+    if layers and not kernels:
+        raise ConversionError(
+            f"the compiled package calls no int8 kernel for the {layers} int8 layers of the graph: inductor's "
+            "int8 passes did not run (torchao's x86 quantizer registers them; freezing must be on)."
+        )
+    package = load_pt2(tmp)
+    for size in (1, batch, 2 * batch + 1) if dynamic else (batch,):
+        error = output_error(package, quantized, with_batch(inputs, size))
         if error > TOLERANCE:
             raise ConversionError(
-                f"the compiled package computes {error:.1%} away from the int8 graph it was compiled from (relative "
-                f"error on the example input; tolerated: {TOLERANCE:.0%}): inductor miscompiled it. The trained QAT "
+                f"the compiled package computes {error:.1%} away from the int8 graph it was compiled from at batch "
+                f"{size} (relative error; tolerated: {TOLERANCE:.0%}): inductor miscompiled it. The trained QAT "
                 "model and its int8 graph are unchanged."
             )
+    return Package(tmp, kernels, shapes)
 
-    return write_atomic(path, compile_into), kernels
+
+def _program_shapes(program: torch.export.ExportedProgram) -> Shapes:
+    """The user inputs' shapes in ``program``, ``None`` for each dimension exported dynamic."""
+    users = set(program.graph_signature.user_inputs)
+    shapes: Shapes = []
+    for node in program.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "placeholder" and node.name in users and isinstance(value, torch.Tensor):
+            shapes.append([d if isinstance(d, int) else None for d in value.shape])
+    return shapes
 
 
 def output_error(package: nn.Module, quantized: nn.Module, inputs: tuple[Any, ...]) -> float:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_qat.exceptions import AccuracyBudgetError
-from lightning_qat.export.aoti import save_pt2
+from lightning_qat.export.aoti import save_pt2, show
 from lightning_qat.export.onnx import OnnxRuntimeNetwork, export_onnx, onnxruntime_version
 from lightning_qat.export.torchscript import load_quantized, save_torchscript, to_torchscript
 from lightning_qat.lightning import checkpoint as checkpoint_io
@@ -207,10 +207,12 @@ class FinishPipeline:
         assert self.trained_network is not None
         run = self.qat_run
         if "pt2" in self.settings.export:
-            self.artifact_path, kernels = save_pt2(self.quantized_model, out_dir / "model_int8.pt2", run.example_inputs)
+            package = save_pt2(self.quantized_model, out_dir / "model_int8.pt2", run.example_inputs)
+            self.artifact_path, kernels = package.path, package.kernels
             report.artifact = str(self.artifact_path)
             layers = report.quantized_layers  # counted by convert_network (pt2e.int8_layers)
             report.int8_kernels = kernels
+            report.package_shapes = show(package.shapes) + (f" only ({package.static})" if package.static else "")
             if kernels < layers:
                 rank_zero_warn(
                     f"QAT: the AOTInductor package calls {kernels} int8 kernels for {layers} int8 layers: the others "

@@ -69,6 +69,7 @@ class QATReport:
     fallback_seconds: float = 0.0
     fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # each: layers, metric, meets, size...
     int8_kernels: int | None = None  # int8 conv/linear kernel calls in the PT2E engine's compiled package
+    package_shapes: str | None = None  # the input shapes the compiled package takes ("any": any size), and why not
     freezing: dict[str, str] = field(default_factory=dict)  # "bn" / "observers" -> where the fit froze them
     zero_weights: float | None = None  # share of the int8 weights that are exactly zero (sparsity, e.g. pruning)
 
@@ -250,6 +251,8 @@ class QATReport:
             lines.append(
                 f"int8 kernels in the compiled package: {self.int8_kernels} (for {self.quantized_layers} int8 layers)"
             )
+        if self.package_shapes is not None:
+            lines.append(f"the compiled package takes inputs of shapes {self.package_shapes}")
         if self.onnx_artifact:
             lines.append(f"int8 ONNX artifact: {self.onnx_artifact}")
         return lines

@@ -53,3 +53,15 @@ def batch_size(inputs: tuple[Any, ...]) -> int:
     """The leading dimension of the first tensor of the inputs (1 for a scalar or no tensor)."""
     first = next(iter(tensors(inputs)), None)
     return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+
+
+def with_batch(inputs: tuple[Any, ...], size: int) -> tuple[Any, ...]:
+    """``inputs`` with ``size`` rows: every tensor whose first dimension is the batch has its rows repeated or cut."""
+    batch = batch_size(inputs)
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[0] != batch:
+            return x
+        return x[torch.arange(size, device=x.device) % batch]
+
+    return tuple(map_tensors(rows, x) for x in inputs)

@@ -221,7 +221,41 @@ def _quantizer(backend: str, qat: bool, skip: Sequence[str]) -> Any:
     quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=qat))
     for name in skip:
         quantizer.set_module_name_qconfig(name, None)
-    return quantizer
+    return _FloatOnly(quantizer)
+
+
+class _FloatOnly:
+    """A torchao quantizer whose annotations of integer tensors are taken back.
+
+    The x86 quantizer annotates ``mul`` / ``add`` whatever their dtype, so integer arithmetic on token ids (RoBERTa's
+    position ids: ``cumsum(mask) * mask``) gets a fake-quant in training and a float-only ``quantize_per_tensor`` on
+    an int32 tensor at conversion, which raises.
+    """
+
+    def __init__(self, quantizer: Any) -> None:
+        self.quantizer = quantizer
+
+    def __getattr__(self, name: str) -> Any:  # transform_for_annotation, validate, prepare_obs_or_fq_callback
+        return getattr(self.quantizer, name)
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+        model = self.quantizer.annotate(model)
+        for node in model.graph.nodes:
+            annotation = node.meta.get(Q_ANNOTATION_KEY)
+            if annotation is None:
+                continue
+            for source in [source for source in annotation.input_qspec_map if not _is_float(source)]:
+                del annotation.input_qspec_map[source]
+            if not _is_float(node):
+                annotation.output_qspec = None
+        return model
+
+
+def _is_float(node: Any) -> bool:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return not isinstance(value, torch.Tensor) or value.dtype.is_floating_point
 
 
 def _batch_norm_args(graph_module: torch.fx.GraphModule) -> dict[str, tuple[Any, Any]]:

@@ -1,0 +1,64 @@
+"""A layout pass on the int8 PT2E graph before AOTInductor compiles it with a dynamic batch.
+
+torch 2.14's inductor gets the output layout of an int8 convolution wrong when its input has one channel and the
+batch is dynamic: its helper (``mkldnn_ir._prepare_convolution_fusion_create``) says such a convolution writes
+contiguous memory, which is true of the float convolution there (pytorch/pytorch#121400) but not of the int8 one,
+whose prepacked weight makes oneDNN write channels-last. The code after it then reads the wrong strides: the
+package's output is 120-140% away from the graph's (a grayscale image network's first convolution, or any layer
+after a one-channel map). A one-channel tensor's strides cannot say channels-last, so the pass gives the input a
+second channel of zeros: the quantized input is padded with its zero point (0.0 once dequantized) and the int8
+weight with a zero input channel, so every product the padding adds is 0 and the output is exactly the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CONVS = ("aten.conv2d.default", "aten.conv3d.default")  # 1-d convolutions are written contiguous: not affected
+_DEQUANTIZE = "quantized_decomposed.dequantize_per_tensor.default"
+_DEQUANTIZE_WEIGHT = "quantized_decomposed.dequantize_per_channel.default"
+
+
+def pad_single_channel(graph_module: torch.fx.GraphModule) -> int:
+    """Give each int8 convolution with a one-channel input a zero second channel, in place; returns how many.
+
+    Only convolutions whose int8 weight is the graph's own constant used there alone, and whose input zero point is
+    a number, are padded (the shapes torchao's ``convert_pt2e`` writes); others are left as they are.
+    """
+    padded = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or str(node.target) not in _CONVS:
+            continue
+        activation, weight = node.args[0], node.args[1]
+        groups = node.args[6] if len(node.args) > 6 else 1
+        if not _is_call(activation, _DEQUANTIZE) or not isinstance(activation.args[2], int):
+            continue
+        if not _is_call(weight, _DEQUANTIZE_WEIGHT) or len(weight.users) != 1:
+            continue
+        constant = weight.args[0]
+        if not isinstance(constant, torch.fx.Node) or constant.op != "get_attr" or len(constant.users) != 1:
+            continue
+        owner, _, name = str(constant.target).rpartition(".")
+        module = graph_module.get_submodule(owner)
+        int8_weight = getattr(module, name)
+        if groups != 1 or int8_weight.shape[1] != 1:
+            continue
+        setattr(module, name, torch.cat([int8_weight, torch.zeros_like(int8_weight)], dim=1))
+        dims = int8_weight.dim() - 2
+        with graph_module.graph.inserting_before(node):
+            # (last dimension first: the spatial dimensions unpadded, then one channel after the input's)
+            quantized = graph_module.graph.call_function(
+                torch.ops.aten.constant_pad_nd.default, (activation.args[0], [0, 0] * dims + [0, 1], activation.args[2])
+            )
+            dequantized = graph_module.graph.call_function(activation.target, (quantized, *activation.args[1:]))
+        node.update_arg(0, dequantized)
+        if not activation.users:
+            graph_module.graph.erase_node(activation)
+        padded += 1
+    if padded:
+        graph_module.recompile()
+    return padded
+
+
+def _is_call(value: object, target: str) -> bool:
+    return isinstance(value, torch.fx.Node) and value.op == "call_function" and str(value.target) == target

@@ -129,6 +129,32 @@ def test_pt2e_resumes_from_a_checkpoint(float_tiny, digits8, tmp_path):
 
 
 @needs_pt2e
+def test_pt2e_dynamic_activations_train_convert_compile_and_convert_again_from_the_checkpoint(
+    float_tiny, digits8, tmp_path
+):
+    """activations="dynamic": Linears int8 with per-batch activation scales (captured so), convolutions float."""
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    qat = QATCallback(engine="pt2e", activations="dynamic", monitor="val_acc", save_dir=str(tmp_path / "fit"))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, callbacks=[qat, ckpt], enable_checkpointing=True))
+    trainer.fit(pretrained_tiny(float_tiny), datamodule=digits8)
+    report = qat.report
+    assert report.activations == "dynamic"
+    assert report.quantized_layers == report.int8_kernels == 2  # fc1, fc2: the compiled package's int8 kernels
+    assert report.float_params["conv2d"] == 32 * 9 + 64 * 32 * 9  # the convolutions' weights stay float
+    assert report.package_shapes == "[[any, 1, 8, 8]]"
+    assert "activations: dynamic int8" in "\n".join(report.summary())
+    assert report.metrics["float"]["val_acc"] > 0.9
+    assert abs(report.metrics["int8"]["val_acc"] - report.metrics["qat"]["val_acc"]) < 0.01
+    again = convert_checkpoint(
+        pretrained_tiny(float_tiny), tmp_path / "ckpt" / "last.ckpt", datamodule=digits8, save_dir=str(tmp_path / "c")
+    )
+    assert again.activations == "dynamic"
+    assert again.quantized_layers == 2
+    assert again.metrics["int8"]["val_acc"] == pytest.approx(report.metrics["int8"]["val_acc"], abs=0.01)
+
+
+@needs_pt2e
 def test_pt2e_stops_in_setup_with_the_reason(digits8, tmp_path):
     model = BoringClassifier(UntraceableNet())
     qat = QATCallback(engine="pt2e")
@@ -143,7 +169,6 @@ def test_pt2e_stops_in_setup_with_the_reason(digits8, tmp_path):
     [
         (dict(backend="qnnpack"), "XNNPACK quantizer moved to ExecuTorch"),
         (dict(on_drop="fallback", monitor="val_acc", max_metric_drop=0.01), "on_drop='fallback' searches FX"),
-        (dict(activations="dynamic"), "quantizes activations statically"),
         (dict(export=["torchscript"]), r"cannot write \['torchscript'\]; its formats are \['pt2'\]"),
     ],
 )

@@ -58,7 +58,7 @@ def describe(chosen: str, ms: dict[str, float]) -> str:
     if chosen == "dynamic":
         return (
             f"QAT: the int8 artifact will quantize activations dynamically{timed}: Linears in int8, activations "
-            "quantized per batch at run time, the rest in float; QAT trains the weights' quantization only."
+            "quantized per batch at run time, the rest in float; QAT trains for it."
         )
     return f"QAT: the int8 artifact will quantize activations statically{timed}."
 
@@ -75,12 +75,15 @@ def decide(
     """:func:`choose` on rank 0 for every rank, said once, and set on ``state``'s network for QAT to train.
 
     ``probe`` and ``quantized``: the preflight's calibrated copy of the prepared network and its int8 conversion.
-    An engine without dynamic activations (PT2E) quantizes them statically.
+    An engine that fixes them at capture (PT2E) keeps what it captured; one without dynamic activations, static.
     """
     prepared = state.prepared
     assert prepared is not None
-    if not prepared.engine.dynamic:
-        return "static", {}
+    if prepared.activations is not None or not prepared.engine.dynamic:
+        fixed: Literal["static", "dynamic"] = "dynamic" if prepared.activations == "dynamic" else "static"
+        if fixed == "dynamic":
+            rank_zero_info(describe(fixed, {}))
+        return fixed, {}
     choice = choose(probe, quantized, backend, state.example_inputs, wanted, repeats)
     if trainer.world_size > 1:
         choice = trainer.strategy.broadcast(choice, src=0)

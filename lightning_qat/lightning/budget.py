@@ -61,7 +61,7 @@ class BudgetSearch:
         pipeline = self.pipeline
         if pipeline.settings.on_drop != "fallback":
             return False
-        if pipeline.qat_run.prepared.engine.searchable or pipeline.qat_run.activations == "dynamic":
+        if pipeline.qat_run.prepared.engine.can_search(pipeline.qat_run.activations == "dynamic"):
             return True
         rank_zero_warn(
             "QAT fallback: int8 misses the accuracy budget, but the network was prepared in "

@@ -25,7 +25,7 @@ from lightning_qat.exceptions import CheckpointError, NotAQATCheckpointError, fi
 from lightning_qat.lightning import example_input
 from lightning_qat.lightning.install import install
 from lightning_qat.quantization import ao
-from lightning_qat.quantization.engines import Prepared
+from lightning_qat.quantization.engines import Needs, Prepared
 
 MARKER = (
     "lightning_qat: this is a QAT checkpoint; load it with lightning_qat.load_qat_checkpoint(YourModule, path), "
@@ -209,6 +209,7 @@ def load_into(
         inputs,
         state["relu6_to_relu"],
         state.get("kernels"),  # the writing run's decision, on its CPU (older checkpoints: timed here)
+        Needs(dynamic=state.get("activations") == "dynamic"),  # an engine that captures them (PT2E) needs to know
     )
     weights = dict(checkpoint["state_dict"])
     unmark(weights)

@@ -35,7 +35,6 @@ from lightning_qat.lightning.settings import FinishSettings
 from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
-from lightning_qat.quantization.dynamic import to_dynamic
 from lightning_qat.quantization.fallback import Group, float_names, float_nodes, train_float
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
 from lightning_qat.quantization.measure import (
@@ -179,9 +178,9 @@ class FinishPipeline:
     def to_int8(self, network: nn.Module, float_groups: Sequence[Group] = ()) -> nn.Module:
         """The QAT ``network`` as the int8 model the run ships (static or dynamic), ``float_groups`` kept float."""
         run = self.qat_run
-        if run.activations == "dynamic":  # QAT trained the weights' quantization only, for this artifact
-            return to_dynamic(network, [group.layer for group in float_groups])
         engine = run.prepared.engine
+        if run.activations == "dynamic":  # what QAT trained for (FX / eager: weights only)
+            return engine.to_dynamic(network, [group.layer for group in float_groups])
         return to_int8(network, engine, self.settings.backend, run.example_inputs, float_nodes(float_groups))
 
     def trained_weights(self) -> tuple[nn.Module, str]:

@@ -61,7 +61,7 @@ def check_engine(mode: str, backend: str, on_drop: str, activations: str) -> Non
     """
     engine = engines.get(mode)
     engine.check(backend)
-    if on_drop == "fallback" and not (engine.searchable or engine.dynamic):
+    if on_drop == "fallback" and not engine.can_search(activations != "static"):
         raise ValueError(
             f"on_drop='fallback' searches FX graphs (or dynamic int8 Linears); with engine={mode!r} use on_drop='warn' "
             "or 'raise'."

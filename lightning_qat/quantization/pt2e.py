@@ -209,7 +209,7 @@ def capture(network: nn.Module, example_inputs: tuple[Any, ...], strict: bool) -
         ).module()
 
 
-def _quantizer(backend: str, qat: bool, skip: Sequence[str]) -> Any:
+def _quantizer(backend: str, qat: bool, skip: Sequence[str], dynamic: bool = False) -> Any:
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # registers inductor's int8 passes
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
@@ -218,7 +218,10 @@ def _quantizer(backend: str, qat: bool, skip: Sequence[str]) -> Any:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} has no PT2E quantizer here; valid values are {list(BACKENDS)}.")
     quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=qat))
+    if dynamic:  # Linears only, activations quantized per batch (as torch.ao's dynamic artifact); the rest float
+        quantizer.set_module_type_qconfig(nn.Linear, get_default_x86_inductor_quantization_config(qat, True))
+    else:
+        quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=qat))
     for name in skip:
         quantizer.set_module_name_qconfig(name, None)
     return _FloatOnly(quantizer)
@@ -296,7 +299,12 @@ def restore_batch_norm_args(graph_module: torch.fx.GraphModule, saved: dict[str,
 
 
 def prepare(
-    network: nn.Module, example_inputs: tuple[Any, ...], backend: str, skip: Sequence[str] = (), qat: bool = True
+    network: nn.Module,
+    example_inputs: tuple[Any, ...],
+    backend: str,
+    skip: Sequence[str] = (),
+    qat: bool = True,
+    dynamic: bool = False,
 ) -> ExportedQAT:
     """Capture ``network`` and insert torchao's fake-quant (``qat``) or observers (post-training calibration).
 
@@ -310,7 +318,7 @@ def prepare(
     with quiet():
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
-        quantizer = _quantizer(backend, qat, skip)
+        quantizer = _quantizer(backend, qat, skip, dynamic)
     errors = []
     for strict in (True, False):
         how = "strict" if strict else "non-strict"
@@ -352,6 +360,7 @@ def conv_bn_count(network: ExportedQAT) -> int:
 def convert(network: ExportedQAT) -> ExportedQAT:
     """The int8 (quantize / dequantize) graph of a copy of ``network``, BatchNorm folded; ``network`` untouched."""
     model = copy.deepcopy(network).cpu().eval()
+    _relink_annotations(model.exported)
     with quiet(), _cached_patterns():
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
@@ -359,6 +368,21 @@ def convert(network: ExportedQAT) -> ExportedQAT:
     result = ExportedQAT(converted)
     result.eval()
     return result
+
+
+def _relink_annotations(graph_module: torch.fx.GraphModule) -> None:
+    """Point the copied quantizer annotations at the copy's nodes (a deep copy keeps them on copies of the old ones).
+
+    Conversion follows them to port metadata, and for dynamic activations to find each ``choose_qparams``: on stale
+    nodes it raises "No chose qparams node found".
+    """
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    nodes = {node.name: node for node in graph_module.graph.nodes}
+    for node in graph_module.graph.nodes:
+        annotation = node.meta.get(Q_ANNOTATION_KEY)
+        if annotation is not None:
+            annotation.input_qspec_map = {nodes.get(k.name, k): v for k, v in annotation.input_qspec_map.items()}
 
 
 def _graph(network: nn.Module) -> torch.fx.GraphModule:
@@ -385,9 +409,14 @@ def float_parameters(quantized: nn.Module) -> dict[str, int]:
     for node in exported.graph.nodes:
         if node.op == "call_function" and str(node.target) in _LAYERS and len(node.args) > 1:
             weight = node.args[1]
-            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+            if not isinstance(weight, torch.fx.Node) or "dequantize" in str(weight.target):
+                continue
+            # a plain weight, or one computed from constants (an unquantized Conv-BN pair of the QAT rewrite)
+            tensor: Any = weight.meta.get("val")
+            if weight.op == "get_attr":
+                tensor = functools.reduce(getattr, str(weight.target).split("."), exported)
+            if isinstance(tensor, torch.Tensor):
                 name = str(node.target).split(".")[1]
-                tensor: Any = functools.reduce(getattr, str(weight.target).split("."), exported)
                 counts[name] = counts.get(name, 0) + tensor.numel()
     return counts
 

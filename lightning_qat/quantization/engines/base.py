@@ -65,6 +65,7 @@ class Prepared:
     kernels: dict[str, str] = field(
         default_factory=dict
     )  # kept float for this CPU's int8 kernels: a checkpointed decision
+    activations: str | None = None  # fixed by the capture ("static" / "dynamic"); None: chosen after, by timing
 
     @property
     def mode(self) -> str:
@@ -103,7 +104,7 @@ class Engine(ABC):
             return f"it does not write {missing}"
         if settings.needs.dynamic and not self.dynamic:
             return "it has no dynamic int8 activations"
-        if settings.needs.search and not self.searchable:
+        if settings.needs.search and not self.can_search(settings.needs.dynamic):
             return "the accuracy-budget search cannot keep its layers float"
         return ""
 
@@ -121,6 +122,16 @@ class Engine(ABC):
     @abstractmethod
     def convert(self, model: nn.Module, float_nodes: Collection[str] = ()) -> nn.Module:
         """The int8 form of the QAT ``model`` (a CPU copy the caller made); ``float_nodes`` stay float."""
+
+    def to_dynamic(self, model: nn.Module, float_layers: Collection[str] = ()) -> nn.Module:
+        """The dynamic int8 form of the QAT ``model``: torch.ao's dynamic Linears, ``float_layers`` float."""
+        from lightning_qat.quantization.dynamic import to_dynamic  # it converts with the engines: imported late
+
+        return to_dynamic(model, float_layers)
+
+    def can_search(self, dynamic: bool) -> bool:
+        """Whether the accuracy-budget search can keep layers float: in its graph, or among dynamic Linear modules."""
+        return self.searchable or (dynamic and self.dynamic and self.layer_modules)
 
 
 def count_fused(network: nn.Module) -> int:

@@ -17,11 +17,15 @@ from lightning_qat.quantization.engines.base import Engine, Preparation, Prepare
 
 
 class PT2E(Engine):
-    """torchao's PT2E flow on the x86 inductor quantizer; static int8 activations only."""
+    """torchao's PT2E flow on the x86 inductor quantizer; static int8 activations, or dynamic ones for Linears only.
+
+    Dynamic activations are captured into the graph (torchao's dynamic x86 config: per-batch fake-quant in training,
+    ``choose_qparams`` at run time), so they are fixed by ``activations="dynamic"`` at prepare, not timed after.
+    """
 
     name = "pt2e"
     formats = ("pt2",)
-    dynamic = False
+    dynamic = True
     layer_modules = False  # torchao's graph has no QAT layer modules to measure one by one
     compiled = True
 
@@ -58,11 +62,17 @@ class PT2E(Engine):
                 "conversion treat each call as its own layer and the int8 network would compute something else "
                 "(FX keeps shared modules float; or call a copy of the module at each place)"
             )
-        exported = pt2e.prepare(network, example_inputs, settings.backend, skip, settings.qat)
+        dynamic = settings.needs.dynamic
+        exported = pt2e.prepare(network, example_inputs, settings.backend, skip, settings.qat, dynamic)
         fused = pt2e.conv_bn_count(exported)
-        return Prepared(exported, self, "requested", fused, conv_bn_pairs=fused)
+        activations = "dynamic" if dynamic else "static"
+        return Prepared(exported, self, "requested", fused, conv_bn_pairs=fused, activations=activations)
 
     def convert(self, model: nn.Module, float_nodes: Collection[str] = ()) -> nn.Module:
         """Torchao's ``convert_pt2e``: a quantize / dequantize graph, int8 once inductor compiles it."""
         assert pt2e.is_exported(model), "prepared by PT2E.prepare"
         return pt2e.convert(model)
+
+    def to_dynamic(self, model: nn.Module, float_layers: Collection[str] = ()) -> nn.Module:
+        """The graph was captured with dynamic activations: its conversion is the dynamic int8 network."""
+        return self.convert(model, float_layers)

@@ -1,6 +1,8 @@
 """The PT2E engine's artifact: an AOTInductor package, checked for int8 kernels and against the graph it compiles."""
 
 import re
+import shutil
+import zipfile
 
 import pytest
 import torch
@@ -47,6 +49,19 @@ def test_the_package_runs_int8_kernels_at_any_batch_size_and_matches_its_graph(i
         assert aoti.output_error(loaded, quantized, (x[torch.arange(rows) % 16],)) < 0.05
     with pytest.raises(ValueError, match=r"shapes \[\[any, 1, 8, 8\]\] and got \[\[3, 1, 9, 9\]\]"):
         loaded(torch.randn(3, 1, 9, 9))
+
+
+def test_the_package_carries_neither_sources_nor_debug_sections(int8_graph, tmp_path):
+    quantized, x = int8_graph
+    package = aoti.save_pt2(quantized, tmp_path / "model_int8.pt2", (x,))
+    with zipfile.ZipFile(package.path) as archive:
+        names = archive.namelist()
+        libraries = [archive.read(name) for name in names if name.endswith(".so")]
+    assert not [name for name in names if name.endswith(".cpp")]
+    assert len(libraries) == 1
+    if shutil.which("strip"):  # binutils, beside the compiler inductor needs
+        assert b".debug_info" not in libraries[0]
+    assert aoti.output_error(load_quantized(package.path), quantized, (x,)) < 0.05
 
 
 def test_a_one_channel_input_compiles_for_any_batch_only_with_the_layout_pass(int8_graph, tmp_path, monkeypatch):

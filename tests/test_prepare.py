@@ -279,11 +279,15 @@ def test_auto_takes_pt2e_for_what_fx_cannot_trace_unless_the_run_needs_what_pt2e
     """Before: eager, which fails on hybrid conv/attention networks (timm's ViTs: tests/test_families.py)."""
     prepared = prepare_model(ShapeBranch(), "x86", "auto", [], EXAMPLE8)
     assert prepared.mode == "pt2e"
+    assert prepared.activations == "static"
     assert prepared.reason.startswith("fx: ShapeBranch cannot be symbolically traced")
+    dynamic = prepare_model(ShapeBranch(), "x86", "auto", [], EXAMPLE8, needs=Needs(dynamic=True))
+    assert dynamic.mode == "pt2e"
+    assert dynamic.activations == "dynamic"  # captured so: Linears with per-batch activation fake-quant
     for needs, why in [
         (Needs(formats=("torchscript",)), "it does not write ['torchscript']"),
-        (Needs(dynamic=True), "it has no dynamic int8 activations"),
         (Needs(search=True), "the accuracy-budget search cannot keep its layers float"),
+        (Needs(dynamic=True, search=True), "the accuracy-budget search cannot keep its layers float"),
     ]:
         prepared = prepare_model(ShapeBranch(), "x86", "auto", [], EXAMPLE8, needs=needs)
         assert prepared.mode == "eager"

@@ -17,6 +17,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +104,13 @@ def int8_kernels(path: str | os.PathLike) -> int:
     return sum(source.count(kernel) for source in sources for kernel in KERNELS)
 
 
-def save_pt2(quantized: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...]) -> Package:
+def save_pt2(
+    quantized: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...], any_batch: bool = True
+) -> Package:
     """Compile the int8 PT2E graph ``quantized`` for the CPU into the package ``path`` (written atomically).
 
-    For any batch size where that compiles correctly, else for the example's shapes (see the module's note).
+    For any batch size where that compiles correctly, else (or with ``any_batch=False``) for the example's shapes
+    (see the module's note).
 
     Raises:
         ConversionError: if inductor cannot compile the graph, the package calls no int8 kernel while the graph has
@@ -118,12 +124,16 @@ def save_pt2(quantized: nn.Module, path: str | os.PathLike, example_inputs: tupl
     written: list[Package] = []
 
     def compile_into(tmp: Path) -> None:
-        try:
-            written.append(_compile(graph, quantized, tmp, inputs, dynamic=True))
-        except ConversionError as err:
-            package = _compile(graph, quantized, tmp, inputs, dynamic=False)
-            package.static = first_line(err)
-            written.append(package)
+        if not any_batch:
+            written.append(_compile(graph, quantized, tmp, inputs, dynamic=False))
+        else:
+            try:
+                written.append(_compile(graph, quantized, tmp, inputs, dynamic=True))
+            except ConversionError as err:
+                package = _compile(graph, quantized, tmp, inputs, dynamic=False)
+                package.static = first_line(err)
+                written.append(package)
+        slim(tmp, inputs)
 
     final = write_atomic(path, compile_into)
     written[-1].path = final
@@ -163,6 +173,39 @@ def _compile(graph: nn.Module, quantized: nn.Module, tmp: Path, inputs: tuple[An
                 "model and its int8 graph are unchanged."
             )
     return Package(tmp, kernels, shapes)
+
+
+def slim(path: Path, inputs: tuple[Any, ...]) -> int:
+    """Drop from the package at ``path`` what loading it does not use; returns the bytes saved.
+
+    The generated C++ sources (read by :func:`int8_kernels` before) and the shared library's debug sections (with
+    binutils' ``strip``, where the machine has it: inductor's compiler does). The package stays as it was when the
+    slim one does not load or computes anything else on ``inputs``.
+    """
+    strip, before = shutil.which("strip"), path.stat().st_size
+    slimmed = path.with_name(f"slim-{path.name}")
+    try:
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(slimmed, "w", zipfile.ZIP_STORED) as target:
+            for info in source.infolist():
+                if not info.filename.endswith(".cpp"):
+                    data = source.read(info)
+                    target.writestr(info, _stripped(data, strip) if strip and info.filename.endswith(".so") else data)
+        if output_error(load_pt2(slimmed), load_pt2(path), inputs) != 0.0:
+            return 0
+        os.replace(slimmed, path)
+    except (OSError, ArtifactError, subprocess.CalledProcessError):
+        return 0
+    finally:
+        slimmed.unlink(missing_ok=True)
+    return before - path.stat().st_size
+
+
+def _stripped(library: bytes, strip: str) -> bytes:
+    with tempfile.TemporaryDirectory() as folder:
+        file = Path(folder) / "library.so"
+        file.write_bytes(library)
+        subprocess.run([strip, "--strip-debug", str(file)], check=True, capture_output=True)
+        return file.read_bytes()
 
 
 def _program_shapes(program: torch.export.ExportedProgram) -> Shapes:

@@ -13,6 +13,7 @@ import torch
 from lightning_qat import PreflightError
 from lightning_qat.lightning.preflight import check_network
 from lightning_qat.quantization import pt2e
+from lightning_qat.quantization.edits import linears_from_conv1d
 from lightning_qat.quantization.measure import count_weight_layers
 from lightning_qat.quantization.prepare import prepare_model
 
@@ -171,6 +172,9 @@ def test_a_hugging_face_family_is_captured_by_pt2e_and_converts(name):
     net = Logits(network, "input_ids" if text else "pixel_values")
     x = (torch.randint(2, 17, (4, 65)),) if text else (torch.randn(4, 1, 8, 8),)
     reference = copy.deepcopy(net).eval()
+    layers = copy.deepcopy(net)
+    linears_from_conv1d(layers)  # GPT-2's Conv1D, as prepare_model swaps them
+    weighted = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in layers.modules())
     prepared = prepare_model(net, "x86", "auto", [], x, kept={})
     # the preflight's checks: eval() deterministic (attention dropout decided on self.training), converts, runs
     _, quantized = check_network(reference, prepared, "x86", x, name, export=prepared.engine.formats[:1])
@@ -179,4 +183,4 @@ def test_a_hugging_face_family_is_captured_by_pt2e_and_converts(name):
         out = quantized(*x)
     assert out.shape == (4, 10)
     assert torch.isfinite(out).all()
-    assert count_weight_layers(quantized) > 0
+    assert count_weight_layers(quantized) == weighted  # every Linear (attention, MLP, head) and convolution int8

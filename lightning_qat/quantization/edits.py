@@ -1,7 +1,7 @@
 """Edits of the float network before any engine prepares it, and the layers this CPU's int8 kernels keep float.
 
 Each edit keeps the function the network computes (or says how it changes it), outside ``skip``: weight-norm folding,
-ReLU6 -> ReLU, zero BatchNorm weights nudged. :func:`kept_float` asks :mod:`.ao`'s kernel probes which layers stay
+ReLU6 -> ReLU, zero BatchNorm weights nudged, Hugging Face's ``Conv1D`` as ``nn.Linear``. :func:`kept_float` asks :mod:`.ao`'s kernel probes which layers stay
 float because their int8 kernel is wrong or slow here; :func:`shared_stateful_modules` finds modules called twice.
 """
 
@@ -159,6 +159,34 @@ def replace_relu6(network: nn.Module, skip: Sequence[str] = ()) -> int:
             if type(child) is nn.ReLU6 and id(child) not in kept:
                 setattr(parent, name, nn.ReLU(inplace=child.inplace))
                 count += 1
+    return count
+
+
+def linears_from_conv1d(network: nn.Module, skip: Sequence[str] = ()) -> int:
+    """Swap each Hugging Face ``Conv1D`` outside ``skip`` (GPT-2's attention and MLP) for ``nn.Linear``; how many.
+
+    ``Conv1D`` is a Linear with its weight stored transposed, computed with ``addmm``, which no quantizer annotates:
+    as it is, GPT-2 keeps every layer but its head float. The ``nn.Linear`` holds the transposed weight and computes
+    the same function.
+    """
+    kept = {id(m) for name in skip for m in network.get_submodule(name).modules()}
+    count = 0
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in kept or type(child).__name__ != "Conv1D" or not hasattr(child, "nf"):
+                continue
+            if not type(child).__module__.startswith("transformers."):
+                continue
+            weight, bias = child.weight, child.bias
+            linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+            linear.to(device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight.t())
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            linear.train(child.training)
+            setattr(parent, name, linear)
+            count += 1
     return count
 
 

@@ -73,6 +73,7 @@ def prepare_model(
     edits.check_skip(network, skip)
     folded = edits.fold_parametrizations(network, skip)
     replaced = edits.replace_relu6(network, skip) if relu6_to_relu else 0
+    edits.linears_from_conv1d(network, skip)  # the same function, in layers the quantizers take
     if kept is None:  # before fusion: found by the layers' own types
         kept = edits.kept_float(network, backend, skip)
     said = edits.kept_float_warning(kept, backend)

@@ -1,8 +1,9 @@
 """Edits of the float network before any engine prepares it, and the layers this CPU's int8 kernels keep float.
 
 Each edit keeps the function the network computes (or says how it changes it), outside ``skip``: weight-norm folding,
-ReLU6 -> ReLU, zero BatchNorm weights nudged, Hugging Face's ``Conv1D`` as ``nn.Linear``. :func:`kept_float` asks :mod:`.ao`'s kernel probes which layers stay
-float because their int8 kernel is wrong or slow here; :func:`shared_stateful_modules` finds modules called twice.
+ReLU6 -> ReLU, zero BatchNorm weights nudged, Hugging Face's ``Conv1D`` as ``nn.Linear``. :func:`kept_float` asks
+:mod:`.ao`'s kernel probes which layers stay float because their int8 kernel is wrong or slow here;
+:func:`shared_stateful_modules` finds modules called twice.
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ def linears_from_conv1d(network: nn.Module, skip: Sequence[str] = ()) -> int:
                 continue
             if not type(child).__module__.startswith("transformers."):
                 continue
-            weight, bias = child.weight, child.bias
+            weight: torch.Tensor = child.weight  # type: ignore[assignment]  # Conv1D's (in, out) parameter
+            bias: torch.Tensor | None = child.bias  # type: ignore[assignment]
             linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
             linear.to(device=weight.device, dtype=weight.dtype)
             with torch.no_grad():

@@ -6,8 +6,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import BoringClassifier, trainer_kwargs
-from test_zoo import PaddedTokenClassifier, TextEncoder, TorchvisionSwin, TorchvisionViT, to_padded_ids
 from torch import nn
+from zoo import PaddedTokenClassifier, TextEncoder, TorchvisionSwin, TorchvisionViT, to_padded_ids
 
 from lightning_qat import QATCallback, load_quantized
 from lightning_qat.quantization import ao

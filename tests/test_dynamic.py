@@ -4,8 +4,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import BoringClassifier, TinyNet, trainer_kwargs
-from test_zoo import NormGeluBlock, TorchvisionViT
 from torch import nn
+from zoo import NormGeluBlock, TorchvisionViT
 
 from lightning_qat import QATCallback, convert_checkpoint, load_quantized
 from lightning_qat.lightning import activations
@@ -44,7 +44,7 @@ def test_dynamic_linears_hold_the_weights_qat_trained(digits8):
 
 
 def test_embeddings_keep_their_int8_weights_in_dynamic_int8(digits8):
-    from test_zoo import TextEncoder, to_padded_ids
+    from zoo import TextEncoder, to_padded_ids
 
     x, _ = digits8.splits["train"].tensors
     ids = to_padded_ids(x[:64])

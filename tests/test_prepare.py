@@ -233,7 +233,7 @@ def test_a_parameter_view_gets_a_copy_so_lightning_s_flop_count_works():
 
 def test_the_inputs_of_a_cat_share_one_quantizer_so_int8_cat_keeps_every_input(recwarn):
     """torch's int8 cat takes its first input's scale: a class token with a scale of its own clipped the patches."""
-    from test_zoo import TorchvisionViT
+    from zoo import TorchvisionViT
 
     from lightning_qat.quantization.convert import to_int8
 

@@ -183,3 +183,15 @@ def test_skip_keeps_a_layer_float():
     quantized = pt2e.convert(prepared)
     assert pt2e.int8_layers(quantized) == 3
     assert pt2e.float_parameters(quantized) == {"linear": 256 * 10}
+
+
+def test_multihead_attention_projections_are_int8():
+    """torch.export records the F.linear calls inside nn.MultiheadAttention as the module's: marked as linears."""
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=False), 2)
+    x = torch.randn(10, 4, 32)  # (sequence, batch, features): the projections read a transposed input
+    prepared = pt2e.prepare(encoder, (x,), "x86")
+    prepared(x)
+    prepared.eval()
+    quantized = pt2e.convert(prepared)
+    assert pt2e.int8_layers(quantized) == 2 * 4  # in-projection, out-projection and the two feed-forward Linears
+    assert pt2e.float_parameters(quantized) == {}

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lightning_qat.exceptions import ArtifactError, ConversionError, first_line
-from lightning_qat.export.layout import pad_single_channel
+from lightning_qat.export.layout import contiguous_linear_inputs, pad_single_channel
 from lightning_qat.files import write_atomic
 from lightning_qat.quantization import pt2e
 from lightning_qat.quantization.inputs import batch_size, cpu_inputs, with_batch
@@ -121,6 +121,7 @@ def save_pt2(
     graph = copy.deepcopy(quantized.exported if pt2e.is_exported(quantized) else quantized)
     if isinstance(graph, torch.fx.GraphModule):
         pad_single_channel(graph)
+        contiguous_linear_inputs(graph)
     written: list[Package] = []
 
     def compile_into(tmp: Path) -> None:

@@ -1,5 +1,6 @@
-"""A layout pass on the int8 PT2E graph before AOTInductor compiles it with a dynamic batch.
+"""Layout passes on the int8 PT2E graph before AOTInductor compiles it with a dynamic batch.
 
+**One-channel convolutions** (:func:`pad_single_channel`).
 torch 2.14's inductor gets the output layout of an int8 convolution wrong when its input has one channel and the
 batch is dynamic: its helper (``mkldnn_ir._prepare_convolution_fusion_create``) says such a convolution writes
 contiguous memory, which is true of the float convolution there (pytorch/pytorch#121400) but not of the int8 one,
@@ -8,6 +9,11 @@ package's output is 120-140% away from the graph's (a grayscale image network's 
 after a one-channel map). A one-channel tensor's strides cannot say channels-last, so the pass gives the input a
 second channel of zeros: the quantized input is padded with its zero point (0.0 once dequantized) and the int8
 weight with a zero input channel, so every product the padding adds is 0 and the output is exactly the same.
+
+**Linears on a transposed input** (:func:`contiguous_linear_inputs`). ``nn.MultiheadAttention`` projects a
+transposed (sequence-first) tensor; torchao 0.18's int8-linear pattern for such an input compares sizes with
+``torch.Size(...)``, which raises on a dynamic batch ("torch.Size() takes an iterable of 'int'"). The tensor is made
+contiguous before it is quantized: the same values.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 
 _CONVS = ("aten.conv2d.default", "aten.conv3d.default")  # 1-d convolutions are written contiguous: not affected
 _DEQUANTIZE = "quantized_decomposed.dequantize_per_tensor.default"
+_QUANTIZE = "quantized_decomposed.quantize_per_tensor.default"
 _DEQUANTIZE_WEIGHT = "quantized_decomposed.dequantize_per_channel.default"
 
 
@@ -58,6 +65,32 @@ def pad_single_channel(graph_module: torch.fx.GraphModule) -> int:
     if padded:
         graph_module.recompile()
     return padded
+
+
+def contiguous_linear_inputs(graph_module: torch.fx.GraphModule) -> int:
+    """Make each int8 linear's non-contiguous input (3-d or more) contiguous before it is quantized; how many."""
+    changed = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or str(node.target) != "aten.linear.default":
+            continue
+        dequantized = node.args[0]
+        if not _is_call(dequantized, _DEQUANTIZE) or not _is_call(dequantized.args[0], _QUANTIZE):
+            continue
+        quantize = dequantized.args[0]
+        source = quantize.args[0]
+        value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        if not isinstance(value, torch.Tensor) or value.dim() <= 2 or value.is_contiguous():
+            continue
+        with graph_module.graph.inserting_before(quantize):
+            copy = graph_module.graph.call_function(
+                torch.ops.aten.clone.default, (source,), {"memory_format": torch.contiguous_format}
+            )
+        copy.meta["val"] = value.contiguous()
+        quantize.replace_input_with(source, copy)
+        changed += 1
+    if changed:
+        graph_module.recompile()
+    return changed
 
 
 def _is_call(value: object, target: str) -> bool:

@@ -224,15 +224,20 @@ def _quantizer(backend: str, qat: bool, skip: Sequence[str], dynamic: bool = Fal
         quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=qat))
     for name in skip:
         quantizer.set_module_name_qconfig(name, None)
-    return _FloatOnly(quantizer)
+    return _Quantizer(quantizer)
 
 
-class _FloatOnly:
-    """A torchao quantizer whose annotations of integer tensors are taken back.
+class _Quantizer:
+    """torchao's x86 quantizer, with two corrections to what it annotates.
 
-    The x86 quantizer annotates ``mul`` / ``add`` whatever their dtype, so integer arithmetic on token ids (RoBERTa's
-    position ids: ``cumsum(mask) * mask``) gets a fake-quant in training and a float-only ``quantize_per_tensor`` on
-    an int32 tensor at conversion, which raises.
+    - **Every linear call is a linear.** It finds linears by the source ``torch.export`` records for each call, and
+      the capture records the ``F.linear`` calls inside ``nn.MultiheadAttention`` (torchvision's ViT, the zoo's text
+      encoder) as the attention module's: their in- and out-projections stayed float, and were stored float in the
+      compiled package (a ViT's package twice the TorchScript artifact's size). They are marked as linear calls.
+    - **Integer tensors are not quantized.** It annotates ``mul`` / ``add`` whatever their dtype, so integer
+      arithmetic on token ids (RoBERTa's position ids: ``cumsum(mask) * mask``) got a fake-quant in training and a
+      float-only ``quantize_per_tensor`` on an int32 tensor at conversion, which raises: those annotations are
+      taken back.
     """
 
     def __init__(self, quantizer: Any) -> None:
@@ -244,6 +249,10 @@ class _FloatOnly:
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
+        for node in model.graph.nodes:
+            stack = node.meta.get("source_fn_stack")
+            if str(node.target) == "aten.linear.default" and stack and stack[-1][1] is nn.MultiheadAttention:
+                node.meta["source_fn_stack"] = [*stack, (node.name, nn.functional.linear)]
         model = self.quantizer.annotate(model)
         for node in model.graph.nodes:
             annotation = node.meta.get(Q_ANNOTATION_KEY)

@@ -99,8 +99,8 @@ class QATCallback(Callback):
         untrained_float: QAT starts from random weights: the float row is no baseline, and the guard skips it.
         overwrite: let a run write into a ``save_dir`` holding an earlier run's files (refused before training).
         activations: ``"static"`` (scales calibrated by QAT, every layer int8), ``"dynamic"`` (Linears int8 with
-            activations quantized per batch at run time, the rest float; QAT trains the weights' quantization only)
-            or ``"auto"`` (static, unless a Linear-heavy network runs faster dynamic: both timed in ``setup``).
+            activations quantized per batch at run time, the rest float; captured so on PT2E) or ``"auto"`` (static,
+            unless a Linear-heavy network runs faster dynamic: both timed in ``setup``; static on PT2E).
 
     Raises:
         ValueError: for any argument outside the values listed above.

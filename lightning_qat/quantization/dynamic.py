@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_qat.quantization import ao, compat
-from lightning_qat.quantization.convert import cpu_eval_copy
+from lightning_qat.quantization.copies import cpu_eval_copy
 from lightning_qat.quantization.inputs import cpu_inputs
 
 LINEAR_HEAVY = 0.5  # the share of the multiply-accumulates in Linears from which dynamic int8 is a candidate

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, dynamic
 
 
 @dataclass(frozen=True)
@@ -125,9 +125,7 @@ class Engine(ABC):
 
     def to_dynamic(self, model: nn.Module, float_layers: Collection[str] = ()) -> nn.Module:
         """The dynamic int8 form of the QAT ``model``: torch.ao's dynamic Linears, ``float_layers`` float."""
-        from lightning_qat.quantization.dynamic import to_dynamic  # it converts with the engines: imported late
-
-        return to_dynamic(model, float_layers)
+        return dynamic.to_dynamic(model, float_layers)
 
     def can_search(self, dynamic: bool) -> bool:
         """Whether the accuracy-budget search can keep layers float: in its graph, or among dynamic Linear modules."""

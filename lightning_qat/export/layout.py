@@ -29,8 +29,9 @@ _DEQUANTIZE_WEIGHT = "quantized_decomposed.dequantize_per_channel.default"
 def pad_single_channel(graph_module: torch.fx.GraphModule) -> int:
     """Give each int8 convolution with a one-channel input a zero second channel, in place; returns how many.
 
-    Only convolutions whose int8 weight is the graph's own constant used there alone, and whose input zero point is
-    a number, are padded (the shapes torchao's ``convert_pt2e`` writes); others are left as they are.
+    Only convolutions whose int8 weight is the graph's own constant used there alone, with zero points of 0
+    (symmetric: a zero byte is 0.0), and whose input zero point is a number, are padded (the shapes torchao's x86
+    ``convert_pt2e`` writes); others are left as they are.
     """
     padded = 0
     for node in list(graph_module.graph.nodes):
@@ -48,7 +49,7 @@ def pad_single_channel(graph_module: torch.fx.GraphModule) -> int:
         owner, _, name = str(constant.target).rpartition(".")
         module = graph_module.get_submodule(owner)
         int8_weight = getattr(module, name)
-        if groups != 1 or int8_weight.shape[1] != 1:
+        if groups != 1 or int8_weight.shape[1] != 1 or not _zero(graph_module, weight.args[2]):
             continue
         setattr(module, name, torch.cat([int8_weight, torch.zeros_like(int8_weight)], dim=1))
         dims = int8_weight.dim() - 2
@@ -91,6 +92,16 @@ def contiguous_linear_inputs(graph_module: torch.fx.GraphModule) -> int:
     if changed:
         graph_module.recompile()
     return changed
+
+
+def _zero(graph_module: torch.fx.GraphModule, zero_points: object) -> bool:
+    """Whether ``zero_points`` (a number, or a constant of the graph) is 0 everywhere."""
+    if isinstance(zero_points, torch.fx.Node) and zero_points.op == "get_attr":
+        owner, _, name = str(zero_points.target).rpartition(".")
+        zero_points = getattr(graph_module.get_submodule(owner), name)
+    if isinstance(zero_points, torch.Tensor):
+        return not bool(zero_points.any())
+    return zero_points == 0
 
 
 def _is_call(value: object, target: str) -> bool:

@@ -101,3 +101,43 @@ def test_a_package_without_int8_kernels_is_refused(int8_graph, tmp_path, monkeyp
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", without_freezing)
     with pytest.raises(ConversionError, match="calls no int8 kernel for the 2 int8 layers"):
         aoti.save_pt2(quantized, tmp_path / "model_int8.pt2", (x,))
+
+
+class SameShapes(nn.Module):
+    """Two convolutions with one weight shape: the first reads a signed input (a zero point), the second a ReLU's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(32, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def weight_reorders(package: nn.Module, x: torch.Tensor, capfd: pytest.CaptureFixture[str]) -> list[str]:
+    """oneDNN's log lines of int8 weights reordered while ``package`` runs once (after a first call)."""
+    package(x)
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        package(x)
+    log = capfd.readouterr().out.splitlines()
+    return [line for line in log if ",reorder," in line and "src:s8" in line]
+
+
+def test_weights_prepacked_beside_others_of_their_shape_are_not_reordered_on_every_call(tmp_path, capfd):
+    torch.manual_seed(0)
+    x = torch.randn(8, 32, 8, 8)
+    prepared = pt2e.prepare(SameShapes(), (x,), "x86")
+    for _ in range(3):
+        prepared(torch.randn(8, 32, 8, 8))
+    quantized = pt2e.convert(prepared.eval())
+    # what loading a quantized TorchScript model does: a weight of that shape prepacked for an input with a zero point
+    torch.ops.onednn.qconv_prepack(
+        torch.ones(32, 32, 3, 3, dtype=torch.int8), torch.ones(32), 0.1, 5, [1, 1], [1, 1], [1, 1], 1, None
+    )
+    prepack, threads = torch.ops.onednn.qconv_prepack._op, torch.get_num_threads()
+    package = load_quantized(aoti.save_pt2(quantized, tmp_path / "model_int8.pt2", (x,)).path)
+    assert aoti.output_error(package, quantized, (x,)) < 0.05
+    assert weight_reorders(package, x[:1], capfd) == []
+    assert (torch.ops.onednn.qconv_prepack._op, torch.get_num_threads()) == (prepack, threads)  # left as found

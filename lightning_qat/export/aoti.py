@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lightning_qat.exceptions import ArtifactError, ConversionError, first_line
-from lightning_qat.export.layout import contiguous_linear_inputs, pad_single_channel
+from lightning_qat.export.layout import contiguous_linear_inputs, pad_single_channel, separate_prepacks
 from lightning_qat.files import write_atomic
 from lightning_qat.quantization import pt2e
 from lightning_qat.quantization.inputs import batch_size, cpu_inputs, with_batch
@@ -150,9 +150,12 @@ def _compile(graph: nn.Module, quantized: nn.Module, tmp: Path, inputs: tuple[An
             program = torch.export.export(graph, traced, dynamic_shapes=pt2e.batch_dims(traced) if dynamic else None)
             shapes = _program_shapes(program)
             metadata = {SHAPES_KEY: json.dumps(shapes)}
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(tmp), inductor_configs={"freezing": True, "aot_inductor.metadata": metadata}
-            )
+            with separate_prepacks():
+                torch._inductor.aoti_compile_and_package(
+                    program,
+                    package_path=str(tmp),
+                    inductor_configs={"freezing": True, "aot_inductor.metadata": metadata},
+                )
     except Exception as err:
         raise ConversionError(f"AOTInductor cannot compile the int8 PT2E network: {first_line(err)[:300]}") from err
     if dynamic and all(None not in shape for shape in shapes):

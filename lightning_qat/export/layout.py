@@ -14,9 +14,21 @@ weight with a zero input channel, so every product the padding adds is 0 and the
 transposed (sequence-first) tensor; torchao 0.18's int8-linear pattern for such an input compares sizes with
 ``torch.Size(...)``, which raises on a dynamic batch ("torch.Size() takes an iterable of 'int'"). The tensor is made
 contiguous before it is quantized: the same values.
+
+**Weights prepacked for the wrong input** (:func:`separate_prepacks`, around the compile). ideep caches a
+convolution's primitive descriptor under its shapes, attributes and OpenMP thread count, but not whether the input
+has a zero point (torch 2.14, oneDNN 3.12). A weight prepacked for an input without one after a weight of the same
+shape prepacked for an input with one (earlier in the graph, or earlier in the process: loading a quantized
+TorchScript model prepacks its weights) gets that one's layout, with a zero-point compensation its kernel does not
+use, and oneDNN reorders the weight on every call: resnet18's package ran 2-3x slower at batch 1. Each prepack runs
+under a thread count that depends on the zero point, so the two never share an entry (docs/pt2e.md has the repro).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -110,3 +122,32 @@ def _owner(graph_module: torch.fx.GraphModule, constant: torch.fx.Node) -> tuple
 
 def _is_call(value: object, target: str) -> bool:
     return isinstance(value, torch.fx.Node) and value.op == "call_function" and str(value.target) == target
+
+
+@contextmanager
+def separate_prepacks() -> Iterator[None]:
+    """Within this context, prepack int8 convolution weights with and without an input zero point apart (see above).
+
+    The thread count is only ideep's cache key here: the prepacked layout is the same, and the caller's count is
+    restored after each prepack and the original op after the context.
+    """
+    packet = torch.ops.onednn.qconv_prepack
+    prepack = getattr(packet, "_op", None)
+    if prepack is None:  # an op packet without the attribute: another torch, left as it is
+        yield
+        return
+
+    def separated(*args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        zero_point = args[3] if len(args) > 3 else kwargs.get("input_zero_point", 0)
+        torch.set_num_threads(threads + (2 if zero_point else 1))  # counts the process rarely runs at
+        try:
+            return prepack(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    packet._op = separated
+    try:
+        yield
+    finally:
+        packet._op = prepack

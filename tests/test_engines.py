@@ -168,7 +168,10 @@ def test_pt2e_stops_in_setup_with_the_reason(digits8, tmp_path):
     ("kwargs", "message"),
     [
         (dict(backend="qnnpack"), "XNNPACK quantizer moved to ExecuTorch"),
-        (dict(on_drop="fallback", monitor="val_acc", max_metric_drop=0.01), "on_drop='fallback' searches FX"),
+        (
+            dict(on_drop="fallback", monitor="val_acc", max_metric_drop=0.01, activations="dynamic"),
+            r"on_drop='fallback' with engine='pt2e' and activations='dynamic'.*PT2E with static activations",
+        ),
         (dict(export=["torchscript"]), r"cannot write \['torchscript'\]; its formats are \['pt2'\]"),
     ],
 )

@@ -1,9 +1,10 @@
+import pytest
 import torch
 import torchvision
 from conftest import UntraceableNet, pretrained_tiny, with_outlier_channels
 from torch import nn
 
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.fallback import float_names, float_nodes, groups, train_float
 from lightning_qat.quantization.prepare import prepare_model
@@ -88,3 +89,26 @@ def test_eager_groups_are_the_layers_alone(float_tiny, digits8):
     assert all(group.names == (name,) and group.nodes == () for name, group in found.items())
     switched = train_float(qat, [found[next(iter(found))]])
     assert len(switched) == 2  # the layer's weight fake-quant and its own output fake-quant
+
+
+@pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
+def test_pt2e_groups_take_the_conv_bn_ops_and_the_readers_of_the_output_quantizer(float_tiny, digits8):
+    """torchao's captured graph: a Conv-BN-ReLU is several ops before its quantizer; the int8 graph keeps them float."""
+    x = train_images(digits8)
+    qat = calibrated(with_outlier_channels(pretrained_tiny(float_tiny)).net, x, mode="pt2e")
+    found = groups(qat)
+    assert list(found) == ["conv1", "conv2", "fc1", "fc2"]
+    assert found["conv1"].names[:3] == ("conv1", "bn1", "relu1")  # then conv2, which reads conv1's output quantizer
+    assert "conv2" in found["conv1"].names
+    val = digits8.splits["val"].tensors[0]
+    int8 = to_int8(qat, "pt2e", "x86", (x[:8],), float_nodes([found["conv1"]]))
+    all_int8 = to_int8(qat, "pt2e", "x86", (x[:8],))
+    assert pt2e.int8_layers(int8) == pt2e.int8_layers(all_int8) - 2
+    reference = cpu_eval_copy(qat)
+    switched = train_float(reference, [found["conv1"]])
+    assert len(switched) == 3  # conv1's and conv2's weight fake-quants, and conv1's output quantizer
+    with torch.no_grad():
+        expected = reference(val)
+        error = (int8(val) - expected).abs().mean() / expected.abs().mean()
+        before = (all_int8(val) - expected).abs().mean() / expected.abs().mean()
+    assert error < 0.02 < 0.1 < before, (error, before)

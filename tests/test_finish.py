@@ -15,7 +15,8 @@ from conftest import (
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_qat import QATCallback, convert_checkpoint, load_quantized
-from lightning_qat.quantization import ao
+from lightning_qat.export import aoti
+from lightning_qat.quantization import ao, pt2e
 
 
 def fit_with_budget(tmp_path, digits8, model, max_epochs=2, extra_callbacks=(), **qat_kwargs):
@@ -121,3 +122,32 @@ def test_dynamic_activations_keep_the_damaged_linear_float_alone(tmp_path, float
     assert report.fallback == ["fc1"]
     assert not isinstance(qat.quantized_model.get_submodule("fc1"), torch.ao.nn.quantized.dynamic.Linear)
     assert isinstance(qat.quantized_model.get_submodule("fc2"), torch.ao.nn.quantized.dynamic.Linear)
+
+
+@pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
+def test_the_pt2e_engine_meets_a_missed_budget_the_same_way(tmp_path, float_tiny, digits8):
+    """On torchao's captured graph: searched during the fit, trained on with the result float, checkpointed, converted
+    again from the checkpoint; a .pt2 of the chosen model.
+
+    A 400x outlier: torchao's x86 activations use all 256 levels (FX's x86 ones 128), so 100x costs only 3 points."""
+    model = frozen(with_outlier_channels(pretrained_tiny(float_tiny), factor=400.0))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    qat = fit_with_budget(
+        tmp_path, digits8, model, fallback_at=1, interval="step", extra_callbacks=[checkpoints], engine="pt2e"
+    )
+    report = qat.report
+    assert report.mode == "pt2e"
+    assert report.fallback_met is True
+    assert report.fallback_candidates[0]["when"] == "step 1"
+    assert report.fallback == ["conv1", "bn1", "relu1", "conv2"]  # captured, BatchNorm and ReLU are ops of their own
+    assert report.metrics["float"]["val_acc"] - report.metrics["int8"]["val_acc"] <= OUTLIER_BUDGET
+    x = digits8.splits["val"].tensors[0][:64]
+    assert qat.artifact_path.suffix == ".pt2"
+    with torch.no_grad():
+        assert aoti.output_error(load_quantized(qat.artifact_path), qat.quantized_model, (x,)) < 0.05
+    assert json.loads((tmp_path / "qat_report.json").read_text())["fallback"] == report.fallback
+    converted = convert_checkpoint(
+        frozen(BoringClassifier()), checkpoints.last_model_path, datamodule=digits8, save_dir=str(tmp_path / "conv")
+    )
+    assert converted.fallback == report.fallback
+    assert converted.metrics["int8"]["val_acc"] == report.metrics["int8"]["val_acc"]

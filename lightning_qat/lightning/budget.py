@@ -78,8 +78,8 @@ class BudgetSearch:
 
         Each candidate is an int8 model converted from ``network`` with :attr:`float_groups` and the candidate's
         groups (:func:`~lightning_qat.quantization.fallback.groups`) float, evaluated with the user's
-        ``validation_step``/``test_step`` and timed as TorchScript. The chosen (else the best, if better than
-        ``int8_value``) candidate's groups are added to :attr:`float_groups`.
+        ``validation_step``/``test_step`` and timed as TorchScript (not for a compiled engine). The chosen (else the
+        best, if better than ``int8_value``) candidate's groups are added to :attr:`float_groups`.
         """
         pipeline = self.pipeline
         settings, run = pipeline.settings, pipeline.qat_run
@@ -107,8 +107,10 @@ class BudgetSearch:
                 return Candidate(layers, float("nan"), False, names=float_names(chosen), when=when)
             metrics = pipeline.evaluate(model)
             value = metrics.get(monitor, float("nan"))
-            scripted = to_torchscript(model, settings.backend, run.example_inputs)
-            latency = measure_latency({"int8": scripted}, run.example_inputs, settings.backend, repeats=5)["int8"]
+            latency = None
+            if not run.prepared.engine.compiled:  # a compiled artifact would take a compile per candidate: not timed
+                scripted = to_torchscript(model, settings.backend, run.example_inputs)
+                latency = measure_latency({"int8": scripted}, run.example_inputs, settings.backend, repeats=5)["int8"]
             meets = lost(value) <= budget
             return Candidate(layers, value, meets, serialized_size(model), latency, float_names(chosen), metrics, when)
 

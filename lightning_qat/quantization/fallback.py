@@ -5,19 +5,26 @@ quantizer wherever one side of it is int8 (the layer's consumers quantize their 
 :class:`Group` is the layer, every op that reads its output quantizer and every other op writing into that quantizer
 (inputs of a ``torch.cat`` share one): with all of them float the quantizer disappears. A Conv-BN-ReLU is one fused
 module, so one layer. Eager and dynamic networks have no graph: a group is the layer alone.
+
+A PT2E network (torchao's captured graph) has the same fake-quant modules, but its layers are convolution / linear
+calls whose weight goes through one, named by the module that made the call, and a Conv-BN is several ops (the
+convolution, torchao's rescaling, the batch norm, the activation) before the output quantizer: they go float together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lightning_qat.quantization import ao
+from lightning_qat.quantization.exported import ExportedQAT
 
 _OPS = ("call_module", "call_function", "call_method")
+_LAYER_CALLS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
+_REWRITE = "WrapperModule"  # torchao's Conv-BN rewrite: its ops are named by their node, not the user's module
 
 
 @dataclass(frozen=True)
@@ -39,9 +46,62 @@ def _is_fake_quant(modules: dict[str, nn.Module], node: torch.fx.Node) -> bool:
 
 
 def _graph(network: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, nn.Module]] | None:
+    if isinstance(network, ExportedQAT):
+        network = network.exported
     if not isinstance(network, torch.fx.GraphModule):
         return None
     return network, dict(network.named_modules(remove_duplicate=False))
+
+
+def _is_layer_call(modules: dict[str, nn.Module], node: torch.fx.Node) -> bool:
+    """A captured graph's quantized layer: a convolution or linear call whose weight goes through a fake-quant."""
+    weight = node.args[1] if node.op == "call_function" and len(node.args) > 1 else None
+    return str(node.target) in _LAYER_CALLS and isinstance(weight, torch.fx.Node) and _is_fake_quant(modules, weight)
+
+
+def _module_name(node: torch.fx.Node) -> str:
+    """The qualified name of the module whose forward made this call in a captured graph ("" at the top)."""
+    stack = node.meta.get("nn_module_stack")
+    return str(list(stack.values())[-1][0]) if stack else ""
+
+
+def _name(node: torch.fx.Node) -> str | None:
+    """What people call a group member: its module (FX modules; a captured op's module), else the op's node name."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack and _REWRITE in str(list(stack.values())[-1][1]):
+        return None
+    return _module_name(node) or node.name
+
+
+def _layer_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, torch.fx.Node]:
+    """Each quantized layer's (first) node, by the layer's name, in network order."""
+    found: dict[str, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and ao.weight_fake_quant(modules[str(node.target)]) is not None:
+            found.setdefault(str(node.target), node)
+        elif _is_layer_call(modules, node):
+            found.setdefault(_module_name(node) or node.name, node)
+    return found
+
+
+def _downstream(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """The output quantizers a captured layer's output reaches, and the ops on the way there (float with it)."""
+    quantizers: list[torch.fx.Node] = []
+    between: list[torch.fx.Node] = []
+    todo, seen = list(node.users), {node}
+    while todo:
+        user = todo.pop(0)
+        if user in seen:
+            continue
+        seen.add(user)
+        if _is_fake_quant(modules, user):
+            quantizers.append(user)
+        elif user.op in _OPS:
+            between.append(user)
+            todo += list(user.users)
+    return quantizers, between
 
 
 def output_quantizers(network: nn.Module) -> dict[str, ao.FakeQuantizeBase]:
@@ -63,10 +123,11 @@ def output_quantizers(network: nn.Module) -> dict[str, ao.FakeQuantizeBase]:
 def groups(network: nn.Module, static: bool = True) -> dict[str, Group]:
     """Every quantized layer of a QAT network and the :class:`Group` that goes float with it, in network order.
 
-    ``static=False``: for dynamic int8 activations, which have no quantizer to share: each layer alone.
+    ``static=False``: for dynamic int8 activations, which have no quantizer to share: each layer alone (FX, eager).
     """
     graph = _graph(network)
-    if graph is None or not static:
+    captured = isinstance(network, ExportedQAT)
+    if graph is None or not (static or captured):
         return {name: Group(name, (), (name,)) for name in quantized_layers(network)}
     gm, modules = graph
     sites: dict[str, list[torch.fx.Node]] = {}  # fake-quant module -> the nodes calling it (a shared one: several)
@@ -74,12 +135,14 @@ def groups(network: nn.Module, static: bool = True) -> dict[str, Group]:
         if _is_fake_quant(modules, node):
             sites.setdefault(str(node.target), []).append(node)
     members: dict[str, dict[torch.fx.Node, None]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or ao.weight_fake_quant(modules[str(node.target)]) is None:
-            continue
-        group = members.setdefault(str(node.target), {})
-        group[node] = None
-        for quantizer in {str(u.target) for u in node.users if _is_fake_quant(modules, u)}:
+    for layer, node in _layer_nodes(gm, modules).items():
+        group = members.setdefault(layer, {node: None})
+        if captured:
+            quantizers, between = _downstream(node, modules)
+            group.update(dict.fromkeys(between))
+        else:
+            quantizers = [u for u in node.users if _is_fake_quant(modules, u)]
+        for quantizer in {str(q.target) for q in quantizers}:
             for site in sites[quantizer]:
                 for other in (*site.all_input_nodes, *site.users):
                     if other.op in _OPS and not _is_fake_quant(modules, other):
@@ -88,7 +151,7 @@ def groups(network: nn.Module, static: bool = True) -> dict[str, Group]:
         layer: Group(
             layer,
             tuple(n.name for n in nodes),
-            tuple(dict.fromkeys(str(n.target) if n.op == "call_module" else n.name for n in nodes)),
+            tuple(dict.fromkeys(name for n in nodes if (name := _name(n)) is not None)),
         )
         for layer, nodes in members.items()
     }
@@ -117,25 +180,38 @@ def train_float(network: nn.Module, chosen: Iterable[Group]) -> list[str]:
     off: dict[str, ao.FakeQuantizeBase] = {}
     graph = _graph(network) if any(group.nodes for group in chosen) else None  # None: layers alone
     floating = float_nodes(chosen)
-    layers = {group.layer for group in chosen}
-    if graph is not None:  # every layer of the groups: a float node converts to a float layer
-        layers |= {str(n.target) for n in graph[0].graph.nodes if n.op == "call_module" and n.name in floating}
+    layers = {group.layer for group in chosen} if not isinstance(network, ExportedQAT) else set()
+    if graph is not None:
+        gm, modules = graph
+        off |= {target: modules[target] for target in dropped_quantizers(gm, floating)}  # type: ignore[misc]
+        if layers:  # every layer of the groups: a float node converts to a float layer
+            layers |= {str(n.target) for n in gm.graph.nodes if n.op == "call_module" and n.name in floating}
     for layer in layers:
         if (weight := ao.weight_fake_quant(network.get_submodule(layer))) is not None:
             off[f"{layer}.weight_fake_quant"] = weight
     if graph is None:
         outputs = output_quantizers(network)
         off |= {f"{g.layer}.activation_post_process": outputs[g.layer] for g in chosen if g.layer in outputs}
-    else:
-        gm, modules = graph
-        calls: dict[str, bool] = {}
-        for node in gm.graph.nodes:
-            if _is_fake_quant(modules, node):
-                ends = (*node.all_input_nodes, *node.users)
-                inside = all(n.name in floating or n.op == "output" for n in ends)
-                calls[str(node.target)] = calls.get(str(node.target), True) and inside
-        off |= {target: modules[target] for target, inside in calls.items() if inside}  # type: ignore[misc]
     for fake_quant in off.values():
         fake_quant.disable_fake_quant()
         fake_quant.disable_observer()
     return sorted(off)
+
+
+def dropped_quantizers(graph_module: torch.fx.GraphModule, floating: Collection[str]) -> list[str]:
+    """The fake-quant modules of a QAT graph that keeping its ``floating`` nodes float drops.
+
+    Each activation fake-quant whose every call has only float nodes (or the network's output) on both sides, and in
+    a captured (PT2E) graph the weight fake-quant of each float convolution / linear call.
+    """
+    modules = dict(graph_module.named_modules(remove_duplicate=False))
+    inside: dict[str, bool] = {}
+    weights: set[str] = set()
+    for node in graph_module.graph.nodes:
+        if _is_fake_quant(modules, node):
+            ends = (*node.all_input_nodes, *node.users)
+            here = all(n.name in floating or n.op == "output" for n in ends)
+            inside[str(node.target)] = inside.get(str(node.target), True) and here
+        elif node.name in floating and _is_layer_call(modules, node):
+            weights.add(str(node.args[1].target))
+    return sorted({target for target, dropped in inside.items() if dropped} | weights)

@@ -3,9 +3,7 @@
 torchao is an optional extra (``pip install 'lightning-qat[pt2e]'``); nothing here imports it before it is asked
 for. What torchao does not do, this module does:
 
-- **train / eval switching.** An exported module refuses ``train()``/``eval()``; torchao's own switch rewrites every
-  BatchNorm with the default ``eps``/``momentum`` and every dropout with ``p=0.5`` (pytorch/ao#2980).
-  :class:`ExportedQAT` flips only the ``training`` argument of the graph's batch-norm and dropout calls.
+- **train / eval switching**: :class:`~lightning_qat.quantization.exported.ExportedQAT` (torch only).
 - **BatchNorm arguments.** ``prepare_qat_pt2e``'s Conv-BN rewrite itself drops ``eps`` and ``momentum`` (1e-5 and 0.1
   for every BatchNorm, whatever the network used): they are put back from the captured graph.
 - **convert speed.** ``convert_pt2e`` exports the same small pattern graphs on every call, whatever the network:
@@ -20,20 +18,21 @@ import functools
 import importlib.util
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, TypeGuard
 
 import torch
 from torch import nn
 
 from lightning_qat.exceptions import NotTraceable, PT2EUnavailable, first_line
+from lightning_qat.quantization.exported import BATCH_NORM as _BATCH_NORM
+from lightning_qat.quantization.exported import ExportedQAT
+from lightning_qat.quantization.fallback import dropped_quantizers
 
 INSTALL_HINT = "pip install 'lightning-qat[pt2e]'  (torchao >= 0.18)"
 MIN_TORCH = (2, 11)  # torchao 0.18's own lower bound
 BACKENDS = ("x86", "fbgemm")  # torchao's X86InductorQuantizer; its XNNPACK quantizer moved to ExecuTorch
 
-_BATCH_NORM = "aten.batch_norm.default"
-_DROPOUTS = ("aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default")
 _LAYERS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
 _SILENCED = (
     r".*is an Enum subclass and is now natively supported",  # torchao's import, on torch 2.14
@@ -76,115 +75,6 @@ def quiet() -> Iterator[None]:
         finally:
             for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)
-
-
-class ExportedQAT(nn.Module):
-    """A captured, PT2E-prepared network that Lightning can switch between ``train()`` and ``eval()``.
-
-    ``exported`` is the ``torch.fx.GraphModule`` torchao prepared. Switching flips the ``training`` argument of its
-    batch-norm calls (never once :meth:`freeze_bn` ran) and of its dropout calls, and the ``+= 1`` of each
-    ``num_batches_tracked`` (``+= 0`` in eval): ``eps``, ``momentum`` and ``p`` stay the network's own.
-
-    Decisions the network made in Python from ``self.training`` were captured as their training branch (the capture
-    runs in training mode); the two kinds in timm's and torchvision's code are rewritten to follow the mode too: the
-    keep probability of a stochastic-depth mask (``bernoulli_(keep)`` and the ``div_(keep)`` after it: 1.0 in eval,
-    all kept) and an attention's ``dropout_p`` (``F.scaled_dot_product_attention(..., dropout_p=p if self.training
-    else 0.0)``: 0.0 in eval).
-    """
-
-    def __init__(self, exported: torch.fx.GraphModule) -> None:
-        super().__init__()
-        self.exported = exported
-        self.bn_frozen = False
-        # (node name, argument, its value in training): names, not nodes, so that a deep copy does not walk the graph
-        self._captured = [(node.name, at, value) for node, at, value in _train_only(exported.graph)]
-        self._switch(True)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The captured network's forward."""
-        return self.exported(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> ExportedQAT:
-        """Switch batch norm and dropout; every submodule's ``training`` flag follows (torch's ``train`` raises)."""
-        for module in self.modules():
-            module.training = mode
-        self._switch(mode)
-        return self
-
-    def freeze_bn(self) -> None:
-        """BatchNorm normalizes with its running statistics and stops updating them, in training too."""
-        self.bn_frozen = True
-        self._switch(self.training)
-
-    def _switch(self, mode: bool) -> None:
-        changed = False
-        for node in self.exported.graph.nodes:
-            where = _switched_arg(node)
-            if where is None:
-                continue
-            index, batch_norm = where
-            value: bool | int = mode and not (batch_norm and self.bn_frozen)
-            if batch_norm and index == 1:  # num_batches_tracked += 1 while statistics update, += 0 otherwise
-                value = int(value)
-            if node.args[index] != value or type(node.args[index]) is not type(value):
-                node.update_arg(index, value)
-                changed = True
-        nodes = {node.name: node for node in self.exported.graph.nodes} if self._captured else {}
-        for name, at, trained in self._captured:
-            node, kept = nodes[name], trained if mode else _EVAL_VALUE[str(nodes[name].target)]
-            if isinstance(at, str) and node.kwargs.get(at) != kept:
-                node.update_kwarg(at, kept)
-                changed = True
-            elif isinstance(at, int) and node.args[at] != kept:
-                node.update_arg(at, kept)
-                changed = True
-        if changed:
-            self.exported.recompile()
-
-
-_BERNOULLI = "aten.bernoulli_.float"
-_ATTENTION = "aten.scaled_dot_product_attention.default"
-# What a decision on `self.training` gives in eval: the mask keeps everything (and divides by 1), no attention dropout.
-_EVAL_VALUE = {_BERNOULLI: 1.0, "aten.div_.Tensor": 1.0, "aten.div.Tensor": 1.0, _ATTENTION: 0.0}
-
-
-def _train_only(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, int | str, float]]:
-    """The arguments a capture in training mode took from ``self.training``: ``(node, index or keyword, value)``."""
-    found: list[tuple[torch.fx.Node, int | str, float]] = []
-    for node in graph.nodes:
-        target = str(node.target)
-        if target == _BERNOULLI and len(node.args) == 1 and not node.kwargs:  # export drops p's default, 0.5
-            node.args = (node.args[0], 0.5)
-        if target == _BERNOULLI and len(node.args) > 1 and isinstance(node.args[1], float) and node.args[1] < 1.0:
-            keep = node.args[1]
-            found.append((node, 1, keep))
-            found += [
-                (user, 1, keep)
-                for user in node.users
-                if str(user.target) in _EVAL_VALUE and user.args[0] is node and user.args[1:2] == (keep,)
-            ]
-        elif target == _ATTENTION:
-            at: int | str = 4 if len(node.args) > 4 else "dropout_p"
-            p = node.args[4] if at == 4 else node.kwargs.get("dropout_p", 0.0)
-            if isinstance(p, float) and p > 0.0:
-                found.append((node, at, p))
-    return found
-
-
-def _switched_arg(node: torch.fx.Node) -> tuple[int, bool] | None:
-    """Which argument of ``node`` follows train/eval: ``(index, of a batch norm)``, or ``None``."""
-    if node.op != "call_function":
-        return None
-    target = str(node.target)
-    if target == _BATCH_NORM:
-        return 5, True
-    if target in _DROPOUTS:
-        return 2, False
-    first = node.args[0] if node.args else None
-    counter = (
-        isinstance(first, torch.fx.Node) and first.op == "get_attr" and str(first.target).endswith("batches_tracked")
-    )
-    return (1, True) if target == "aten.add_.Tensor" and counter else None
 
 
 def is_exported(network: nn.Module) -> TypeGuard[ExportedQAT]:
@@ -366,9 +256,15 @@ def conv_bn_count(network: ExportedQAT) -> int:
     return count
 
 
-def convert(network: ExportedQAT) -> ExportedQAT:
-    """The int8 (quantize / dequantize) graph of a copy of ``network``, BatchNorm folded; ``network`` untouched."""
+def convert(network: ExportedQAT, float_nodes: Collection[str] = ()) -> ExportedQAT:
+    """The int8 (quantize / dequantize) graph of a copy of ``network``, BatchNorm folded; ``network`` untouched.
+
+    ``float_nodes`` (:func:`~lightning_qat.quantization.fallback.float_nodes`) stay float: the fake-quants that keeping
+    them float drops are taken out of the copy's graph first, so conversion writes no quantize / dequantize there.
+    """
     model = copy.deepcopy(network).cpu().eval()
+    if float_nodes:
+        _bypass(model.exported, dropped_quantizers(model.exported, float_nodes))
     _relink_annotations(model.exported)
     with quiet(), _cached_patterns():
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
@@ -377,6 +273,15 @@ def convert(network: ExportedQAT) -> ExportedQAT:
     result = ExportedQAT(converted)
     result.eval()
     return result
+
+
+def _bypass(graph_module: torch.fx.GraphModule, fake_quants: Collection[str]) -> None:
+    """Take the calls of the ``fake_quants`` modules out of the graph: their readers read what they were given."""
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_module" and str(node.target) in fake_quants:
+            node.replace_all_uses_with(node.args[0])
+            graph_module.graph.erase_node(node)
+    graph_module.recompile()
 
 
 def _relink_annotations(graph_module: torch.fx.GraphModule) -> None:

@@ -25,6 +25,7 @@ class PT2E(Engine):
 
     name = "pt2e"
     formats = ("pt2",)
+    searchable = True
     dynamic = True
     layer_modules = False  # torchao's graph has no QAT layer modules to measure one by one
     compiled = True
@@ -71,8 +72,12 @@ class PT2E(Engine):
     def convert(self, model: nn.Module, float_nodes: Collection[str] = ()) -> nn.Module:
         """Torchao's ``convert_pt2e``: a quantize / dequantize graph, int8 once inductor compiles it."""
         assert pt2e.is_exported(model), "prepared by PT2E.prepare"
-        return pt2e.convert(model)
+        return pt2e.convert(model, float_nodes)
+
+    def can_search(self, dynamic: bool) -> bool:
+        """With static activations: a dynamic one is computed in the graph per batch, with no quantizer to drop."""
+        return not dynamic
 
     def to_dynamic(self, model: nn.Module, float_layers: Collection[str] = ()) -> nn.Module:
         """The graph was captured with dynamic activations: its conversion is the dynamic int8 network."""
-        return self.convert(model, float_layers)
+        return self.convert(model)

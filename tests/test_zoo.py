@@ -276,6 +276,19 @@ def test_every_exportable_shape_on_the_pt2e_engine(tmp_path, digits8, shape):
     loaded = load_quantized(package.path)
     for rows in (1, len(x)):
         assert aoti.output_error(loaded, qat.quantized_model, with_batch(inputs, rows)) < aoti.TOLERANCE, rows
+    # the accuracy-budget fallback on the captured graph: a layer's group kept float converts, runs, and computes what
+    # the QAT network with those fake-quants off computes
+    found = groups(qat_net)
+    group = found[list(found)[len(found) // 2]]
+    kept = to_int8(qat_net, "pt2e", qat.backend, inputs, float_nodes([group]))
+    assert pt2e.int8_layers(kept) < pt2e.int8_layers(qat.quantized_model)
+    reference = cpu_eval_copy(qat_net)
+    train_float(reference, [group])
+    with torch.no_grad():
+        kept_out, reference_out = logits(kept(*inputs)), logits(reference(*inputs))
+    kept_error = ((kept_out - reference_out).abs().mean() / reference_out.abs().mean()).item()
+    print(f"{shape} (pt2e): {group.layer} float with {group.names}: relative error {kept_error:.4f}")
+    assert kept_error <= max_error, kept_error
 
 
 # Measured on torch 2.14.1 / torchao 0.18: 14.5% and 88.5% (FX: within 6% / 90%); hard-swish and the SE gates' int8

@@ -24,6 +24,15 @@ from lightning_qat.quantization.exported import ExportedQAT
 
 _OPS = ("call_module", "call_function", "call_method")
 _LAYER_CALLS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
+_FUSED = (  # what the x86 quantizer annotates as one pattern with the convolution / linear before it
+    "aten.batch_norm.default",
+    "aten.relu.default",
+    "aten.relu_.default",
+    "aten.hardtanh.default",
+    "aten.hardtanh_.default",
+    "aten.add.Tensor",
+    "aten.add_.Tensor",
+)
 _REWRITE = "WrapperModule"  # torchao's Conv-BN rewrite: its ops are named by their node, not the user's module
 
 
@@ -81,8 +90,9 @@ def _layer_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dic
     for node in gm.graph.nodes:
         if node.op == "call_module" and ao.weight_fake_quant(modules[str(node.target)]) is not None:
             found.setdefault(str(node.target), node)
-        elif _is_layer_call(modules, node):
-            found.setdefault(_module_name(node) or node.name, node)
+        elif _is_layer_call(modules, node):  # a second call in one module (attention's projections): its node name
+            name = _module_name(node) or node.name
+            found[name if name not in found else node.name] = node
     return found
 
 
@@ -98,10 +108,20 @@ def _downstream(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[lis
         seen.add(user)
         if _is_fake_quant(modules, user):
             quantizers.append(user)
-        elif user.op in _OPS:
+        elif _fused(user):
             between.append(user)
             todo += list(user.users)
     return quantizers, between
+
+
+def _fused(node: torch.fx.Node) -> bool:
+    """An op the x86 quantizer fuses into the layer before it (what FX's fused module holds, and a residual add).
+
+    Past other ops (a LayerNorm, an attention's reshapes), a quantizer is not the layer's output quantizer.
+    """
+    stack = node.meta.get("nn_module_stack")
+    rewrite = bool(stack) and _REWRITE in str(list(stack.values())[-1][1])
+    return node.op == "call_function" and (rewrite or str(node.target) in _FUSED)
 
 
 def output_quantizers(network: nn.Module) -> dict[str, ao.FakeQuantizeBase]:

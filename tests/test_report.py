@@ -174,3 +174,12 @@ def test_a_fallback_search_is_one_line_and_a_table_of_candidates():
     missed = _report(fallback_met=False, fallback_evaluations=3)
     assert missed.to_markdown().splitlines()[2].startswith("**ACCURACY BUDGET NOT MET by any fallback tried")
     assert not any("accuracy budget" in line.lower() for line in _report().summary())  # no search: no line
+
+
+def test_the_terminal_prints_brackets_as_they_are(capsys):
+    """rich would take "[[any, 65]]" for a style tag and print "[]"."""
+    report = _report(package_shapes="[[any, 65]]", kept_float=[kept("[odd] name", "skip=", "you")], **MEASURED)
+    report.print()
+    terminal = capsys.readouterr().out
+    assert "the compiled package takes inputs of shapes [[any, 65]]" in terminal
+    assert "[odd] name" in terminal

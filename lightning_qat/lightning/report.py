@@ -284,17 +284,20 @@ class QATReport:
         from rich.console import Console
         from rich.table import Table
 
+        from rich.text import Text
+
+        # Text, not markup: the report's own brackets ("[[any, 65]]", layer names) are not rich's style tags
         header, rows = self.table()
-        table = Table(title=f"QAT report: {self.headline()}")
-        table.add_column(header[0])
+        table = Table(title=Text(f"QAT report: {self.headline()}"))
+        table.add_column(Text(header[0]))
         for name in header[1:]:
-            table.add_column(name, justify="right")
+            table.add_column(Text(name), justify="right")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*map(Text, row))
         console = Console()
         console.print(table)
         for line in self.summary():
-            console.print(line)
+            console.print(Text(line))
 
     def save(self, directory: str | Path) -> tuple[Path, Path]:
         """Write ``qat_report.json`` and ``qat_report.md`` into ``directory``."""

@@ -283,7 +283,6 @@ class QATReport:
         """Print the report as a rich table."""
         from rich.console import Console
         from rich.table import Table
-
         from rich.text import Text
 
         # Text, not markup: the report's own brackets ("[[any, 65]]", layer names) are not rich's style tags

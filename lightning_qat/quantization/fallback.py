@@ -78,10 +78,15 @@ def _name(node: torch.fx.Node) -> str | None:
     """What people call a group member: its module (FX modules; a captured op's module), else the op's node name."""
     if node.op == "call_module":
         return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack and _REWRITE in str(list(stack.values())[-1][1]):
+    if _rewritten(node):
         return None
     return _module_name(node) or node.name
+
+
+def _rewritten(node: torch.fx.Node) -> bool:
+    """An op of torchao's Conv-BN rewrite (its rescaling), not one the user's module made."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return bool(stack) and _REWRITE in str(list(stack.values())[-1][1])
 
 
 def _layer_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, torch.fx.Node]:
@@ -119,9 +124,7 @@ def _fused(node: torch.fx.Node) -> bool:
 
     Past other ops (a LayerNorm, an attention's reshapes), a quantizer is not the layer's output quantizer.
     """
-    stack = node.meta.get("nn_module_stack")
-    rewrite = bool(stack) and _REWRITE in str(list(stack.values())[-1][1])
-    return node.op == "call_function" and (rewrite or str(node.target) in _FUSED)
+    return node.op == "call_function" and (_rewritten(node) or str(node.target) in _FUSED)
 
 
 def output_quantizers(network: nn.Module) -> dict[str, ao.FakeQuantizeBase]:

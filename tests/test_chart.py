@@ -45,3 +45,14 @@ def test_without_matplotlib_one_line_says_how_to_get_the_chart(tmp_path, monkeyp
 
 def test_a_report_without_layers_draws_nothing(tmp_path):
     assert chart.save_chart(QATReport("x86", "eager", 0, 0, []), tmp_path) is None
+
+
+def test_candidates_of_a_compiled_engine_are_drawn_by_what_they_keep_float(tmp_path):
+    """PT2E's candidates are not timed (each would take a compile): their x is how much stays float."""
+    report = searched_report()
+    report.mode = "pt2e"
+    for candidate in report.fallback_candidates:
+        candidate["latency_ms"] = None
+    figure = chart.layers_chart(report)
+    assert figure.axes[1].get_xlabel() == "modules and ops kept float"
+    assert chart.save_chart(report, tmp_path).stat().st_size > 10_000

@@ -1,9 +1,10 @@
 import copy
 
+import pytest
 import torch
 from conftest import UntraceableNet, pretrained_tiny, with_outlier_channels
 
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.prepare import prepare_model
 from lightning_qat.quantization.sensitivity import MAX_DB, layer_sqnr, worst
 
@@ -56,3 +57,20 @@ def test_eager_networks_and_layers_without_error(float_tiny, digits8):
     for _, fq in ao.fake_quant_modules(prepared):
         fq.disable_fake_quant()
     assert set(layer_sqnr(prepared, val_batches(digits8)).values()) == {MAX_DB}  # nothing quantized: no error
+
+
+@pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
+def test_the_pt2e_graph_is_measured_too_and_the_outlier_layer_is_worst(float_tiny, digits8):
+    """torchao's captured graph has no layer modules: the probes find the damaged layers as the hooks do in FX."""
+    x = digits8.splits["train"].tensors[0][:256]
+    net = with_outlier_channels(pretrained_tiny(float_tiny), factor=400.0).net
+    prepared = prepare_model(net, "x86", "pt2e", [], (x[:64],)).module
+    with torch.no_grad():
+        prepared(x)
+    prepared.eval()
+    before = [node.name for node in prepared.exported.graph.nodes]
+    sqnr = layer_sqnr(prepared, [(x[:128],)])
+    assert list(sqnr) == ["conv1", "conv2", "fc1", "fc2"]
+    # conv1's output quantizer flattens 30 of its 32 channels; conv2's int8 weights lose the 2 columns divided by 400
+    assert max(sqnr["conv1"], sqnr["conv2"]) < 10 < 20 < min(sqnr["fc1"], sqnr["fc2"]), sqnr
+    assert [node.name for node in prepared.exported.graph.nodes] == before  # measured on a copy

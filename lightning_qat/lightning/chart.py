@@ -52,7 +52,8 @@ def layers_chart(report: QATReport) -> Any:
     bars.set_title("per-layer quantization error" + (" (red: kept float by the fallback)" if floating else ""))
     if candidates:
         trade = figure.add_subplot(2, 1, 2)
-        latency = [c["latency_ms"] for c in candidates]
+        timed = all(c["latency_ms"] is not None for c in candidates)  # a compiled engine's are not
+        latency = [c["latency_ms"] if timed else len(c["names"] or c["layers"]) for c in candidates]
         metric = [c["metric"] for c in candidates]
         trade.scatter(latency, metric, c=["tab:green" if c["meets"] else "tab:orange" for c in candidates])
         for c, x, y in zip(candidates, latency, metric, strict=True):
@@ -63,7 +64,7 @@ def layers_chart(report: QATReport) -> Any:
         if float_value is not None:
             trade.axhline(float_value, color="grey", linewidth=0.8, linestyle="--", label="float")
             trade.legend(fontsize=7)
-        trade.set_xlabel("int8 latency (ms, TorchScript)")
+        trade.set_xlabel("int8 latency (ms, TorchScript)" if timed else "modules and ops kept float")
         trade.set_ylabel(report.monitor or "metric")
         trade.set_title(f"fallback candidates ({report.fallback_evaluations} evaluated; green: meets the budget)")
     return figure

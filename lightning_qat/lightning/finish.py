@@ -273,8 +273,6 @@ class FinishPipeline:
     def analyze_layers(self, report: QATReport) -> None:
         """The report's per-layer SQNR: :meth:`measure_sqnr` of the int8 layers of the trained QAT network."""
         assert self.trained_network is not None
-        if not self.qat_run.prepared.engine.layer_modules:
-            return  # no QAT layer modules to measure one by one (torchao's graph)
         sqnr = self.measure_sqnr(self.trained_network)
         floating = set(float_names(self.float_groups))  # trained float: not in the int8 model
         report.layer_sqnr = {name: db for name, db in sqnr.items() if name not in floating}

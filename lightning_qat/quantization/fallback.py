@@ -89,6 +89,11 @@ def _rewritten(node: torch.fx.Node) -> bool:
     return bool(stack) and _REWRITE in str(list(stack.values())[-1][1])
 
 
+def layer_calls(graph_module: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """A QAT graph's quantized layers by name: FX's QAT module calls, or a captured graph's convolution and linears."""
+    return _layer_nodes(graph_module, dict(graph_module.named_modules(remove_duplicate=False)))
+
+
 def _layer_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, torch.fx.Node]:
     """Each quantized layer's (first) node, by the layer's name, in network order."""
     found: dict[str, torch.fx.Node] = {}
@@ -99,6 +104,11 @@ def _layer_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dic
             name = _module_name(node) or node.name
             found[name if name not in found else node.name] = node
     return found
+
+
+def output_calls(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The fake-quant calls on a captured layer call's output, past the ops fused into it."""
+    return _downstream(node, dict(graph_module.named_modules(remove_duplicate=False)))[0]
 
 
 def _downstream(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:

@@ -6,6 +6,10 @@ error's energy over the float output's, averaged over channels, in dB (40 dB: a 
 stretched by a few channels of a hundredfold range flattens the others, which an energy ratio over the whole tensor
 (dominated by those few channels) would not show. The lowest are where int8 loses accuracy, ranked first for keeping
 float by the accuracy-budget fallback.
+
+A PT2E network (torchao's captured graph) has no layer modules to hook: in a copy of the graph, a probe module compares
+each convolution / linear call with the same call on its float weight (the weight fake-quant's input), and another
+each of its output quantizers (after the ops fused into the layer) with its input; the layer's SQNR is the lower.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from torch import nn
 
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy
-from lightning_qat.quantization.fallback import output_quantizers, quantized_layers
+from lightning_qat.quantization.exported import ExportedQAT
+from lightning_qat.quantization.fallback import layer_calls, output_calls, output_quantizers, quantized_layers
 from lightning_qat.quantization.inputs import cpu_inputs
 
+_OUTPUT = " (output quantizer)"  # the key of a captured layer's output quantizers' sums
 MAX_DB = 100.0  # a layer computing exactly its float output (an SQNR of infinity) is reported as this
 
 
@@ -52,12 +58,17 @@ class LayerSQNR:
         self._seen = 0
         self._sums: dict[str, list[torch.Tensor]] = {}
         self._handles: list[Any] = []
+        self._order: list[str] = []
 
     def __enter__(self) -> LayerSQNR:
-        outputs = output_quantizers(self.network)
-        for name in quantized_layers(self.network):
-            hook = _accumulate(name, outputs.get(name), self._sums, self._measuring)
-            self._handles.append(self.network.get_submodule(name).register_forward_hook(hook))
+        if isinstance(self.network, ExportedQAT):  # rewrites the graph of the copy it was given (see the module)
+            self._order = _probe(self.network.exported, self._sums, self._measuring)
+        else:
+            self._order = quantized_layers(self.network)
+            outputs = output_quantizers(self.network)
+            for name in self._order:
+                hook = _accumulate(name, outputs.get(name), self._sums, self._measuring)
+                self._handles.append(self.network.get_submodule(name).register_forward_hook(hook))
         self._handles.append(self.network.register_forward_pre_hook(self._count))
         return self
 
@@ -74,7 +85,11 @@ class LayerSQNR:
 
     def result(self) -> dict[str, float]:
         """SQNR (dB) per quantized layer that ran, in network order."""
-        return {name: _db(*self._sums[name]) for name in quantized_layers(self.network) if name in self._sums}
+        found = {name: _db(*self._sums[name]) for name in self._order if name in self._sums}
+        for name in found:  # a captured layer's output quantizers, measured apart: the lower counts
+            if f"{name}{_OUTPUT}" in self._sums:
+                found[name] = min(found[name], _db(*self._sums[f"{name}{_OUTPUT}"]))
+        return found
 
 
 def _accumulate(
@@ -95,18 +110,61 @@ def _accumulate(
                 return
             if output_quantizer is not None:
                 quantized = output_quantizer(quantized)
-        conv = isinstance(layer, nn.modules.conv._ConvNd) and reference.dim() > 2
-        channel = 1 if conv else reference.dim() - 1  # convolutions: N, C, ...; Linears and Embeddings: ..., C
-        dims = [d for d in range(reference.dim()) if d != channel]
-        signal = reference.double().pow(2).sum(dims)
-        noise = (reference.double() - quantized.double()).pow(2).sum(dims)
-        if name in sums:
-            sums[name][0] += signal
-            sums[name][1] += noise
-        else:
-            sums[name] = [signal, noise]
+        _add(sums, name, reference, quantized, isinstance(layer, nn.modules.conv._ConvNd))
 
     return hook
+
+
+def _add(sums: dict[str, list[torch.Tensor]], name: str, reference: Any, quantized: Any, conv: bool) -> None:
+    """Add one batch's per-channel signal and error energy of layer ``name`` to ``sums``."""
+    channel = 1 if conv and reference.dim() > 2 else reference.dim() - 1  # convolutions: N, C, ...; else ..., C
+    dims = [d for d in range(reference.dim()) if d != channel]
+    signal = reference.detach().double().pow(2).sum(dims)
+    noise = (reference.detach().double() - quantized.detach().double()).pow(2).sum(dims)
+    if name in sums:
+        sums[name][0] += signal
+        sums[name][1] += noise
+    else:
+        sums[name] = [signal, noise]
+
+
+class _Probe(nn.Module):
+    """In a captured graph, after a layer call: passes its output on, measured against the float-weight call's."""
+
+    def __init__(self, name: str, conv: bool, sums: dict[str, list[torch.Tensor]], measuring: Any) -> None:
+        super().__init__()
+        self.name, self.conv, self.sums, self.measuring = name, conv, sums, measuring
+
+    def forward(self, quantized: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        if self.measuring() and reference.is_floating_point():
+            _add(self.sums, self.name, reference, quantized, self.conv)
+        return quantized
+
+
+def _probe(graph_module: torch.fx.GraphModule, sums: dict[str, list[torch.Tensor]], measuring: Any) -> list[str]:
+    """Put a :class:`_Probe` after each layer call of a captured graph, in place; returns the layers in order."""
+    graph = graph_module.graph
+    calls = layer_calls(graph_module)
+    outputs = {name: output_calls(graph_module, node) for name, node in calls.items()}  # before probes cut the walk
+    for index, (name, node) in enumerate(calls.items()):
+        weight, layer = node.args[1], node.target
+        assert isinstance(weight, torch.fx.Node)
+        assert callable(layer)
+        with graph.inserting_after(node):
+            reference = graph.call_function(layer, (node.args[0], weight.args[0], *node.args[2:]), node.kwargs)
+        target = f"sqnr_probe_{index}"
+        graph_module.add_submodule(target, _Probe(name, "conv" in str(node.target), sums, measuring))
+        with graph.inserting_after(reference):
+            probe = graph.call_module(target, (node, reference))
+        node.replace_all_uses_with(probe, delete_user_cb=probe.__ne__)  # all but the probe itself
+        for count, quantizer in enumerate(outputs[name]):
+            target = f"sqnr_probe_{index}_output_{count}"
+            graph_module.add_submodule(target, _Probe(f"{name}{_OUTPUT}", True, sums, measuring))
+            with graph.inserting_after(quantizer):
+                probe = graph.call_module(target, (quantizer, quantizer.args[0]))
+            quantizer.replace_all_uses_with(probe, delete_user_cb=probe.__ne__)
+    graph_module.recompile()
+    return list(calls)
 
 
 def _db(signal: torch.Tensor, noise: torch.Tensor) -> float:

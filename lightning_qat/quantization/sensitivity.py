@@ -15,7 +15,7 @@ each of its output quantizers (after the ops fused into the layer) with its inpu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -156,13 +156,13 @@ def _probe(graph_module: torch.fx.GraphModule, sums: dict[str, list[torch.Tensor
         graph_module.add_submodule(target, _Probe(name, "conv" in str(node.target), sums, measuring))
         with graph.inserting_after(reference):
             probe = graph.call_module(target, (node, reference))
-        node.replace_all_uses_with(probe, delete_user_cb=probe.__ne__)  # all but the probe itself
+        node.replace_all_uses_with(probe, delete_user_cb=_other_than(probe))
         for count, quantizer in enumerate(outputs[name]):
             target = f"sqnr_probe_{index}_output_{count}"
             graph_module.add_submodule(target, _Probe(f"{name}{_OUTPUT}", True, sums, measuring))
             with graph.inserting_after(quantizer):
                 probe = graph.call_module(target, (quantizer, quantizer.args[0]))
-            quantizer.replace_all_uses_with(probe, delete_user_cb=probe.__ne__)
+            quantizer.replace_all_uses_with(probe, delete_user_cb=_other_than(probe))
     graph_module.recompile()
     return list(calls)
 
@@ -180,3 +180,12 @@ def _db(signal: torch.Tensor, noise: torch.Tensor) -> float:
 def worst(sqnr: dict[str, float], count: int = 10) -> list[tuple[str, float]]:
     """The ``count`` layers with the lowest SQNR, lowest first."""
     return sorted(sqnr.items(), key=lambda item: item[1])[:count]
+
+
+def _other_than(probe: torch.fx.Node) -> Callable[[torch.fx.Node], bool]:
+    """For ``replace_all_uses_with``: every user but the probe itself (which reads the node it replaces)."""
+
+    def other(user: torch.fx.Node) -> bool:
+        return user is not probe
+
+    return other

@@ -284,9 +284,10 @@ def test_auto_takes_pt2e_for_what_fx_cannot_trace_unless_the_run_needs_what_pt2e
     dynamic = prepare_model(ShapeBranch(), "x86", "auto", [], EXAMPLE8, needs=Needs(dynamic=True))
     assert dynamic.mode == "pt2e"
     assert dynamic.activations == "dynamic"  # captured so: Linears with per-batch activation fake-quant
+    searched = prepare_model(ShapeBranch(), "x86", "auto", [], EXAMPLE8, needs=Needs(search=True))
+    assert searched.mode == "pt2e"  # its fallback keeps groups of static int8 float
     for needs, why in [
         (Needs(formats=("torchscript",)), "it does not write ['torchscript']"),
-        (Needs(search=True), "the accuracy-budget search cannot keep its layers float"),
         (Needs(dynamic=True, search=True), "the accuracy-budget search cannot keep its layers float"),
     ]:
         prepared = prepare_model(ShapeBranch(), "x86", "auto", [], EXAMPLE8, needs=needs)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 BATCH_NORM = "aten.batch_norm.default"
+LAYER_CALLS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
 _DROPOUTS = ("aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default")
 
 

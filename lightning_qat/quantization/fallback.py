@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from lightning_qat.quantization import ao
-from lightning_qat.quantization.exported import ExportedQAT
+from lightning_qat.quantization.exported import BATCH_NORM, LAYER_CALLS, ExportedQAT
 
 _OPS = ("call_module", "call_function", "call_method")
-_LAYER_CALLS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
 _FUSED = (  # what the x86 quantizer annotates as one pattern with the convolution / linear before it
-    "aten.batch_norm.default",
+    BATCH_NORM,
     "aten.relu.default",
     "aten.relu_.default",
     "aten.hardtanh.default",
@@ -65,7 +64,7 @@ def _graph(network: nn.Module) -> tuple[torch.fx.GraphModule, dict[str, nn.Modul
 def _is_layer_call(modules: dict[str, nn.Module], node: torch.fx.Node) -> bool:
     """A captured graph's quantized layer: a convolution or linear call whose weight goes through a fake-quant."""
     weight = node.args[1] if node.op == "call_function" and len(node.args) > 1 else None
-    return str(node.target) in _LAYER_CALLS and isinstance(weight, torch.fx.Node) and _is_fake_quant(modules, weight)
+    return str(node.target) in LAYER_CALLS and isinstance(weight, torch.fx.Node) and _is_fake_quant(modules, weight)
 
 
 def _module_name(node: torch.fx.Node) -> str:
@@ -106,9 +105,10 @@ def _layer_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dic
     return found
 
 
-def output_calls(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The fake-quant calls on a captured layer call's output, past the ops fused into it."""
-    return _downstream(node, dict(graph_module.named_modules(remove_duplicate=False)))[0]
+def output_calls(graph_module: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
+    """Each captured layer's fake-quant calls on its output (past the ops fused into it), by :func:`layer_calls`."""
+    modules = dict(graph_module.named_modules(remove_duplicate=False))
+    return {name: _downstream(node, modules)[0] for name, node in _layer_nodes(graph_module, modules).items()}
 
 
 def _downstream(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:

@@ -25,15 +25,13 @@ import torch
 from torch import nn
 
 from lightning_qat.exceptions import NotTraceable, PT2EUnavailable, first_line
-from lightning_qat.quantization.exported import BATCH_NORM as _BATCH_NORM
-from lightning_qat.quantization.exported import ExportedQAT
+from lightning_qat.quantization.exported import BATCH_NORM, LAYER_CALLS, ExportedQAT
 from lightning_qat.quantization.fallback import dropped_quantizers
 
 INSTALL_HINT = "pip install 'lightning-qat[pt2e]'  (torchao >= 0.18)"
 MIN_TORCH = (2, 11)  # torchao 0.18's own lower bound
 BACKENDS = ("x86", "fbgemm")  # torchao's X86InductorQuantizer; its XNNPACK quantizer moved to ExecuTorch
 
-_LAYERS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
 _SILENCED = (
     r".*is an Enum subclass and is now natively supported",  # torchao's import, on torch 2.14
     r"torch\.tensor\(w_zp_tensor",
@@ -164,7 +162,7 @@ def _batch_norm_args(graph_module: torch.fx.GraphModule) -> dict[str, tuple[Any,
     """``(momentum, eps)`` of each batch-norm call, by its running mean's buffer name."""
     found = {}
     for node in graph_module.graph.nodes:
-        if node.op == "call_function" and str(node.target) == _BATCH_NORM and node.args[3] is not None:
+        if node.op == "call_function" and str(node.target) == BATCH_NORM and node.args[3] is not None:
             found[str(node.args[3].target)] = (node.args[6], node.args[7])
     return found
 
@@ -177,7 +175,7 @@ def restore_batch_norm_args(graph_module: torch.fx.GraphModule, saved: dict[str,
     """
     fixed = 0
     for node in graph_module.graph.nodes:
-        if node.op != "call_function" or str(node.target) != _BATCH_NORM or node.args[3] is None:
+        if node.op != "call_function" or str(node.target) != BATCH_NORM or node.args[3] is None:
             continue
         momentum, eps = saved.get(str(node.args[3].target), (node.args[6], node.args[7]))
         if (node.args[6], node.args[7]) == (momentum, eps):
@@ -244,7 +242,7 @@ def conv_bn_count(network: ExportedQAT) -> int:
     """How many batch norms torchao's QAT rewrite fused with the convolution before them."""
     count = 0
     for node in network.exported.graph.nodes:
-        if node.op == "call_function" and str(node.target) == _BATCH_NORM:
+        if node.op == "call_function" and str(node.target) == BATCH_NORM:
             producer = node.args[0]
             for _ in range(3):  # batch_norm(add(div(conv, scale), bias)): the rewrite's pattern
                 if not isinstance(producer, torch.fx.Node) or not producer.args:
@@ -310,7 +308,7 @@ def int8_layers(quantized: nn.Module) -> int:
     exported = _graph(quantized)
     count = 0
     for node in exported.graph.nodes:
-        if node.op == "call_function" and str(node.target) in _LAYERS and len(node.args) > 1:
+        if node.op == "call_function" and str(node.target) in LAYER_CALLS and len(node.args) > 1:
             weight = node.args[1]
             count += isinstance(weight, torch.fx.Node) and "dequantize" in str(weight.target)
     return count
@@ -321,7 +319,7 @@ def float_parameters(quantized: nn.Module) -> dict[str, int]:
     exported = _graph(quantized)
     counts: dict[str, int] = {}
     for node in exported.graph.nodes:
-        if node.op == "call_function" and str(node.target) in _LAYERS and len(node.args) > 1:
+        if node.op == "call_function" and str(node.target) in LAYER_CALLS and len(node.args) > 1:
             weight = node.args[1]
             if not isinstance(weight, torch.fx.Node) or "dequantize" in str(weight.target):
                 continue

@@ -145,7 +145,7 @@ def _probe(graph_module: torch.fx.GraphModule, sums: dict[str, list[torch.Tensor
     """Put a :class:`_Probe` after each layer call of a captured graph, in place; returns the layers in order."""
     graph = graph_module.graph
     calls = layer_calls(graph_module)
-    outputs = {name: output_calls(graph_module, node) for name, node in calls.items()}  # before probes cut the walk
+    outputs = output_calls(graph_module)  # before the probes cut the walk
     for index, (name, node) in enumerate(calls.items()):
         weight, layer = node.args[1], node.target
         assert isinstance(weight, torch.fx.Node)

@@ -16,26 +16,32 @@ pytestmark = pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine
 
 
 class TwoConvs(nn.Module):
-    """Two int8 convolutions, the first on one channel: the shape torch 2.14's dynamic-batch int8 compile gets wrong."""
+    """Two int8 convolutions, ``between`` them an activation (none by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: tuple[int, int, int], between: nn.Module | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
+        self.between = between or nn.Identity()
+        self.conv2 = nn.Conv2d(channels[1], channels[2], 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.conv1(x))
+        return self.conv2(self.between(self.conv1(x)))
+
+
+def int8_of(net: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The int8 PT2E graph of ``net``, calibrated on three random batches shaped like ``x``."""
+    prepared = pt2e.prepare(net, (x,), "x86")
+    for _ in range(3):
+        prepared(torch.randn_like(x))
+    return pt2e.convert(prepared.eval())
 
 
 @pytest.fixture(scope="module")
 def int8_graph():
+    """The first convolution on one channel: the shape torch 2.14's dynamic-batch int8 compile gets wrong."""
     torch.manual_seed(0)
     x = torch.randn(16, 1, 8, 8)
-    prepared = pt2e.prepare(TwoConvs(), (x,), "x86")
-    for _ in range(3):
-        prepared(torch.randn(16, 1, 8, 8))
-    prepared.eval()
-    return pt2e.convert(prepared), x
+    return int8_of(TwoConvs((1, 16, 8)), x), x
 
 
 def test_the_package_runs_int8_kernels_at_any_batch_size_and_matches_its_graph(int8_graph, tmp_path):
@@ -103,18 +109,6 @@ def test_a_package_without_int8_kernels_is_refused(int8_graph, tmp_path, monkeyp
         aoti.save_pt2(quantized, tmp_path / "model_int8.pt2", (x,))
 
 
-class SameShapes(nn.Module):
-    """Two convolutions with one weight shape: the first reads a signed input (a zero point), the second a ReLU's."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(32, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(torch.relu(self.conv1(x)))
-
-
 def weight_reorders(package: nn.Module, x: torch.Tensor, capfd: pytest.CaptureFixture[str]) -> list[str]:
     """oneDNN's log lines of int8 weights reordered while ``package`` runs once (after a first call)."""
     package(x)
@@ -128,10 +122,8 @@ def weight_reorders(package: nn.Module, x: torch.Tensor, capfd: pytest.CaptureFi
 def test_weights_prepacked_beside_others_of_their_shape_are_not_reordered_on_every_call(tmp_path, capfd):
     torch.manual_seed(0)
     x = torch.randn(8, 32, 8, 8)
-    prepared = pt2e.prepare(SameShapes(), (x,), "x86")
-    for _ in range(3):
-        prepared(torch.randn(8, 32, 8, 8))
-    quantized = pt2e.convert(prepared.eval())
+    # one weight shape twice: the first convolution reads a signed input (a zero point), the second a ReLU's
+    quantized = int8_of(TwoConvs((32, 32, 32), nn.ReLU()), x)
     # what loading a quantized TorchScript model does: a weight of that shape prepacked for an input with a zero point
     torch.ops.onednn.qconv_prepack(
         torch.ones(32, 32, 3, 3, dtype=torch.int8), torch.ones(32), 0.1, 5, [1, 1], [1, 1], [1, 1], 1, None

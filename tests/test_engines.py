@@ -167,7 +167,7 @@ def test_pt2e_stops_in_setup_with_the_reason(digits8, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(backend="qnnpack"), "XNNPACK quantizer moved to ExecuTorch"),
+        (dict(backend="qnnpack"), r"quantizes for backends \['x86', 'fbgemm'\], not backend='qnnpack'"),
         (
             dict(on_drop="fallback", monitor="val_acc", max_metric_drop=0.01, activations="dynamic"),
             r"on_drop='fallback' with engine='pt2e' and activations='dynamic'.*PT2E with static activations",

@@ -72,8 +72,8 @@ class CompiledNetwork(nn.Module):
             ValueError: naming both shapes, for inputs of other shapes.
         """
         if self.input_shapes is not None:
-            shapes = _shapes((args, kwargs))
-            if not _fits(shapes, self.input_shapes):
+            shapes = shapes_of((args, kwargs))
+            if not fits(shapes, self.input_shapes):
                 raise ValueError(
                     f"{self.path.name} was compiled for inputs of shapes {show(self.input_shapes)} and got "
                     f"{show(shapes)}: an AOTInductor package takes the shapes it was compiled for (any: any size)."
@@ -86,14 +86,16 @@ def show(shapes: Shapes) -> str:
     return "[" + ", ".join("[" + ", ".join("any" if d is None else str(d) for d in s) + "]" for s in shapes) + "]"
 
 
-def _fits(shapes: Shapes, compiled: Shapes) -> bool:
+def fits(shapes: Shapes, compiled: Shapes) -> bool:
+    """Whether inputs of ``shapes`` are of the ``compiled`` ones (``None``: any size)."""
     return len(shapes) == len(compiled) and all(
         len(got) == len(want) and all(w is None or g == w for g, w in zip(got, want, strict=True))
         for got, want in zip(shapes, compiled, strict=True)
     )
 
 
-def _shapes(value: Any) -> Shapes:
+def shapes_of(value: Any) -> Shapes:
+    """The shapes of the tensors in ``value`` (a pytree), in order."""
     return [list(t.shape) for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
@@ -148,7 +150,7 @@ def _compile(graph: nn.Module, quantized: nn.Module, tmp: Path, inputs: tuple[An
     try:
         with pt2e.quiet(), torch.no_grad():  # without no_grad inductor skips freezing: float kernels
             program = torch.export.export(graph, traced, dynamic_shapes=pt2e.batch_dims(traced) if dynamic else None)
-            shapes = _program_shapes(program)
+            shapes = program_shapes(program)
             metadata = {SHAPES_KEY: json.dumps(shapes)}
             with separate_prepacks():
                 torch._inductor.aoti_compile_and_package(
@@ -212,7 +214,7 @@ def _stripped(library: bytes, strip: str) -> bytes:
         return file.read_bytes()
 
 
-def _program_shapes(program: torch.export.ExportedProgram) -> Shapes:
+def program_shapes(program: torch.export.ExportedProgram) -> Shapes:
     """The user inputs' shapes in ``program``, ``None`` for each dimension exported dynamic."""
     users = set(program.graph_signature.user_inputs)
     shapes: Shapes = []

@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_qat.exceptions import ArtifactError
 from lightning_qat.export.aoti import load_pt2
+from lightning_qat.export.pte import load_pte
 from lightning_qat.files import write_atomic
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.backends import resolve_backend
@@ -125,7 +126,8 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     """Load an int8 artifact written by :class:`~lightning_qat.QATCallback`, ready to run on the CPU.
 
     A ``.pt2`` file is the PT2E engine's AOTInductor package (:func:`~lightning_qat.export.aoti.load_pt2`: torch alone
-    loads it); any other is the TorchScript artifact.
+    loads it); a ``.pte`` file the XNNPACK engine's ExecuTorch program (:func:`~lightning_qat.export.pte.load_pte`, in
+    ExecuTorch's runtime); any other is the TorchScript artifact.
 
     Loads with ``torch.backends.quantized.engine`` set to the backend the model was converted for: the int8 weights
     are packed for the engine active at load time (packed for another engine, they run slowly and give different
@@ -139,6 +141,8 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if path.suffix == ".pt2":
         return load_pt2(path)
+    if path.suffix == ".pte":
+        return load_pte(path)
     if not path.is_file():
         raise FileNotFoundError(f"No int8 artifact at {str(path)!r}.")
     data = path.read_bytes()  # once: checked and loaded from the same bytes, whatever replaces the file meanwhile

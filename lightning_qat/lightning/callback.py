@@ -64,10 +64,11 @@ class QATCallback(Callback):
     Args:
         module: attribute of the LightningModule holding the network to quantize (dotted paths allowed);
             ``None`` picks the single top-level child that is not a metric or loss.
-        backend: ``"x86"``, ``"fbgemm"`` or ``"qnnpack"``; ``None`` picks ``x86`` on x86-64, ``qnnpack`` on ARM.
-        engine: ``"auto"`` (FX; PT2E where FX cannot trace; eager where neither takes the network or PT2E lacks
-            what the run asks: see the manual), ``"fx"``, ``"eager"`` or ``"pt2e"`` (``torch.export`` + torchao, an
-            AOTInductor package; ``pip install 'lightning-qat[pt2e]'``).
+        backend: ``"x86"``, ``"fbgemm"``, ``"qnnpack"`` or ``"xnnpack"`` (phones: an ExecuTorch ``.pte``; ``pip
+            install 'lightning-qat[mobile]'``); ``None`` picks ``x86`` on x86-64, ``qnnpack`` on ARM.
+        engine: ``"auto"`` (FX; PT2E where FX cannot trace; eager where neither takes the network or PT2E lacks what
+            the run asks; XNNPACK for ``backend="xnnpack"``: see the manual), ``"fx"``, ``"eager"``, ``"pt2e"``
+            (torchao, an AOTInductor package; ``pip install 'lightning-qat[pt2e]'``) or ``"xnnpack"``.
         skip: qualified submodule names (inside ``module``) kept in float, also in the int8 model.
         relu6_to_relu: replace ``nn.ReLU6`` by ``nn.ReLU`` before fusing (as torchvision's quantizable MobileNets do):
             Conv-BN-ReLU6 fuses into one int8 op; the function changes above 6, which QAT adapts to.
@@ -87,9 +88,8 @@ class QATCallback(Callback):
             BatchNorm statistics freeze), an epoch/step index (int >= 1) or fraction, or ``"end"`` (fit end only).
         save_dir: where ``model_int8.pt`` and the report go; default ``trainer.log_dir``.
         export: the artifact formats the engine writes: ``"torchscript"`` (``model_int8.pt``), ``"onnx"`` (a QDQ
-            graph; ``pip install 'lightning-qat[onnx]'``), or for ``engine="pt2e"`` ``"pt2"`` (an AOTInductor package).
-            ``None``: the engine's first; ``[]``: none (convert, evaluate and report only). Each one is evaluated and
-            timed in the report as it will be loaded.
+            graph; ``pip install 'lightning-qat[onnx]'``), ``"pt2"`` (PT2E's AOTInductor package), ``"pte"``
+            (XNNPACK's ExecuTorch program). ``None``: the engine's first; ``[]``: none. Each is evaluated and timed.
         ptq_baseline: also calibrate, convert and evaluate a post-training-quantized copy of the float network.
         ptq_batches: training batches used to calibrate the PTQ baseline (default 8; with ``ptq_baseline=True`` only).
         sync_observers: under DDP, all-reduce observer min/max each step so every rank has the same qparams.
@@ -105,7 +105,8 @@ class QATCallback(Callback):
     Raises:
         ValueError: for any argument outside the values listed above.
         OnnxExtraMissing: for ``export=[..., "onnx"]`` without ``pip install 'lightning-qat[onnx]'``.
-        PT2EUnavailable: for ``engine="pt2e"`` without torchao (or with a torch older than it needs).
+        PT2EUnavailable: for ``engine="pt2e"`` without torchao (or with a torch older than it needs), for
+            ``backend="xnnpack"`` without ExecuTorch.
         DeprecationWarning: for ``mode``, ``save_artifact`` or ``convert``, the old names of ``engine``,
             ``export=[]`` and ``weights`` (the manual's "Using the callback" page).
 
@@ -179,7 +180,7 @@ class QATCallback(Callback):
         self.untrained_float = untrained_float
         self.overwrite = overwrite
         self.activations = activations
-        self.export = check_arguments(self, export=export, ptq_batches=ptq_batches, fallback_at=fallback_at)
+        self.export = check_arguments(self, export, ptq_batches, fallback_at, given_backend=backend)
         self.needs = Needs(tuple(export or ()), activations == "dynamic", on_drop == "fallback")  # of engine="auto"
         self.skip = list(skip)
         self.ptq_batches = ptq_batches if ptq_batches is not None else 8
@@ -212,7 +213,7 @@ class QATCallback(Callback):
 
     @property
     def artifact_path(self) -> Path | None:
-        """The engine's artifact written at the end of fit: TorchScript, or the ``.pt2`` (``None`` if none was)."""
+        """The engine's artifact written at the end of fit: TorchScript, ``.pt2`` or ``.pte`` (``None``: none was)."""
         return self.finished.artifact_path if self.finished else None
 
     @property

@@ -64,7 +64,8 @@ def convert_checkpoint(
     )
     if trainer is None:
         _check_convert_kwargs(qat_kwargs)
-        qat = QATCallback(engine=state.get("mode") or "auto", **qat_kwargs)  # the engine's artifact formats
+        # the checkpoint's engine and backend: their artifact formats
+        qat = QATCallback(backend=state.get("backend"), engine=state.get("mode") or "auto", **qat_kwargs)
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_model_summary=False
         )

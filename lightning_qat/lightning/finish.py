@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -22,10 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_qat.exceptions import AccuracyBudgetError
-from lightning_qat.export.aoti import save_pt2, show
-from lightning_qat.export.onnx import OnnxRuntimeNetwork, export_onnx, onnxruntime_version
-from lightning_qat.export.torchscript import load_quantized, save_torchscript, to_torchscript
 from lightning_qat.lightning import checkpoint as checkpoint_io
+from lightning_qat.lightning.artifacts import Artifacts
 from lightning_qat.lightning.budget import BudgetSearch, resolve_groups
 from lightning_qat.lightning.chart import save_chart
 from lightning_qat.lightning.evaluate import EvalData, module_with_network, run_evaluation, showing
@@ -35,7 +32,7 @@ from lightning_qat.lightning.settings import FinishSettings
 from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
-from lightning_qat.quantization.fallback import Group, float_names, float_nodes, train_float
+from lightning_qat.quantization.fallback import Group, float_names, float_nodes
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
 from lightning_qat.quantization.measure import (
     count_quantized_layers,
@@ -87,11 +84,19 @@ class FinishPipeline:
         self.root_dir = root_dir
         self.quantized_model: nn.Module | None = None
         self.trained_network: nn.Module | None = None
-        self.artifact_path: Path | None = None  # the TorchScript artifact, or the PT2E engine's AOTInductor package
-        self.onnx_path: Path | None = None
-        self._onnx_session: OnnxRuntimeNetwork | None = None
+        self.artifacts = Artifacts(settings, run)
         self.float_groups: list[Group] = []  # the layers the accuracy-budget fallback keeps float
         self.budget = BudgetSearch(self)
+
+    @property
+    def artifact_path(self) -> Path | None:
+        """The engine's artifact: TorchScript, the PT2E engine's ``.pt2`` or the XNNPACK engine's ``.pte``."""
+        return self.artifacts.path
+
+    @property
+    def onnx_path(self) -> Path | None:
+        """The QDQ ONNX artifact, when ``export`` names it."""
+        return self.artifacts.onnx_path
 
     def run(self, out_dir: Path, write: bool = True) -> QATReport:
         """Every step in order; ``write=False`` (``fast_dev_run``) stops after the conversion, writing nothing.
@@ -199,43 +204,12 @@ class FinishPipeline:
         return network, f"best: {run.best_checkpoint}"
 
     def write_artifact(self, report: QATReport, out_dir: Path) -> None:
-        """Save the int8 artifacts of ``export`` to ``out_dir`` (none for ``export=[]``), TorchScript first."""
+        """Save the int8 artifacts of ``export`` to ``out_dir`` (none for ``export=[]``), the engine's first."""
         if not self.settings.save_artifact:
             return
         assert self.quantized_model is not None
         assert self.trained_network is not None
-        run = self.qat_run
-        if "pt2" in self.settings.export:
-            package = save_pt2(self.quantized_model, out_dir / "model_int8.pt2", run.example_inputs)
-            self.artifact_path, kernels = package.path, package.kernels
-            report.artifact = str(self.artifact_path)
-            layers = report.quantized_layers  # counted by convert_network (pt2e.int8_layers)
-            report.int8_kernels = kernels
-            report.package_shapes = show(package.shapes) + (f" only ({package.static})" if package.static else "")
-            if kernels < layers:
-                rank_zero_warn(
-                    f"QAT: the AOTInductor package calls {kernels} int8 kernels for {layers} int8 layers: the others "
-                    "run in float there."
-                )
-        if "torchscript" in self.settings.export:
-            self.artifact_path = save_torchscript(
-                self.quantized_model,
-                out_dir / "model_int8.pt",
-                self.settings.backend,
-                run.example_inputs,
-                mode=run.prepared.mode,
-                skipped=run.skip,
-                activations=report.activations,
-            )
-            report.artifact = str(self.artifact_path)
-        if "onnx" in self.settings.export:
-            network = self.trained_network
-            if self.float_groups:  # the QDQ graph keeps them float too: their fake-quants off, on a copy
-                network = cpu_eval_copy(network)
-                train_float(network, self.float_groups)
-            self.onnx_path = export_onnx(network, out_dir / "model_int8.onnx", run.example_inputs)
-            self._onnx_session = None  # a new file: a new session, opened once for evaluation and timing
-            report.onnx_artifact = str(self.onnx_path)
+        self.artifacts.write(report, self.quantized_model, self.trained_network, self.float_groups, out_dir)
 
     def evaluate_networks(self, report: QATReport) -> None:
         """Run the user's ``validation_step``/``test_step`` on float, (PTQ,) QAT and int8 CPU copies."""
@@ -250,9 +224,9 @@ class FinishPipeline:
             networks["ptq"] = self.ptq_network()
         qat_copy = cpu_eval_copy(self.trained_network)
         freeze_for_inference(qat_copy)
-        networks |= {"qat": qat_copy, "int8": self.quantized_model}
+        networks |= {"qat": qat_copy, "int8": self.artifacts.shipped or self.quantized_model}
         if self.onnx_path is not None:
-            networks["int8-onnx"] = self._onnx_network()
+            networks["int8-onnx"] = self.artifacts.onnx_network()
         for row, network in networks.items():
             report.metrics[row] = self.evaluate(network, label=f"QAT: evaluating {row}")
 
@@ -329,39 +303,23 @@ class FinishPipeline:
             report.zero_weights = zero_weights(self.quantized_model)
             self.write_artifact(report, out_dir)
             if self.onnx_path is not None:
-                report.metrics["int8-onnx"] = self.evaluate(self._onnx_network(), label="QAT: evaluating int8-onnx")
+                network = self.artifacts.onnx_network()
+                report.metrics["int8-onnx"] = self.evaluate(network, label="QAT: evaluating int8-onnx")
         report.fallback_seconds += time.perf_counter() - start
 
     def measure_networks(self, report: QATReport) -> None:
         """Size and CPU latency on the example input of the float network and of the int8 artifacts as they ship.
 
-        The int8 column times the TorchScript artifact loaded with :func:`load_quantized` (with ``export=[]``,
-        the same traced and frozen module, in memory); ``int8-onnx`` the ONNX file in ONNX Runtime. Sizes are the
-        files' sizes (the float network: its saved ``state_dict``). All are timed interleaved, same batch and threads.
+        The int8 column times the engine's artifact in its runtime (:meth:`Artifacts.timed
+        <lightning_qat.lightning.artifacts.Artifacts.timed>`; with ``export=[]``, the same traced and frozen module, in
+        memory); ``int8-onnx`` the ONNX file in ONNX Runtime. Sizes are the files' sizes (the float network: its saved
+        ``state_dict``). All are timed interleaved, same batch and threads.
         """
         assert self.quantized_model is not None
         run, backend = self.qat_run, self.settings.backend
-        networks: dict[str, Any] = {"float": run.float_network}
         report.size_bytes = {"float": serialized_size(run.float_network)}
         report.latency_runtime = {"float": "PyTorch eager"}
-        if self.artifact_path is not None:
-            networks["int8"] = load_quantized(self.artifact_path)
-            report.size_bytes["int8"] = self.artifact_path.stat().st_size
-            report.latency_runtime["int8"] = (
-                "AOTInductor package" if self.artifact_path.suffix == ".pt2" else "TorchScript artifact"
-            )
-        elif run.prepared.engine.compiled:
-            networks["int8"] = self.quantized_model
-            report.size_bytes["int8"] = serialized_size(self.quantized_model)
-            report.latency_runtime["int8"] = f"{run.prepared.mode} quantize/dequantize graph (not compiled: export=[])"
-        else:
-            networks["int8"] = to_torchscript(self.quantized_model, backend, run.example_inputs)
-            report.size_bytes["int8"] = serialized_size(self.quantized_model)
-            report.latency_runtime["int8"] = "TorchScript (not saved)"
-        if self.onnx_path is not None:
-            networks["int8-onnx"] = self._onnx_network()
-            report.size_bytes["int8-onnx"] = self.onnx_path.stat().st_size
-            report.latency_runtime["int8-onnx"] = f"ONNX Runtime {onnxruntime_version()}"
+        networks = {"float": run.float_network, **self.artifacts.timed(report, self.quantized_model)}
         report.latency_ms = measure_latency(
             networks, run.example_inputs, backend, repeats=self.settings.latency_repeats
         )
@@ -429,13 +387,6 @@ class FinishPipeline:
                     break
                 ptq.module(*cpu_inputs(batch_input(batch)))
         return to_int8(ptq.module, ptq.engine, backend, run.example_inputs)
-
-    def _onnx_network(self) -> OnnxRuntimeNetwork:
-        """The ONNX artifact in one ONNX Runtime session, shared by the evaluation and the timing."""
-        assert self.onnx_path is not None
-        if self._onnx_session is None:
-            self._onnx_session = OnnxRuntimeNetwork(self.onnx_path)
-        return self._onnx_session
 
 
 def finish_on_rank0(trainer: pl.Trainer, build: Callable[[], FinishPipeline], out_dir: Path) -> QATReport | None:

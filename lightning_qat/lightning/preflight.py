@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 from lightning_qat import files
 from lightning_qat.exceptions import ConversionError, EvaluationInterrupted, PreflightError, first_line
 from lightning_qat.export.onnx import onnx_bytes
+from lightning_qat.export.pte import save_pte
 from lightning_qat.export.torchscript import to_torchscript
 from lightning_qat.lightning import internals
 from lightning_qat.lightning.evaluate import EvalData, Stage, module_with_network, run_evaluation
@@ -33,7 +35,7 @@ from lightning_qat.quantization.engines import Engine, Prepared
 from lightning_qat.quantization.measure import count_weight_layers
 
 SUPPORTED_PRECISIONS = ("32-true", "32", 32)
-ARTIFACT_NAMES = ("model_int8.pt", "model_int8.onnx", "qat_report.json")
+ARTIFACT_NAMES = ("model_int8.pt", "model_int8.pt2", "model_int8.pte", "model_int8.onnx", "qat_report.json")
 
 
 def check_fit(
@@ -142,6 +144,8 @@ def check_network(
         )
     if "onnx" in export:
         check_onnx_export(probe, example_inputs, name)
+    if "pte" in export:
+        check_pte_export(quantized, example_inputs, name)
     return probe, quantized
 
 
@@ -392,6 +396,21 @@ def check_onnx_export(probe: nn.Module, example_inputs: tuple[Any, ...], name: s
             f"`{name}` cannot be exported to ONNX for the int8-onnx artifact: {type(err).__name__}: "
             f"{_short(err)} Remove 'onnx' from export=, or `skip=` the submodule that cannot be exported."
         ) from err
+
+
+def check_pte_export(quantized: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:
+    """Lower the int8 ``quantized`` to an ExecuTorch program in a temporary folder and run it, as the end of fit will.
+
+    What XNNPACK's partitioner or ExecuTorch's emitter cannot take fails now, not after training.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            save_pte(quantized, Path(folder) / "model_int8.pte", example_inputs)
+        except ConversionError as err:
+            raise PreflightError(
+                f"`{name}` converts to int8, but not to the ExecuTorch program of the end of fit: {err} `skip=` the "
+                "submodule it names, or use backend='x86' (a TorchScript or .pt2 artifact)."
+            ) from err
 
 
 def _short(err: BaseException) -> str:

@@ -70,8 +70,21 @@ class QATReport:
     fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # each: layers, metric, meets, size...
     int8_kernels: int | None = None  # int8 conv/linear kernel calls in the PT2E engine's compiled package
     package_shapes: str | None = None  # the input shapes the compiled package takes ("any": any size), and why not
+    # the .pte's operators: "xnnpack" inside the XNNPACK delegate, "layout" reshapes outside it, then each other
+    # operator run by ExecuTorch's portable (float) kernels, by name
+    delegated: dict[str, int] = field(default_factory=dict)
     freezing: dict[str, str] = field(default_factory=dict)  # "bn" / "observers" -> where the fit froze them
     zero_weights: float | None = None  # share of the int8 weights that are exactly zero (sparsity, e.g. pruning)
+
+    def delegation(self) -> str:
+        """What of the ``.pte`` runs in the XNNPACK delegate, and what in ExecuTorch's portable kernels."""
+        inside, layout = self.delegated.get("xnnpack", 0), self.delegated.get("layout", 0)
+        outside = {name: n for name, n in self.delegated.items() if name not in ("xnnpack", "layout")}
+        total = inside + sum(outside.values())
+        line = f"XNNPACK delegate: {inside} of {total} operators ({inside / max(total, 1):.0%})"
+        if outside:
+            line += f"; in ExecuTorch's portable float kernels: {', '.join(f'{k} x{n}' for k, n in outside.items())}"
+        return line + (f"; {layout} reshapes outside it (no arithmetic)" if layout else "")
 
     def fusion(self) -> str | None:
         """How many Conv-BN pairs were fused, and which were not and why; ``None`` when not counted."""
@@ -252,7 +265,12 @@ class QATReport:
                 f"int8 kernels in the compiled package: {self.int8_kernels} (for {self.quantized_layers} int8 layers)"
             )
         if self.package_shapes is not None:
-            lines.append(f"the compiled package takes inputs of shapes {self.package_shapes}")
+            lines.append(
+                f"the {'program' if self.delegated else 'compiled package'} takes inputs of shapes "
+                f"{self.package_shapes}"
+            )
+        if self.delegated:
+            lines.append(self.delegation())
         if self.onnx_artifact:
             lines.append(f"int8 ONNX artifact: {self.onnx_artifact}")
         return lines

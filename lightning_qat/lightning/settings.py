@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from lightning.pytorch.utilities import rank_zero_deprecation
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 
 from lightning_qat.choices import check_choice, check_count, check_flag, choices_of
 from lightning_qat.export.onnx import check_onnx_available
@@ -22,12 +22,12 @@ from lightning_qat.quantization.schedule import Interval, check_after
 
 OnDrop = Literal["warn", "raise", "fallback"]
 Activations = Literal["auto", "static", "dynamic"]
-ExportFormat = Literal["torchscript", "onnx", "pt2"]
+ExportFormat = Literal["torchscript", "onnx", "pt2", "pte"]
 ConvertFrom = Literal["last", "best"]
 FallbackAt = int | float | Literal["bn", "end"]
 
 
-def check_export(export: Sequence[str], mode: str = "auto") -> None:
+def check_export(export: Sequence[str], mode: str = "auto", backend: str | None = None) -> None:
     """Raise ``ValueError`` unless ``export`` is a list of distinct formats the engine of ``mode`` writes.
 
     Raises:
@@ -39,7 +39,7 @@ def check_export(export: Sequence[str], mode: str = "auto") -> None:
         )
     for fmt in export:
         check_choice("export", fmt, ExportFormat)
-    formats = list(engines.get(mode).formats)
+    formats = list(engines.get(mode, backend).formats)
     wrong = [fmt for fmt in export if fmt not in formats]
     if wrong:
         owners = "; ".join(
@@ -59,7 +59,7 @@ def check_engine(mode: str, backend: str, on_drop: str, activations: str) -> Non
         PT2EUnavailable: for the PT2E engine without torchao, or on a torch older than torchao needs.
         ValueError: for a backend, ``on_drop`` or ``activations`` the engine does not have.
     """
-    engine = engines.get(mode)
+    engine = engines.get(mode, backend)
     engine.check(backend)
     possible = {"static": (False,), "dynamic": (True,)}.get(activations, (False, True))  # "auto": either
     if on_drop == "fallback" and not any(engine.can_search(dynamic) for dynamic in possible):
@@ -167,13 +167,18 @@ class FinishSettings:
 
 
 def check_arguments(
-    callback: Arguments, export: Sequence[ExportFormat] | None, ptq_batches: int | None, fallback_at: FallbackAt | None
+    callback: Arguments,
+    export: Sequence[ExportFormat] | None,
+    ptq_batches: int | None,
+    fallback_at: FallbackAt | None,
+    given_backend: str | None = None,
 ) -> list[ExportFormat]:
     """Raise for any :class:`~lightning_qat.QATCallback` argument outside its choices, or given without its partner.
 
     ``callback`` holds the other arguments as its attributes (``backend`` resolved already); ``export``,
-    ``ptq_batches`` and ``fallback_at`` are as given (``None``: not given). Returns the export formats
-    (``export=None``: the engine's own).
+    ``ptq_batches``, ``fallback_at`` and ``given_backend`` are as given (``None``: not given). Returns the export
+    formats (``export=None``: the engine's own). ``backend="qnnpack"`` given by name warns: its TorchScript artifact is
+    not what a phone runs any more.
 
     Raises:
         ValueError: naming the argument, its value and the valid values (or the argument it needs).
@@ -210,11 +215,18 @@ def check_arguments(
             raise ValueError(
                 f"ptq_batches={ptq_batches!r} only acts with ptq_baseline=True: set both, or drop ptq_batches."
             )
-    engine = engines.get(c.engine)
+    engine = engines.get(c.engine, c.backend)
     formats: list[ExportFormat] = list(export) if export is not None else [engine.formats[0]]  # type: ignore[list-item]
-    check_export(formats, c.engine)
+    check_export(formats, c.engine, c.backend)
     check_engine(c.engine, c.backend, c.on_drop, c.activations)
     check_count("latency_repeats", c.latency_repeats)
+    if given_backend == "qnnpack" and "torchscript" in formats:
+        rank_zero_warn(
+            "QAT: backend='qnnpack' ships a TorchScript artifact, which on a phone only PyTorch Mobile's lite "
+            "interpreter loads, and it is no longer maintained. For a phone, use backend='xnnpack': an ExecuTorch "
+            ".pte program on XNNPACK, qnnpack's successor (pip install 'lightning-qat[mobile]'; the manual's "
+            "deployment page). On an ARM server, qnnpack's TorchScript artifact is right."
+        )
     return formats
 
 

@@ -1,4 +1,9 @@
-"""Quantization backends: names, availability on this machine, and the default choice."""
+"""Quantization backends: names, availability on this machine, and the default choice.
+
+``x86`` / ``fbgemm`` / ``qnnpack`` are torch's quantized engines (``torch.backends.quantized``); ``xnnpack`` is
+ExecuTorch's CPU delegate, for phones (qnnpack's successor): torch runs no int8 kernel of its own for it, the
+``.pte`` program runs in ExecuTorch's runtime (the XNNPACK engine checks that ExecuTorch is installed).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ from typing import Literal, get_args
 
 import torch
 
-Backend = Literal["x86", "fbgemm", "qnnpack"]
+Backend = Literal["x86", "fbgemm", "qnnpack", "xnnpack"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+EXECUTORCH_BACKENDS = ("xnnpack",)  # not torch's engines: their artifact runs in ExecuTorch's runtime
 
 _ARM_MACHINES = ("arm64", "aarch64", "armv7l", "armv8l")
 
@@ -38,6 +44,11 @@ def supported_backends() -> list[str]:
     return [name for name in BACKENDS if name in available]
 
 
+def torch_engine(backend: str) -> str | None:
+    """The ``torch.backends.quantized`` engine running ``backend``'s int8 kernels (``None``: ExecuTorch's backends)."""
+    return None if backend in EXECUTORCH_BACKENDS else backend
+
+
 def resolve_backend(backend: str | None) -> str:
     """Validate ``backend`` (``None`` picks :func:`default_backend`) and return its name.
 
@@ -48,7 +59,7 @@ def resolve_backend(backend: str | None) -> str:
         return default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"Unknown quantization backend {backend!r}; valid backends are {list(BACKENDS)}.")
-    if backend not in engines():
+    if torch_engine(backend) is not None and backend not in engines():
         raise ValueError(
             f"Quantization backend {backend!r} is not supported by this torch build on this machine; "
             f"supported here: {supported_backends()}."

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_qat.quantization import ao, compat
+from lightning_qat.quantization.backends import torch_engine
 from lightning_qat.quantization.trace import run_once
 
 
@@ -47,6 +48,8 @@ def kept_float(network: nn.Module, backend: str, skip: Sequence[str] = ()) -> di
     ConvTranspose layers where :func:`ao.transposed_conv_int8_works` says no; depthwise convolutions of a shape whose
     :func:`ao.depthwise_slowdown` is above :data:`SLOW_INT8` (a fused BatchNorm stays float with its conv).
     """
+    if torch_engine(backend) is None:  # ExecuTorch's backends (xnnpack): torch's int8 kernels are not what runs
+        return {}
     layers = [(n, m) for n, m in network.named_modules() if n and not any(within(n, s) for s in skip)]
     kept: dict[str, str] = {}
     transposed = [n for n, m in layers if isinstance(m, ao.TRANSPOSED_CONVS)]

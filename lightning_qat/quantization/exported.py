@@ -20,9 +20,10 @@ _DROPOUTS = ("aten.dropout.default", "aten.feature_dropout.default", "aten.alpha
 class ExportedQAT(nn.Module):
     """A captured, PT2E-prepared network that Lightning can switch between ``train()`` and ``eval()``.
 
-    ``exported`` is the ``torch.fx.GraphModule`` torchao prepared. Switching flips the ``training`` argument of its
-    batch-norm calls (never once :meth:`freeze_bn` ran) and of its dropout calls, and the ``+= 1`` of each
-    ``num_batches_tracked`` (``+= 0`` in eval): ``eps``, ``momentum`` and ``p`` stay the network's own.
+    ``exported`` is the ``torch.fx.GraphModule`` torchao prepared, for ``backend``'s quantizer. Switching flips the
+    ``training`` argument of its batch-norm calls (never once :meth:`freeze_bn` ran) and of its dropout calls, and the
+    ``+= 1`` of each ``num_batches_tracked`` (``+= 0`` in eval): ``eps``, ``momentum`` and ``p`` stay the network's
+    own.
 
     Decisions the network made in Python from ``self.training`` were captured as their training branch (the capture
     runs in training mode); the two kinds in timm's and torchvision's code are rewritten to follow the mode too: the
@@ -31,9 +32,10 @@ class ExportedQAT(nn.Module):
     else 0.0)``: 0.0 in eval).
     """
 
-    def __init__(self, exported: torch.fx.GraphModule) -> None:
+    def __init__(self, exported: torch.fx.GraphModule, backend: str = "x86") -> None:
         super().__init__()
         self.exported = exported
+        self.backend = backend  # whose quantizer annotated it: the engine that owns it (x86's or XNNPACK's)
         self.bn_frozen = False
         # (node name, argument, its value in training): names, not nodes, so that a deep copy does not walk the graph
         self._captured = [(node.name, at, value) for node, at, value in _train_only(exported.graph)]
@@ -124,3 +126,26 @@ def _switched_arg(node: torch.fx.Node) -> tuple[int, bool] | None:
         isinstance(first, torch.fx.Node) and first.op == "get_attr" and str(first.target).endswith("batches_tracked")
     )
     return (1, True) if target == "aten.add_.Tensor" and counter else None
+
+
+def drop_batch_counters(graph_module: torch.fx.GraphModule) -> int:
+    """Take the ``num_batches_tracked`` updates (``+= 0`` in eval) out of an int8 graph; returns how many.
+
+    They do nothing at inference, and a program that mutates a buffer keeps it out of ExecuTorch's XNNPACK delegate
+    (an ``add`` run by the portable kernels on every call).
+    """
+    dropped = 0
+    for node in list(graph_module.graph.nodes):
+        counter = node.args[0] if node.op == "call_function" and node.args else None
+        if (
+            str(node.target) == "aten.add_.Tensor"
+            and isinstance(counter, torch.fx.Node)
+            and counter.op == "get_attr"
+            and str(counter.target).endswith("num_batches_tracked")
+            and not node.users
+        ):
+            graph_module.graph.erase_node(node)
+            dropped += 1
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
+    return dropped

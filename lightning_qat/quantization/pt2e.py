@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from lightning_qat.exceptions import NotTraceable, PT2EUnavailable, first_line
+from lightning_qat.quantization import xnnpack
 from lightning_qat.quantization.exported import BATCH_NORM, LAYER_CALLS, ExportedQAT
 from lightning_qat.quantization.fallback import dropped_quantizers
 
 INSTALL_HINT = "pip install 'lightning-qat[pt2e]'  (torchao >= 0.18)"
 MIN_TORCH = (2, 11)  # torchao 0.18's own lower bound
-BACKENDS = ("x86", "fbgemm")  # torchao's X86InductorQuantizer; its XNNPACK quantizer moved to ExecuTorch
+BACKENDS = ("x86", "fbgemm")  # torchao's X86InductorQuantizer; XNNPACK's is ExecuTorch's (quantization.xnnpack)
 
 _SILENCED = (
     r".*is an Enum subclass and is now natively supported",  # torchao's import, on torch 2.14
@@ -98,6 +99,8 @@ def capture(network: nn.Module, example_inputs: tuple[Any, ...], strict: bool) -
 
 
 def _quantizer(backend: str, qat: bool, skip: Sequence[str], dynamic: bool = False) -> Any:
+    if backend in xnnpack.BACKENDS:  # ExecuTorch's, for phones; static activations (the engine has no dynamic ones)
+        return _Quantizer(xnnpack.quantizer(qat, skip))
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # registers inductor's int8 passes
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
@@ -232,7 +235,7 @@ def prepare(
             errors.append(f"{how}, then torchao's prepare: {type(err).__name__}: {first_line(err)[:200]}")
             continue
         restore_batch_norm_args(prepared, saved)
-        wrapped = ExportedQAT(prepared)
+        wrapped = ExportedQAT(prepared, backend)
         wrapped.train(qat)
         return wrapped
     raise NotTraceable(f"torch.export cannot capture {type(network).__name__} for torchao ({'; '.join(errors)})")
@@ -268,7 +271,7 @@ def convert(network: ExportedQAT, float_nodes: Collection[str] = ()) -> Exported
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         converted = convert_pt2e(model.exported)
-    result = ExportedQAT(converted)
+    result = ExportedQAT(converted, network.backend)
     result.eval()
     return result
 

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import torch
 
+from lightning_qat.quantization.backends import EXECUTORCH_BACKENDS
+
 _NOTICE = (
     "lightning-qat uses torch.ao.quantization (deprecated by torch in favour of torchao, still supported in "
     "torch {version}); torch's deprecation warnings for it are silenced."
@@ -60,9 +62,13 @@ def first_notice() -> str | None:
 
 @contextlib.contextmanager
 def engine(backend: str) -> Iterator[None]:
-    """Run the block with ``torch.backends.quantized.engine`` set to ``backend``, then restore it."""
+    """Run the block with ``torch.backends.quantized.engine`` set to ``backend``, then restore it.
+
+    ExecuTorch's backends (``xnnpack``) are no engine of torch's: the block runs with the engine as it is.
+    """
     previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = backend
+    if backend not in EXECUTORCH_BACKENDS:
+        torch.backends.quantized.engine = backend
     try:
         yield
     finally:

@@ -1,8 +1,8 @@
-"""The engines: FX, eager and PT2E, each an :class:`Engine` object the layers above ask (no branch on a name).
+"""The engines: FX, eager, PT2E and XNNPACK, each an :class:`Engine` object the layers above ask (no branch on a name).
 
 ``"auto"`` (the callback's ``engine=``, :func:`~lightning_qat.quantization.prepare.prepare_model`'s ``mode``) is not
-an engine: :func:`prepare` tries :data:`AUTO` first, then each of :data:`FALLBACKS` that serves the run, for what
-the one before cannot take.
+an engine: :func:`prepare` tries the engines of the backend (:func:`candidates`: :data:`AUTO` first, then each of
+:data:`FALLBACKS`) that serve the run, each for what the one before cannot take.
 """
 
 from typing import Literal
@@ -14,20 +14,29 @@ from lightning_qat.quantization.engines.base import Engine, Needs, Preparation, 
 from lightning_qat.quantization.engines.eager import Eager
 from lightning_qat.quantization.engines.fx import FX
 from lightning_qat.quantization.engines.pt2e import PT2E
+from lightning_qat.quantization.engines.xnnpack import XNNPACK
 
-Mode = Literal["auto", "fx", "eager", "pt2e"]
-ENGINES: dict[str, Engine] = {engine.name: engine for engine in (FX(), Eager(), PT2E())}
+Mode = Literal["auto", "fx", "eager", "pt2e", "xnnpack"]
+ENGINES: dict[str, Engine] = {engine.name: engine for engine in (FX(), Eager(), PT2E(), XNNPACK())}
 AUTO = ENGINES["fx"]  # what mode="auto" tries first (and names its formats and refusals)
 # What mode="auto" tries next, in order, when the engine before raises NotTraceable. PT2E captures what torch.fx
 # cannot (control flow on shapes, hybrid conv/attention networks) and quantizes every op of the graph; eager, the
 # last resort, takes any network but meets `x + y` on quantized tensors in many of them (docs/engines has the zoo).
-FALLBACKS = (ENGINES["pt2e"], ENGINES["eager"])
+# XNNPACK is the only engine of backend="xnnpack" (ExecuTorch's), and of no other backend.
+FALLBACKS = (ENGINES["pt2e"], ENGINES["xnnpack"], ENGINES["eager"])
 FALLBACK = FALLBACKS[-1]
 
 
-def get(mode: str) -> Engine:
-    """The engine of ``mode`` (``"auto"``: :data:`AUTO`)."""
-    return AUTO if mode == "auto" else ENGINES[mode]
+def candidates(backend: str) -> list[Engine]:
+    """The engines ``"auto"`` tries for ``backend``, in order."""
+    return [engine for engine in (AUTO, *FALLBACKS) if backend in engine.backends]
+
+
+def get(mode: str, backend: str | None = None) -> Engine:
+    """The engine of ``mode`` (``"auto"``: the first of :func:`candidates` for ``backend``; :data:`AUTO` if None)."""
+    if mode != "auto":
+        return ENGINES[mode]
+    return candidates(backend)[0] if backend is not None else AUTO
 
 
 def prepare(mode: str, network: nn.Module, settings: Preparation, kept: dict[str, str]) -> Prepared:
@@ -47,21 +56,27 @@ def prepare(mode: str, network: nn.Module, settings: Preparation, kept: dict[str
         prepared.reason = "requested"
         return prepared
     tried: list[str] = []
-    for engine in (AUTO, *FALLBACKS):
-        refused = engine.refuses(settings) if engine is not FALLBACK else ""
+    *first, last = candidates(settings.backend)
+    for engine in (*first, last):
+        refused = engine.refuses(settings) if engine is not last else ""  # the last one says why in its own error
         if refused:
             tried.append(f"{engine.name}: {refused}")
             continue
         try:
             prepared = engine.prepare(network, settings, kept)
         except NotTraceable as err:
-            if engine is FALLBACK:
+            if engine is last:
                 raise
             tried.append(f"{engine.name}: {err}")
             continue
-        prepared.reason = "; ".join(tried) if tried else "the network is symbolically traceable"
+        if tried:
+            prepared.reason = "; ".join(tried)
+        elif first:
+            prepared.reason = "the network is symbolically traceable"
+        else:
+            prepared.reason = f"the only engine of backend={settings.backend!r}"
         return prepared
-    raise AssertionError("FALLBACK never refuses")
+    raise AssertionError("the last candidate returns or raises")
 
 
 def of_network(network: nn.Module) -> Engine:
@@ -81,12 +96,14 @@ __all__ = [
     "FALLBACKS",
     "FX",
     "PT2E",
+    "XNNPACK",
     "Eager",
     "Engine",
     "Mode",
     "Needs",
     "Preparation",
     "Prepared",
+    "candidates",
     "count_fused",
     "get",
     "of_network",

@@ -77,21 +77,33 @@ class Engine(ABC):
     """Prepares a float network for QAT, converts a CPU copy to int8, and says what it writes and refuses.
 
     Class attributes describe the engine for the layers above: ``formats`` (the artifact formats it writes, the
-    default first), ``searchable`` (the accuracy-budget search can keep its layers float: a graph it can convert with
-    nodes left float), ``dynamic`` (it has dynamic int8 activations), ``layer_modules`` (its QAT layers are modules
-    whose per-layer SQNR can be measured) and ``compiled`` (its artifact is compiled ahead of time, not traced).
+    default first), ``backends`` (the targets it quantizes for), ``searchable`` (the accuracy-budget search can keep
+    its layers float: a graph it can convert with nodes left float), ``dynamic`` (it has dynamic int8 activations),
+    ``layer_modules`` (its QAT layers are modules whose per-layer SQNR can be measured) and ``compiled`` (its artifact
+    is compiled or lowered ahead of time, not traced).
     """
 
     name: ClassVar[str]
     formats: ClassVar[tuple[str, ...]]
+    backends: ClassVar[tuple[str, ...]] = ("x86", "fbgemm", "qnnpack")  # torch.ao's quantized engines
     searchable: ClassVar[bool] = False
     dynamic: ClassVar[bool] = True
     layer_modules: ClassVar[bool] = True
     compiled: ClassVar[bool] = False
     conversion_hint: ClassVar[str] = ""  # added to a failing int8 forward pass's error
 
-    def check(self, backend: str) -> None:  # noqa: B027 - most engines run anywhere torch.ao does
-        """Raise when this engine cannot run here with ``backend`` (a missing extra, a backend it has not)."""
+    def check(self, backend: str) -> None:
+        """Raise when this engine cannot run here with ``backend`` (a missing extra, a backend it has not).
+
+        Raises:
+            ValueError: for a backend this engine does not target, naming the engines that do.
+        """
+        if backend not in self.backends:
+            others = [name for name, engine in _registry().items() if backend in engine.backends]
+            raise ValueError(
+                f"engine={self.name!r} quantizes for backends {list(self.backends)}, not backend={backend!r}: use "
+                f"engine={' or '.join(map(repr, others))} for it, or engine='auto'."
+            )
 
     def refuses(self, settings: Preparation) -> str:
         """Why this engine cannot serve a run with ``settings`` here (``""``: it can), whatever the network."""
@@ -130,6 +142,12 @@ class Engine(ABC):
     def can_search(self, dynamic: bool) -> bool:
         """Whether the accuracy-budget search can keep layers float: in its graph, or among dynamic Linear modules."""
         return self.searchable or (dynamic and self.dynamic and self.layer_modules)
+
+
+def _registry() -> dict[str, Engine]:
+    from lightning_qat.quantization.engines import ENGINES  # the registry imports this module
+
+    return ENGINES
 
 
 def count_fused(network: nn.Module) -> int:

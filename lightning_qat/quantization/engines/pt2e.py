@@ -7,6 +7,7 @@ time (:mod:`lightning_qat.export.aoti`).
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import ClassVar
 
 from torch import nn
 
@@ -25,6 +26,7 @@ class PT2E(Engine):
 
     name = "pt2e"
     formats = ("pt2",)
+    backends: ClassVar[tuple[str, ...]] = pt2e.BACKENDS
     searchable = True
     dynamic = True
     layer_modules = False  # torchao's graph has no QAT layer modules to measure one by one
@@ -38,15 +40,11 @@ class PT2E(Engine):
             ValueError: for a backend torchao's quantizers here do not target.
         """
         pt2e.require()
-        if backend not in pt2e.BACKENDS:
-            raise ValueError(
-                f"engine='pt2e' with backend={backend!r}: torchao's PT2E quantizers here are x86's (backends "
-                f"{list(pt2e.BACKENDS)}); its XNNPACK quantizer moved to ExecuTorch. Use engine='fx' for {backend!r}."
-            )
+        super().check(backend)
 
     def owns(self, network: nn.Module) -> bool:
-        """A PT2E network is torchao's prepared graph in :class:`~lightning_qat.quantization.pt2e.ExportedQAT`."""
-        return pt2e.is_exported(network)
+        """A PT2E network is torchao's prepared graph in an ``ExportedQAT``, annotated for this engine's backends."""
+        return pt2e.is_exported(network) and network.backend in self.backends
 
     def prepare(self, network: nn.Module, settings: Preparation, kept: dict[str, str]) -> Prepared:
         """Capture and prepare with torchao; refuses modules called at several places.

@@ -14,6 +14,7 @@ from conftest import load_example, subprocess_env, trainer_kwargs
 from lightning_qat.app.cli import DEFAULT_CONFIG
 from lightning_qat.app.data import DigitsDataModule
 from lightning_qat.app.models import ImageClassifier
+from lightning_qat.quantization import xnnpack
 
 TINY = [
     "--model.arch=mobilenet_v3_small",
@@ -47,6 +48,19 @@ def test_cli_runs_end_to_end_and_applies_dotted_overrides(tmp_path):
     assert config["qat"]["backend"] == "fbgemm"
     assert config["model"]["init_args"]["arch"] == "mobilenet_v3_small"
     assert "int8/val_acc" in (run_dir / "metrics.csv").read_text()
+
+
+@pytest.mark.skipif(xnnpack.missing() is not None, reason=f"XNNPACK engine: {xnnpack.missing()}")
+def test_cli_trains_for_a_phone_with_one_override(tmp_path):
+    result = _cli(tmp_path, "--qat.backend=xnnpack")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "qat" / "version_0"
+    report = json.loads((run_dir / "qat_report.json").read_text())
+    assert (report["backend"], report["mode"]) == ("xnnpack", "xnnpack")
+    assert (tmp_path / report["artifact"]) == run_dir / "model_int8.pte"
+    assert report["latency_runtime"]["int8"] == "ExecuTorch runtime (XNNPACK delegate)"
+    assert report["delegated"]["xnnpack"] > 0
+    assert "XNNPACK delegate: " in (run_dir / "qat_report.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -125,7 +125,7 @@ def test_xnnpack_resumes_and_converts_from_its_checkpoint(phone, float_tiny, dig
         (dict(activations="dynamic"), r"activations='dynamic' is an artifact of engines"),
         (
             dict(on_drop="fallback", monitor="val_acc", max_metric_drop=0.01),
-            r"on_drop='fallback' with engine='auto'",
+            r"on_drop='fallback' with engine='xnnpack'.*XNNPACK not yet",
         ),
     ],
 )

@@ -35,10 +35,22 @@ from lightning_qat.quantization.exported import drop_batch_counters
 from lightning_qat.quantization.inputs import batch_size, cpu_inputs, with_batch
 
 MAX_BATCH = 8  # the default bound of the batch dimension: a phone app pays the memory plan of the largest batch
-TOLERANCE = 0.05  # largest relative error of the program's output against the graph's (XNNPACK's own rounding)
+# largest relative error of the program's output against the graph's: XNNPACK requantizes between its int8 operators
+# in integer arithmetic, torch's reference graph in float, and the difference adds up over the layers (resnet18 after
+# 4 QAT steps: 5.7%); a program that computes something else is far beyond it
+TOLERANCE = 0.15
 BATCH_METHOD = "max_batch"  # the program's constant method: the largest batch it takes (0: the example's only)
-# what ExecuTorch's portable kernels run outside the delegate without arithmetic: not counted as float compute
-_LAYOUT = ("sym_size", "view_copy", "squeeze_copy", "unsqueeze_copy", "getitem", "executorch_call_delegate")
+# what ExecuTorch's portable kernels run outside the delegate without arithmetic (shape reads, reshapes, memory-format
+# copies): not counted as float compute
+_LAYOUT = (
+    "sym_size",
+    "view_copy",
+    "squeeze_copy",
+    "unsqueeze_copy",
+    "_to_dim_order_copy",
+    "getitem",
+    "executorch_call_delegate",
+)
 
 
 @dataclass
@@ -46,7 +58,7 @@ class Program:
     """A written ``.pte``: where, what runs in the XNNPACK delegate and what outside it, the shapes it takes.
 
     ``delegated``: operators inside the XNNPACK delegate; ``outside``: the others, by name (ExecuTorch's portable
-    kernels, float), reshapes (``_LAYOUT``) apart in ``layout``; ``shapes``: the input shapes, ``None`` for the
+    kernels, float), reshapes and memory-format copies (``_LAYOUT``) apart in ``layout``; ``shapes``: the input shapes, ``None`` for the
     dynamic batch dimension (up to ``max_batch``); ``static``: why it takes the example's batch only.
     """
 
@@ -111,6 +123,8 @@ class PteNetwork(nn.Module):
             raise ArtifactError(f"{str(self.path)!r} is not a loadable ExecuTorch program: {first_line(err)}") from err
         meta = self.method.metadata
         self.planned: Shapes = [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
+        if self.max_batch and self.planned and self.planned[0]:  # never more rows than ExecuTorch planned memory for
+            self.max_batch = min(self.max_batch, int(self.planned[0][0] or 1))
         self.out_spec = out_spec
 
     def forward(self, *args: Any) -> Any:
@@ -138,13 +152,17 @@ class PteNetwork(nn.Module):
 
 
 def save_pte(
-    quantized: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...], max_batch: int = MAX_BATCH
+    quantized: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: tuple[Any, ...],
+    max_batch: int = MAX_BATCH,
+    check: bool = True,
 ) -> Program:
     """Lower the int8 graph ``quantized`` (the XNNPACK engine's) to the ExecuTorch program ``path`` (atomically).
 
     For batches up to ``max_batch`` (at least the example's) where ``torch.export`` can make the batch dynamic, else
     for the example's shapes (see the module's note). Checked against the graph at batch 1, the example's and the
-    bound (:data:`TOLERANCE`).
+    bound (:data:`TOLERANCE`); ``check=False`` (the preflight, on a network not trained yet) runs it once unchecked.
 
     Raises:
         ConversionError: if ExecuTorch cannot lower or run the graph, or its outputs differ from the graph's.
@@ -158,26 +176,37 @@ def save_pte(
     written: list[Program] = []
 
     def lower_into(tmp: Path) -> None:
-        try:
-            written.append(_lower(graph, quantized, tmp, inputs, upper))
-        except ConversionError as err:
-            program = _lower(graph, quantized, tmp, inputs, 0)
-            program.static = first_line(err)
+        # one row more than the bound, when the bound fails: ExecuTorch 1.5 plans some programs traced at exactly 16
+        # rows with an intermediate of 16 rows fixed (docs/deployment.md), and 17 works
+        errors: list[str] = []
+        for bound in (upper, upper + 1, 0):
+            try:
+                program = _lower(graph, quantized, tmp, inputs, bound, check)
+            except ConversionError as err:
+                if not bound:
+                    raise
+                errors.append(first_line(err))
+                continue
+            program.static = "" if bound else errors[0]
             written.append(program)
+            return
 
     final = write_atomic(path, lower_into)
     written[-1].path = final
     return written[-1]
 
 
-def _lower(graph: nn.Module, quantized: nn.Module, tmp: Path, inputs: tuple[Any, ...], upper: int) -> Program:
+def _lower(
+    graph: nn.Module, quantized: nn.Module, tmp: Path, inputs: tuple[Any, ...], upper: int, check: bool
+) -> Program:
     with xnnpack.quiet():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
     batch = batch_size(inputs)
-    # a dimension of size 1 is never exported dynamic (torch.export specializes it): export a batch of 2
-    traced = with_batch(inputs, 2) if upper and batch == 1 else inputs
+    # traced at the bound: ExecuTorch plans the memory of a program traced at fewer than 16 rows for 15 at most,
+    # whatever the bound (measured on TinyNet: traced at 2 with a bound of 128, batch 16 fails)
+    traced = with_batch(inputs, upper) if upper else inputs
     dims = _batch_dims(traced, upper) if upper else None
     try:
         with xnnpack.quiet(), torch.no_grad():
@@ -193,8 +222,17 @@ def _lower(graph: nn.Module, quantized: nn.Module, tmp: Path, inputs: tuple[Any,
     if upper and all(None not in shape for shape in shapes):
         raise ConversionError("torch.export fixed the batch size: the network's code depends on it")
     network = PteNetwork(tmp, out_spec=exported.call_spec.out_spec)
-    for size in (1, batch, upper) if upper else (batch,):
-        error = output_error(network, quantized, with_batch(inputs, size))
+    for size in dict.fromkeys((1, batch, upper) if upper else (batch,)):
+        rows = with_batch(inputs, size)
+        try:
+            with torch.no_grad(), quiet_native():  # a failed call prints its instruction; the error says it
+                if check:
+                    error = output_error(network, quantized, rows)
+                else:
+                    network(*rows)  # it runs; its outputs are not compared (see save_pte)
+                    error = 0.0
+        except RuntimeError as err:
+            raise ConversionError(f"ExecuTorch cannot run the program at batch {size}: {first_line(err)}") from err
         if error > TOLERANCE:
             raise ConversionError(
                 f"the ExecuTorch program computes {error:.1%} away from the int8 graph it was lowered from at batch "

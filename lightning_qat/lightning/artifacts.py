@@ -51,19 +51,7 @@ class Artifacts:
         if "pt2" in export:
             self._write_pt2(report, quantized, out_dir)
         if "pte" in export:
-            program = save_pte(quantized, out_dir / "model_int8.pte", run.example_inputs)
-            self.path = program.path
-            self.shipped = PteNetwork(program.path, out_spec=program.out_spec)
-            report.artifact = str(program.path)
-            report.package_shapes = show(program.shapes) + (
-                f" (batch up to {program.max_batch})" if program.max_batch else f" only ({program.static})"
-            )
-            report.delegated = {"xnnpack": program.delegated, "layout": program.layout, **program.outside}
-            if program.outside:
-                rank_zero_warn(
-                    f"QAT: {sum(program.outside.values())} operators of the .pte run outside the XNNPACK delegate, in "
-                    f"ExecuTorch's portable (float) kernels: {program.outside}."
-                )
+            self._write_pte(report, quantized, out_dir)
         if "torchscript" in export:
             self.path = save_torchscript(
                 quantized,
@@ -95,6 +83,21 @@ class Artifacts:
             rank_zero_warn(
                 f"QAT: the AOTInductor package calls {kernels} int8 kernels for {layers} int8 layers: the others "
                 "run in float there."
+            )
+
+    def _write_pte(self, report: QATReport, quantized: nn.Module, out_dir: Path) -> None:
+        program = save_pte(quantized, out_dir / "model_int8.pte", self.run.example_inputs)
+        self.path = program.path
+        self.shipped = PteNetwork(program.path, out_spec=program.out_spec)
+        report.artifact = str(program.path)
+        report.package_shapes = show(program.shapes) + (
+            f" (batch up to {program.max_batch})" if program.max_batch else f" only ({program.static})"
+        )
+        report.delegated = {"xnnpack": program.delegated, "layout": program.layout, **program.outside}
+        if program.outside:
+            rank_zero_warn(
+                f"QAT: {sum(program.outside.values())} operators of the .pte run outside the XNNPACK delegate, in "
+                f"ExecuTorch's portable (float) kernels: {program.outside}."
             )
 
     def onnx_network(self) -> OnnxRuntimeNetwork:

@@ -401,11 +401,12 @@ def check_onnx_export(probe: nn.Module, example_inputs: tuple[Any, ...], name: s
 def check_pte_export(quantized: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:
     """Lower the int8 ``quantized`` to an ExecuTorch program in a temporary folder and run it, as the end of fit will.
 
-    What XNNPACK's partitioner or ExecuTorch's emitter cannot take fails now, not after training.
+    What XNNPACK's partitioner or ExecuTorch's emitter cannot take fails now, not after training. Its outputs are not
+    compared with the graph's: a network not trained yet can be far from its int8 form; the end of fit compares them.
     """
     with tempfile.TemporaryDirectory() as folder:
         try:
-            save_pte(quantized, Path(folder) / "model_int8.pte", example_inputs)
+            save_pte(quantized, Path(folder) / "model_int8.pte", example_inputs, check=False)
         except ConversionError as err:
             raise PreflightError(
                 f"`{name}` converts to int8, but not to the ExecuTorch program of the end of fit: {err} `skip=` the "

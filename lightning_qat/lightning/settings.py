@@ -64,9 +64,9 @@ def check_engine(mode: str, backend: str, on_drop: str, activations: str) -> Non
     possible = {"static": (False,), "dynamic": (True,)}.get(activations, (False, True))  # "auto": either
     if on_drop == "fallback" and not any(engine.can_search(dynamic) for dynamic in possible):
         raise ValueError(
-            f"on_drop='fallback' with engine={mode!r} and activations={activations!r}: that engine cannot keep layers "
-            "float there (FX can; PT2E with static activations; eager among dynamic int8 Linears). Use "
-            "on_drop='warn' or 'raise'."
+            f"on_drop='fallback' with engine={engine.name!r} and activations={activations!r}: that engine cannot keep "
+            "layers float there (FX can; PT2E with static activations; eager among dynamic int8 Linears; XNNPACK not "
+            "yet). Use on_drop='warn' or 'raise'."
         )
     if activations == "dynamic" and not engine.dynamic:
         dynamic = [name for name, other in engines.ENGINES.items() if other.dynamic]

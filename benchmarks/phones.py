@@ -47,6 +47,14 @@ NETWORKS: dict[str, Callable[[], nn.Module]] = {
 }
 LARGE = ("resnet18", "mobilenet_v2")  # also timed at 224x224
 QUICK = ("resnet18",)
+NOTES = (
+    "2 threads: torch's OpenMP pool and ExecuTorch's thread pool each have 2 threads in one process, and the "
+    "interleaved runs make them wait for each other (torch's 32 px times at 2 threads are slower than at 1); the "
+    "1-thread columns are the comparison. With a pool of 2, ExecuTorch's XNNPACK used one core for resnet18 at 224 px "
+    "(user CPU time equal to the wall time) and two for mobilenet_v2; not investigated further.",
+    "Outside the delegate in the ViT: its LayerNorms and the attention's mask handling (nn.MultiheadAttention's "
+    "key-padding checks), run by ExecuTorch's portable float kernels: why its .pte is slower than TorchScript.",
+)
 
 
 def artifacts(
@@ -148,9 +156,8 @@ def main() -> None:
         f"{getattr(executorch, '__version__', '1.5')}; digits at {IMAGE}x{IMAGE}; {torch.get_num_threads()} cores "
         "here (x86): the .pte runs XNNPACK's x86 kernels, a phone runs its ARM ones."
     )
-    write_table(
-        out, f"Phones: XNNPACK .pte vs x86 TorchScript ({'quick' if args.quick else 'full'} mode)", intro, lines
-    )
+    title = f"Phones: XNNPACK .pte vs x86 TorchScript ({'quick' if args.quick else 'full'} mode)"
+    write_table(out, title, intro, lines, NOTES)
 
 
 if __name__ == "__main__":

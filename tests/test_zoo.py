@@ -304,8 +304,7 @@ PT2E_STOPS = {  # shape -> why it stops in setup
 }
 
 
-XNNPACK_SHAPES = (
-    "cnn",
+XNNPACK_SHAPES = (  # "cnn" is tests/test_xnnpack.py's network
     "dict in, dict out",
     "timm mobilenetv3 (hard-swish, hard-sigmoid gates)",
     "torchvision vit (nn.MultiheadAttention)",

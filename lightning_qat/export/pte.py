@@ -58,8 +58,9 @@ class Program:
     """A written ``.pte``: where, what runs in the XNNPACK delegate and what outside it, the shapes it takes.
 
     ``delegated``: operators inside the XNNPACK delegate; ``outside``: the others, by name (ExecuTorch's portable
-    kernels, float), reshapes and memory-format copies (``_LAYOUT``) apart in ``layout``; ``shapes``: the input shapes, ``None`` for the
-    dynamic batch dimension (up to ``max_batch``); ``static``: why it takes the example's batch only.
+    kernels, float), reshapes and memory-format copies (``_LAYOUT``) apart in ``layout``; ``shapes``: the input
+    shapes, ``None`` for the dynamic batch dimension (up to ``max_batch``); ``static``: why it takes the example's
+    batch only.
     """
 
     path: Path

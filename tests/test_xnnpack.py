@@ -64,6 +64,17 @@ def test_the_pte_agrees_with_the_qat_network_on_99_percent_of_digits(phone, digi
 
 
 @needs_executorch
+def test_the_report_s_int8_row_is_the_pte_in_executorch_not_the_graph_it_came_from(phone, digits8):
+    qat, _, _ = phone
+    x, y = digits8.splits["val"].tensors
+    with torch.no_grad():
+        shipped = torch.nn.functional.cross_entropy(load_quantized(qat.artifact_path)(x), y).item()
+        graph = torch.nn.functional.cross_entropy(qat.quantized_model(x), y).item()
+    assert shipped != graph  # XNNPACK's integer requantization rounds otherwise than torch's reference graph
+    assert qat.report.metrics["int8"]["val_loss"] == pytest.approx(shipped, rel=1e-5)
+
+
+@needs_executorch
 def test_the_pte_runs_in_executorch_alone_at_batch_1_and_the_validation_batch(phone, digits8, tmp_path):
     qat, _, _ = phone
     x = digits8.splits["val"].tensors[0][:64]

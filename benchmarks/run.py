@@ -35,7 +35,7 @@ from lightning_qat import QATCallback, load_quantized
 from lightning_qat.app.cli import main as cli_main
 from lightning_qat.export.torchscript import save_torchscript, to_torchscript
 from lightning_qat.quantization import ao
-from lightning_qat.quantization.backends import BACKENDS, default_backend
+from lightning_qat.quantization.backends import TORCH_BACKENDS, default_backend
 from lightning_qat.quantization.convert import to_int8
 from lightning_qat.quantization.measure import measure_latency, serialized_size
 from lightning_qat.quantization.prepare import prepare_model
@@ -65,7 +65,7 @@ class Sizes:
 QUICK_RUN = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.max_epochs=1"]
 QUICK = Sizes(
     latency_models=("resnet18",),
-    backends=BACKENDS,
+    backends=TORCH_BACKENDS,
     batches=(1, 4),
     threads=(1,),
     image=32,
@@ -82,7 +82,7 @@ QUICK = Sizes(
 )
 FULL = Sizes(
     latency_models=("resnet18", "mobilenet_v2", "resnet50"),
-    backends=BACKENDS,
+    backends=TORCH_BACKENDS,
     batches=(1, 32),
     threads=(1, 2),
     image=224,

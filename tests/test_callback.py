@@ -92,8 +92,8 @@ def test_initial_state_and_defaults():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"backend": "tensorrt"}, r"'tensorrt'.*\['x86', 'fbgemm', 'qnnpack'\]"),
-        ({"engine": "graph"}, r"engine='graph'.*\['auto', 'fx', 'eager', 'pt2e'\]"),
+        ({"backend": "tensorrt"}, r"'tensorrt'.*\['x86', 'fbgemm', 'qnnpack', 'xnnpack'\]"),
+        ({"engine": "graph"}, r"engine='graph'.*\['auto', 'fx', 'eager', 'pt2e', 'xnnpack'\]"),
         ({"interval": "batch"}, r"interval='batch'.*\['epoch', 'step'\]"),
         ({"freeze_bn_after": 1.5}, r"freeze_bn_after=1\.5.*float in \(0, 1\)"),
         ({"freeze_observers_after": -1}, r"freeze_observers_after=-1.*int >= 0"),

@@ -15,6 +15,7 @@ import torch
 Backend = Literal["x86", "fbgemm", "qnnpack", "xnnpack"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 EXECUTORCH_BACKENDS = ("xnnpack",)  # not torch's engines: their artifact runs in ExecuTorch's runtime
+TORCH_BACKENDS = tuple(name for name in BACKENDS if name not in EXECUTORCH_BACKENDS)
 
 _ARM_MACHINES = ("arm64", "aarch64", "armv7l", "armv8l")
 
@@ -27,7 +28,7 @@ def default_backend() -> str:
         return preferred
     if not supported:
         raise RuntimeError(
-            f"This torch build ({torch.__version__}) supports none of the quantized engines {list(BACKENDS)}; "
+            f"This torch build ({torch.__version__}) supports none of the quantized engines {list(TORCH_BACKENDS)}; "
             f"torch.backends.quantized.supported_engines is {engines()}."
         )
     return supported[0]

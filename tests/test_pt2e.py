@@ -18,11 +18,11 @@ pytestmark = pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine
 class OwnArgs(nn.Module):
     """BatchNorm with MobileNetV3's eps and a small momentum, tiny running variances, and dropout p=0.2."""
 
-    def __init__(self) -> None:
+    def __init__(self, inplace: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8, eps=1e-3, momentum=0.01)
-        self.drop = nn.Dropout(0.2)
+        self.drop = nn.Dropout(0.2, inplace=inplace)  # in place: torchvision's classifiers
         self.fc = nn.Linear(8, 10)
         with torch.no_grad():
             self.bn.running_var.fill_(1e-3)  # eps 1e-3 vs torchao's 1e-5 then changes every output
@@ -60,10 +60,11 @@ def test_batch_norm_keeps_its_eps_and_momentum():
     torch.testing.assert_close(prepared.exported.bn.running_mean, network.bn.running_mean)
 
 
-def test_train_eval_switching_keeps_dropout_p_and_freezes_batch_norm():
+@pytest.mark.parametrize("inplace", [False, True])
+def test_train_eval_switching_keeps_dropout_p_and_freezes_batch_norm(inplace):
     torch.manual_seed(0)
     x = torch.randn(256, 1, 8, 8)
-    prepared = without_fake_quant(pt2e.prepare(OwnArgs(), (x[:16],), "x86"))
+    prepared = without_fake_quant(pt2e.prepare(OwnArgs(inplace), (x[:16],), "x86"))
     prepared.train()
     dropout = [n for n in prepared.exported.graph.nodes if "dropout" in str(n.target)]
     assert [n.args[1] for n in dropout] == [0.2]

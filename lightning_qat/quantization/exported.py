@@ -14,7 +14,14 @@ from torch import nn
 
 BATCH_NORM = "aten.batch_norm.default"
 LAYER_CALLS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default")
-_DROPOUTS = ("aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default")
+_DROPOUTS = (  # in place too: torchvision's classifiers use nn.Dropout(inplace=True)
+    "aten.dropout.default",
+    "aten.dropout_.default",
+    "aten.feature_dropout.default",
+    "aten.feature_dropout_.default",
+    "aten.alpha_dropout.default",
+    "aten.alpha_dropout_.default",
+)
 
 
 class ExportedQAT(nn.Module):
@@ -128,22 +135,21 @@ def _switched_arg(node: torch.fx.Node) -> tuple[int, bool] | None:
     return (1, True) if target == "aten.add_.Tensor" and counter else None
 
 
-def drop_batch_counters(graph_module: torch.fx.GraphModule) -> int:
-    """Take the ``num_batches_tracked`` updates (``+= 0`` in eval) out of an int8 graph; returns how many.
+def inference_only(graph_module: torch.fx.GraphModule) -> int:
+    """Take out of an int8 graph in eval what does nothing at inference; returns how many calls.
 
-    They do nothing at inference, and a program that mutates a buffer keeps it out of ExecuTorch's XNNPACK delegate
-    (an ``add`` run by the portable kernels on every call).
+    The ``num_batches_tracked`` updates (``+= 0`` in eval) and the dropouts switched off: a program that mutates a
+    buffer keeps the update out of ExecuTorch's XNNPACK delegate (an ``add`` in the portable kernels on every call),
+    and ExecuTorch's decompositions turn a dropout into a random mask whatever its ``train`` argument says.
     """
     dropped = 0
     for node in list(graph_module.graph.nodes):
-        counter = node.args[0] if node.op == "call_function" and node.args else None
-        if (
-            str(node.target) == "aten.add_.Tensor"
-            and isinstance(counter, torch.fx.Node)
-            and counter.op == "get_attr"
-            and str(counter.target).endswith("num_batches_tracked")
-            and not node.users
-        ):
+        switched = _switched_arg(node)
+        if switched is None or str(node.target) == BATCH_NORM or node.args[switched[0]] not in (0, False):
+            continue  # not a dropout or a counter, or one in training
+        if str(node.target) in _DROPOUTS:
+            node.replace_all_uses_with(node.args[0])
+        if not node.users:
             graph_module.graph.erase_node(node)
             dropped += 1
     graph_module.graph.eliminate_dead_code()

@@ -171,7 +171,7 @@ def save_pte(
 
     For batches up to ``max_batch`` (at least the example's) where ``torch.export`` can make the batch dynamic, else
     for the example's shapes (see the module's note). Checked against the graph at batch 1, the example's and the
-    bound (:data:`TOLERANCE`); ``check=False`` (the preflight, on a network not trained yet) runs it once unchecked.
+    bound (:data:`TOLERANCE`); ``check=False`` (the preflight, on a network not trained yet) runs it there unchecked.
 
     Raises:
         ConversionError: if ExecuTorch cannot lower or run the graph, or its outputs differ from the graph's.

@@ -13,8 +13,9 @@ TOP = {"__init__", "__main__"}  # the public API and `python -m`: above every la
 # What a layer may import from outside the package beside the standard library (top-level names).
 THIRD_PARTY = {
     "base": set(),
-    "quantization": {"torch", "torchvision", "torchao"},  # torchao: the [pt2e] extra, in quantization/pt2e.py only
-    "export": {"torch", "torchvision", "numpy", "onnx", "onnxruntime"},
+    # torchao: the [pt2e] extra, in quantization/pt2e.py only; executorch: [mobile], in quantization/xnnpack.py only
+    "quantization": {"torch", "torchvision", "torchao", "executorch"},
+    "export": {"torch", "torchvision", "numpy", "onnx", "onnxruntime", "executorch"},  # executorch: export/pte.py only
 }
 
 
@@ -126,8 +127,12 @@ def test_the_quantization_layer_needs_only_torch():
     quantization = {m: names for m, names in foreign_imports().items() if layer_of(m) == "quantization"}
     assert quantization  # the layer exists and was read
     torchao = {m for m, names in quantization.items() if "torchao" in names}
-    assert torchao == {"lightning_qat.quantization.pt2e"}  # the one torchao seam (the optional PT2E engine)
-    assert {name for names in quantization.values() for name in names} <= {"torch", "torchvision", "torchao"}
+    executorch = {m for m, names in foreign_imports().items() if "executorch" in names}
+    # the one torchao seam (the optional PT2E engine) and ExecuTorch's two (its quantizer; its program and runtime)
+    assert torchao == {"lightning_qat.quantization.pt2e"}
+    assert executorch == {"lightning_qat.quantization.xnnpack", "lightning_qat.export.pte"}
+    allowed = {"torch", "torchvision", "torchao", "executorch"}
+    assert {name for names in quantization.values() for name in names} <= allowed
 
 
 @pytest.mark.parametrize(

@@ -184,3 +184,19 @@ def test_a_network_that_fixes_its_batch_gets_a_program_of_the_example_shape(digi
     torch.testing.assert_close(loaded(x), quantized(x), atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match=r"takes inputs of shapes \[\[16, 1, 8, 8\]\] and got \[\[8, 1, 8, 8\]\]"):
         loaded(x[:8])
+
+
+@needs_executorch
+def test_skip_keeps_a_layer_float_under_the_xnnpack_quantizer(digits8):
+    from conftest import TinyNet
+
+    from lightning_qat.quantization import pt2e
+    from lightning_qat.quantization.convert import to_int8
+    from lightning_qat.quantization.prepare import prepare_model
+
+    x = digits8.splits["val"].tensors[0][:16]
+    prepared = prepare_model(TinyNet(), "xnnpack", "auto", ["fc2"], (x,))
+    prepared.module(x)
+    quantized = to_int8(prepared.module.eval(), prepared.engine, "xnnpack", (x,))
+    assert pt2e.int8_layers(quantized) == 3  # conv1, conv2, fc1
+    assert pt2e.float_parameters(quantized) == {"linear": 256 * 10}  # fc2's weight

@@ -18,7 +18,7 @@ import functools
 import importlib.util
 import logging
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, TypeGuard
 
 import torch
@@ -116,6 +116,14 @@ def _quantizer(backend: str, qat: bool, skip: Sequence[str], dynamic: bool = Fal
     for name in skip:
         quantizer.set_module_name_qconfig(name, None)
     return _Quantizer(quantizer)
+
+
+def outside(skip: Sequence[str]) -> Callable[[torch.fx.Node], bool]:
+    """Whether a captured graph's node comes from no module of ``skip`` (a quantizer's filter), by torchao's reading."""
+    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
+
+    inside = [get_module_name_filter(name) for name in skip]
+    return lambda node: not any(within(node) for within in inside)
 
 
 class _Quantizer:

@@ -53,16 +53,16 @@ def quantizer(qat: bool, skip: Sequence[str] = ()) -> Any:
 
     Its ``set_module_name`` takes no ``None`` (no "keep float"), so the modules of ``skip`` are left out by its filter.
     """
+    from lightning_qat.quantization import pt2e
+
     require()
     with quiet():
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
             get_symmetric_quantization_config,
         )
-        from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
     found = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
     if skip:
-        inside = [get_module_name_filter(name) for name in skip]
-        found.set_filter_function(lambda node: not any(within(node) for within in inside))
+        found.set_filter_function(pt2e.outside(skip))
     return found

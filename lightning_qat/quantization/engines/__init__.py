@@ -18,6 +18,7 @@ from lightning_qat.quantization.engines.xnnpack import XNNPACK
 
 Mode = Literal["auto", "fx", "eager", "pt2e", "xnnpack"]
 ENGINES: dict[str, Engine] = {engine.name: engine for engine in (FX(), Eager(), PT2E(), XNNPACK())}
+Engine.registry.update(ENGINES)  # what an engine's refusal of a backend names instead
 AUTO = ENGINES["fx"]  # what mode="auto" tries first (and names its formats and refusals)
 # What mode="auto" tries next, in order, when the engine before raises NotTraceable. PT2E captures what torch.fx
 # cannot (control flow on shapes, hybrid conv/attention networks) and quantizes every op of the graph; eager, the

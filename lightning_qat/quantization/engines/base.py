@@ -86,6 +86,7 @@ class Engine(ABC):
     name: ClassVar[str]
     formats: ClassVar[tuple[str, ...]]
     backends: ClassVar[tuple[str, ...]] = ("x86", "fbgemm", "qnnpack")  # torch.ao's quantized engines
+    registry: ClassVar[dict[str, Engine]] = {}  # every engine by name, filled by the engines package
     searchable: ClassVar[bool] = False
     dynamic: ClassVar[bool] = True
     layer_modules: ClassVar[bool] = True
@@ -99,7 +100,7 @@ class Engine(ABC):
             ValueError: for a backend this engine does not target, naming the engines that do.
         """
         if backend not in self.backends:
-            others = [name for name, engine in _registry().items() if backend in engine.backends]
+            others = [name for name, engine in self.registry.items() if backend in engine.backends]
             raise ValueError(
                 f"engine={self.name!r} quantizes for backends {list(self.backends)}, not backend={backend!r}: use "
                 f"engine={' or '.join(map(repr, others))} for it, or engine='auto'."
@@ -142,12 +143,6 @@ class Engine(ABC):
     def can_search(self, dynamic: bool) -> bool:
         """Whether the accuracy-budget search can keep layers float: in its graph, or among dynamic Linear modules."""
         return self.searchable or (dynamic and self.dynamic and self.layer_modules)
-
-
-def _registry() -> dict[str, Engine]:
-    from lightning_qat.quantization.engines import ENGINES  # the registry imports this module
-
-    return ENGINES
 
 
 def count_fused(network: nn.Module) -> int:

@@ -2,10 +2,13 @@
 
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import pytest
 import torch
+from conftest import subprocess_env
 from torch import nn
 
 from lightning_qat import ConversionError, load_quantized
@@ -133,3 +136,49 @@ def test_weights_prepacked_beside_others_of_their_shape_are_not_reordered_on_eve
     assert aoti.output_error(package, quantized, (x,)) < 0.05
     assert weight_reorders(package, x[:1], capfd) == []
     assert (torch.ops.onednn.qconv_prepack._op, torch.get_num_threads()) == (prepack, threads)  # left as found
+
+
+class Encoder(nn.Module):
+    """A Hugging Face BERT classifier (tiny, random init) returning its ModelOutput, as ``self.model(**batch)`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.BertConfig(
+            vocab_size=20, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+        self.bert = transformers.BertForSequenceClassification(config)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor):
+        return self.bert(input_ids=ids, attention_mask=mask)
+
+
+def test_a_text_model_s_package_takes_any_length_and_returns_a_dict_without_transformers(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 20, (4, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 16:] = 0  # a padded row
+    prepared = pt2e.prepare(Encoder(), (ids, mask), "x86")
+    prepared(ids, mask)
+    quantized = pt2e.convert(prepared.eval())
+    package = aoti.save_pt2(quantized, tmp_path / "model_int8.pt2", (ids, mask))
+    assert package.shapes == [[None, None], [None, None]]  # any batch, any length
+    loaded = load_quantized(package.path)
+    out = loaded(ids, mask)
+    assert type(out) is dict  # the ModelOutput's fields
+    assert list(out) == ["logits"]
+    # a slice of the batch (not contiguous: the compiled code read it with the example's strides, wrongly)
+    assert aoti.output_error(loaded, quantized, (ids[:, :9], mask[:, :9])) < aoti.TOLERANCE
+    torch.save((ids[:3, :9].clone(), mask[:3, :9].clone(), loaded(ids[:3, :9], mask[:3, :9])), tmp_path / "io.pt")
+    script = (
+        "import sys, torch\n"
+        "sys.modules['transformers'] = None  # any import of transformers fails\n"
+        f"m = torch._inductor.aoti_load_package({str(package.path)!r})\n"
+        f"ids, mask, expected = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "out = m(ids, mask)\n"
+        "assert type(out) is dict, type(out)\n"
+        "torch.testing.assert_close(out, expected)\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env())
+    assert run.stdout.strip().endswith("ok"), run.stderr[-2000:]

@@ -7,7 +7,7 @@ from conftest import BoringClassifier, TinyNet, trainer_kwargs
 from torch import nn
 from zoo import NormGeluBlock, TorchvisionViT
 
-from lightning_qat import QATCallback, convert_checkpoint, load_quantized
+from lightning_qat import PreflightError, QATCallback, convert_checkpoint, load_quantized
 from lightning_qat.lightning import activations
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dynamic
@@ -163,3 +163,30 @@ def test_a_resumed_run_keeps_the_activations_it_trained_for(tmp_path, digits8, m
     assert resumed.state.activations == resumed.report.activations == "dynamic"
     flags = [bool(fq.fake_quant_enabled[0]) for n, fq in ao.fake_quant_modules(resumed.prepared.module)]
     assert sum(flags) == 2  # the two Linears' weights; every activation's fake-quant stays off
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_a_hugging_face_encoder_converts_in_eager_mode_to_dynamic_int8(tmp_path, digits8, activations):
+    """BERT's embeddings sum int8 tensors with `+` (no eager int8 kernel) and take an expanded (non-contiguous)
+    buffer of token types: static eager int8 stops in setup, dynamic int8 (float between its int8 Linears) ships."""
+    pytest.importorskip("transformers")
+    from zoo import HFEncoder, IdsAndMaskClassifier, to_ids_and_mask
+
+    qat = QATCallback(engine="eager", activations=activations, latency_repeats=1, freeze_observers_after=1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[qat]))
+    model = IdsAndMaskClassifier(HFEncoder())
+    if activations == "static":
+        with pytest.raises(PreflightError, match=r"QuantizedCPU"):
+            trainer.fit(model, datamodule=digits8)
+        assert trainer.global_step == 0
+        return
+    trainer.fit(model, datamodule=digits8)
+    int8 = qat.quantized_model
+    assert qat.report.mode == "eager"
+    assert len(_dynamic_linears(int8)) == sum(isinstance(m, nn.Linear) for m in HFEncoder().modules())
+    assert sum(isinstance(m, torch.ao.nn.quantized.Embedding) for m in int8.modules()) == 3  # words, positions, types
+    assert "Embedding" not in qat.report.float_params
+    assert "val_acc" in qat.report.metrics["int8"]
+    x, _ = digits8.splits["val"].tensors
+    with torch.no_grad():
+        assert torch.equal(load_quantized(qat.artifact_path)(*to_ids_and_mask(x[:8])), int8(*to_ids_and_mask(x[:8])))

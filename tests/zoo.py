@@ -299,6 +299,80 @@ class PaddedTokenClassifier(BoringClassifier):
         return self.net(to_padded_ids(x))
 
 
+# Hugging Face transformers, tiny configs built here (random init, nothing downloaded). torch.fx cannot trace them:
+# engine="auto" captures them with torch.export (PT2E).
+HF_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=10)
+
+
+def _hf(config: str, model: str, **kwargs):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return getattr(transformers, model)(getattr(transformers, config)(**(HF_SMALL | kwargs)))
+
+
+class HFEncoder(nn.Module):
+    """BERT for sequence classification on token ids and an attention mask; returns `.logits`."""
+
+    def __init__(self):
+        super().__init__()
+        self.bert = _hf("BertConfig", "BertForSequenceClassification", vocab_size=20, max_position_embeddings=80)
+
+    def forward(self, ids, mask):
+        return self.bert(input_ids=ids, attention_mask=mask).logits
+
+
+class HFDecoder(nn.Module):
+    """Llama (grouped-query attention, RoPE, RMSNorm, SiLU gates) for sequence classification; returns its
+    ModelOutput, as `self.model(**batch)` in a LightningModule would (without the key/value cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.llama = _hf(
+            "LlamaConfig",
+            "LlamaForSequenceClassification",
+            vocab_size=20,
+            max_position_embeddings=80,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            use_cache=False,
+        )
+
+    def forward(self, ids, mask):
+        return self.llama(input_ids=ids, attention_mask=mask)
+
+
+class HFViT(nn.Module):
+    """ViT for image classification on 2x2 patches of the digits; returns `.logits`."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = _hf("ViTConfig", "ViTForImageClassification", image_size=8, patch_size=2, num_channels=1)
+
+    def forward(self, x):
+        return self.vit(pixel_values=x).logits
+
+
+def to_ids_and_mask(x):
+    """The digits as 65 token ids (a class id 18, then the pixels as ids 1..17) and an attention mask.
+
+    Every fourth image has its last 16 positions padded (id 0, mask 0): batches mix lengths, as a tokenizer pads them.
+    """
+    ids = torch.cat([torch.full((len(x), 1), 18), to_token_ids(x) + 1], 1)
+    mask = torch.ones_like(ids)
+    mask[::4, -16:] = 0
+    return ids * mask, mask
+
+
+class IdsAndMaskClassifier(BoringClassifier):
+    def __init__(self, net):
+        super().__init__(net)
+        self.example_input_array = to_ids_and_mask(torch.zeros(4, 1, 8, 8))
+
+    def forward(self, x):
+        out = self.net(*to_ids_and_mask(x))
+        return out["logits"] if isinstance(out, dict) else out
+
+
 CLASSIFIER = {  # the others: BoringClassifier, images in
     "token ids + embedding": TokenClassifier,
     "token ids + embedding (eager)": TokenClassifier,
@@ -307,6 +381,8 @@ CLASSIFIER = {  # the others: BoringClassifier, images in
     "two inputs (eager)": TwoInputClassifier,
     "dict in, dict out": DictClassifier,
     "dict in, dict out (eager)": DictClassifier,
+    "hugging face bert (attention mask)": IdsAndMaskClassifier,
+    "hugging face llama (ModelOutput out)": IdsAndMaskClassifier,
 }
 NETWORK_INPUT = {  # the network's positional inputs made from images
     "token ids + embedding": lambda x: (to_token_ids(x),),
@@ -316,6 +392,8 @@ NETWORK_INPUT = {  # the network's positional inputs made from images
     "two inputs (eager)": lambda x: (x, meta_features(x)),
     "dict in, dict out": lambda x: ({"image": x},),
     "dict in, dict out (eager)": lambda x: ({"image": x},),
+    "hugging face bert (attention mask)": to_ids_and_mask,
+    "hugging face llama (ModelOutput out)": to_ids_and_mask,
 }
 # Eager mode computes `.mean()` of the int8 conv output in int8 at that output's scale, where the fake-quant network
 # averages in float (eager mode observes module outputs only; FX also observes the mean): measured 9.6% / 9.5% relative
@@ -334,7 +412,11 @@ TOLERANCE = {
 KEPT_FLOAT_TOLERANCE = (
     {"torchvision vit (nn.MultiheadAttention)": 0.3} if Version(torch.__version__) < Version("2.5") else {}
 )
-LOGITS = {"dict in, dict out": lambda out: out["logits"], "dict in, dict out (eager)": lambda out: out["logits"]}
+LOGITS = {
+    "dict in, dict out": lambda out: out["logits"],
+    "dict in, dict out (eager)": lambda out: out["logits"],
+    "hugging face llama (ModelOutput out)": lambda out: out["logits"],  # a ModelOutput, or the artifact's dict
+}
 MODE = {
     "token ids + embedding (eager)": "eager",
     "two inputs (eager)": "eager",
@@ -346,6 +428,11 @@ EAGER = {
     "untraceable cnn (eager)",  # data-dependent control flow
     "two inputs (image + meta)",  # a submodule named `meta` collides with GraphModule.meta
     *MODE,
+}
+HUGGING_FACE = {  # engine="auto" captures these with torch.export (torch.fx cannot trace them)
+    "hugging face bert (attention mask)",
+    "hugging face llama (ModelOutput out)",
+    "hugging face vit",
 }
 
 ZOO = {
@@ -380,6 +467,9 @@ ZOO = {
     "timm deit (Linear + scaled_dot_product_attention)": lambda: Timm(
         "deit_tiny_patch16_224", img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2
     ),
+    "hugging face bert (attention mask)": HFEncoder,
+    "hugging face llama (ModelOutput out)": HFDecoder,
+    "hugging face vit": HFViT,
     "timm swin (window attention)": lambda: Timm(
         "swin_tiny_patch4_window7_224",
         img_size=8,

@@ -5,7 +5,8 @@ layer pattern with a oneDNN int8 kernel (``_qconv_pointwise``, ``_qlinear_pointw
 compile to float kernels, silently (pytorch/ao#4566). :func:`int8_kernels` reads the compiled package to check it.
 Loading needs neither torchao nor the training code: ``torch._inductor.aoti_load_package(path)``.
 
-**Any batch size.** The package is compiled with a dynamic batch dimension (after :mod:`.layout`'s pass, which
+**Any batch size and sequence length.** The package is compiled with a dynamic batch dimension, and token sequences
+of any length (:func:`~lightning_qat.quantization.pt2e.dynamic_dims`), (after :mod:`.layout`'s pass, which
 works around torch 2.14's wrong layout for one-channel int8 convolutions) and checked against the quantize /
 dequantize graph it was compiled from at batch 1, the example's and a larger one (:data:`TOLERANCE`). Where that
 fails (the network fixes its batch, or inductor miscompiles it), it is compiled for the example's shapes, checked
@@ -32,7 +33,7 @@ from lightning_qat.exceptions import ArtifactError, ConversionError, first_line
 from lightning_qat.export.layout import contiguous_linear_inputs, pad_single_channel, separate_prepacks
 from lightning_qat.files import write_atomic
 from lightning_qat.quantization import pt2e
-from lightning_qat.quantization.inputs import batch_size, cpu_inputs, with_batch
+from lightning_qat.quantization.inputs import batch_size, cpu_inputs, map_tensors, plain, shorter, with_batch
 
 TOLERANCE = 0.05  # largest relative error of the package's output against the graph's: int8 rounding is far below
 KERNELS = ("_qconv_pointwise", "_qlinear_pointwise")  # oneDNN's int8 convolution and linear, as inductor calls them
@@ -54,7 +55,9 @@ class Package:
 class CompiledNetwork(nn.Module):
     """A loaded AOTInductor package as a module, refusing inputs of other shapes than it was compiled for.
 
-    (The compiled code does not check them: a package for batches of 64 returns 64 rows of garbage for 7.)
+    (The compiled code does not check them: a package for batches of 64 returns 64 rows of garbage for 7.) Inputs are
+    made contiguous first: the compiled code reads them with the example's strides, so a slice (``ids[:, :64]`` of
+    a 65-token batch) or a channels-last image gave a wrong output, silently (BERT: 5% off in float).
     """
 
     def __init__(self, compiled: Any, path: Path) -> None:
@@ -78,6 +81,7 @@ class CompiledNetwork(nn.Module):
                     f"{self.path.name} was compiled for inputs of shapes {show(self.input_shapes)} and got "
                     f"{show(shapes)}: an AOTInductor package takes the shapes it was compiled for (any: any size)."
                 )
+        args, kwargs = map_tensors(torch.Tensor.contiguous, (args, kwargs))
         return self.compiled(*args, **kwargs)
 
 
@@ -124,6 +128,7 @@ def save_pt2(
     if isinstance(graph, torch.fx.GraphModule):
         pad_single_channel(graph)
         contiguous_linear_inputs(graph)
+    graph = Plain(graph)
     written: list[Package] = []
 
     def compile_into(tmp: Path) -> None:
@@ -143,13 +148,27 @@ def save_pt2(
     return written[-1]
 
 
+class Plain(nn.Module):
+    """``network`` returning :func:`~lightning_qat.quantization.inputs.plain` containers: the package loads anywhere."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The network's output, mappings as dicts and named tuples as tuples."""
+        return plain(self.network(*args, **kwargs))
+
+
 def _compile(graph: nn.Module, quantized: nn.Module, tmp: Path, inputs: tuple[Any, ...], dynamic: bool) -> Package:
     batch = batch_size(inputs)
     # a dimension of size 1 is never exported dynamic (torch.export specializes it): export a batch of 2
     traced = with_batch(inputs, 2) if dynamic and batch == 1 else inputs
     try:
         with pt2e.quiet(), torch.no_grad():  # without no_grad inductor skips freezing: float kernels
-            program = torch.export.export(graph, traced, dynamic_shapes=pt2e.batch_dims(traced) if dynamic else None)
+            program = torch.export.export(
+                graph, traced, dynamic_shapes={"args": pt2e.dynamic_dims(traced)} if dynamic else None
+            )
             shapes = program_shapes(program)
             metadata = {SHAPES_KEY: json.dumps(shapes)}
             with separate_prepacks():
@@ -170,12 +189,17 @@ def _compile(graph: nn.Module, quantized: nn.Module, tmp: Path, inputs: tuple[An
             "int8 passes did not run (torchao's x86 quantizer registers them; freezing must be on)."
         )
     package = load_pt2(tmp)
-    for size in (1, batch, 2 * batch + 1) if dynamic else (batch,):
-        error = output_error(package, quantized, with_batch(inputs, size))
+    checks = {
+        f"batch {size}": with_batch(inputs, size) for size in ((1, batch, 2 * batch + 1) if dynamic else (batch,))
+    }
+    if any(None in shape[1:] for shape in shapes):  # token sequences of any length
+        checks["a sequence one token shorter"] = shorter(inputs)
+    for where, checked in checks.items():
+        error = output_error(package, quantized, checked)
         if error > TOLERANCE:
             raise ConversionError(
-                f"the compiled package computes {error:.1%} away from the int8 graph it was compiled from at batch "
-                f"{size} (relative error; tolerated: {TOLERANCE:.0%}): inductor miscompiled it. The trained QAT "
+                f"the compiled package computes {error:.1%} away from the int8 graph it was compiled from at "
+                f"{where} (relative error; tolerated: {TOLERANCE:.0%}): inductor miscompiled it. The trained QAT "
                 "model and its int8 graph are unchanged."
             )
     return Package(tmp, kernels, shapes)

@@ -251,7 +251,7 @@ class QATCallback(Callback):
         )
         data, written = eval_data(trainer, self.evaluate), self.export
         probe, quantized = preflight.run_preflight(
-            pl_module, state, self.backend, self.evaluate, data, written, self.monitor
+            pl_module, state, self.backend, self.evaluate, data, written, self.monitor, self.activations == "dynamic"
         )
         state.activations, state.activation_ms = activation_choice.decide(
             trainer, state, probe, quantized, self.backend, self.activations, self.latency_repeats

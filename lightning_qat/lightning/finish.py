@@ -184,9 +184,10 @@ class FinishPipeline:
         """The QAT ``network`` as the int8 model the run ships (static or dynamic), ``float_groups`` kept float."""
         run = self.qat_run
         engine = run.prepared.engine
+        backend, inputs = self.settings.backend, run.example_inputs
         if run.activations == "dynamic":  # what QAT trained for (FX / eager: weights only)
-            return engine.to_dynamic(network, [group.layer for group in float_groups])
-        return to_int8(network, engine, self.settings.backend, run.example_inputs, float_nodes(float_groups))
+            return to_int8(network, engine, backend, inputs, [group.layer for group in float_groups], dynamic=True)
+        return to_int8(network, engine, backend, inputs, float_nodes(float_groups))
 
     def trained_weights(self) -> tuple[nn.Module, str]:
         """A CPU copy of the QAT network with the weights ``convert`` asks for, and where they come from."""

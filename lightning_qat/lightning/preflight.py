@@ -72,6 +72,7 @@ def run_preflight(
     data: EvalData,
     export: Sequence[str] = ("torchscript",),
     monitor: str | None = None,
+    dynamic: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """What would fail at the end of fit, checked now: determinism, conversion, tracing, ONNX, one int8 batch.
 
@@ -92,7 +93,7 @@ def run_preflight(
     assert float_network is not None
     with sigterm_raises("the QAT preflight"):
         start = time.perf_counter()
-        probe, quantized = check_network(float_network, prepared, backend, example_inputs, target, export)
+        probe, quantized = check_network(float_network, prepared, backend, example_inputs, target, export, dynamic)
         if evaluate is not None:
             step = "validation_step" if evaluate == "val" else "test_step"
             clone = module_with_network(pl_module, target, quantized)
@@ -126,17 +127,19 @@ def check_network(
     example_inputs: tuple[Any, ...],
     name: str,
     export: Sequence[str] = ("torchscript",),
+    dynamic: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """The preflight's checks of the network alone (no trainer, no metric): what the end of fit would do to it.
 
     Determinism in ``eval()``, the example through the prepared network, int8 conversion and a forward pass, the
-    artifacts of ``export`` that are traced. Returns the calibrated QAT copy and its int8 conversion.
+    artifacts of ``export`` that are traced. Returns the calibrated QAT copy and its int8 conversion (the dynamic one
+    with ``dynamic``: the artifact ``activations="dynamic"`` ships).
     """
     check_eval_is_deterministic(float_network, prepared.module, example_inputs, name)
     if "torchscript" in export:
         check_outputs(float_network, example_inputs, name)
     probe = check_example(prepared.module, example_inputs, name, prepared=True)
-    quantized = check_conversion(probe, prepared.engine, backend, example_inputs, name)
+    quantized = check_conversion(probe, prepared.engine, backend, example_inputs, name, dynamic)
     if count_weight_layers(quantized) == 0:
         rank_zero_warn(
             f"QAT: nothing in `{name}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
@@ -358,7 +361,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def check_conversion(
-    probe: nn.Module, engine: Engine, backend: str, example_inputs: tuple[Any, ...], name: str
+    probe: nn.Module, engine: Engine, backend: str, example_inputs: tuple[Any, ...], name: str, dynamic: bool = False
 ) -> nn.Module:
     """Convert ``probe`` to int8 and trace it; returns the int8 network, ``probe`` is not touched.
 
@@ -366,7 +369,7 @@ def check_conversion(
     the example once, as after a first training step.
     """
     try:
-        quantized = to_int8(probe, engine, backend, example_inputs)
+        quantized = to_int8(probe, engine, backend, example_inputs, dynamic=dynamic)
     except ConversionError as err:
         raise PreflightError(
             f"`{name}` trains, but its int8 conversion would fail at the end of fit: {err} Fix it before training "

@@ -26,11 +26,13 @@ def to_int8(
     backend: str,
     example_inputs: tuple[Any, ...],
     float_nodes: Collection[str] = (),
+    dynamic: bool = False,
 ) -> nn.Module:
     """Convert a CPU copy of the QAT model ``prepared`` to int8 and check that it runs on ``example_inputs``.
 
     ``engine``: the engine that prepared it (or its name). ``float_nodes``: graph nodes kept float
-    (:func:`~lightning_qat.quantization.fallback.float_nodes`), for an engine that is ``searchable``. The PT2E engine
+    (:func:`~lightning_qat.quantization.fallback.float_nodes`), for an engine that is ``searchable``; with ``dynamic``
+    (the dynamic int8 artifact, :meth:`~.engines.Engine.to_dynamic`), the layers kept float. The PT2E engine
     returns torchao's quantize / dequantize graph (int8 arithmetic simulated in float until inductor compiles it:
     :mod:`lightning_qat.export.aoti`).
 
@@ -52,7 +54,7 @@ def to_int8(
     inputs = cpu_inputs(example_inputs)
     with ao.engine(backend), ao.quiet():
         try:
-            quantized = engine.convert(model, float_nodes)
+            quantized = engine.to_dynamic(model, float_nodes) if dynamic else engine.convert(model, float_nodes)
         except Exception as err:
             raise ConversionError(
                 f"int8 conversion ({engine.name} mode, backend {backend!r}) failed: {first_line(err)}. "

@@ -68,4 +68,6 @@ def to_dynamic(prepared: nn.Module, float_layers: Collection[str] = ()) -> nn.Mo
             compat.set_submodule(model, name, int8)
         elif ao.is_fake_quant(module):
             compat.set_submodule(model, name, nn.Identity())
+        elif name not in float_layers and (embedding := ao.int8_embedding(module)) is not None:
+            compat.set_submodule(model, name, embedding)  # eager mode's (not a QAT module)
     return model

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from lightning_utilities import apply_to_collection
 
 
 def batch_input(batch: Any) -> tuple[Any, ...]:
@@ -27,14 +28,11 @@ def batch_input(batch: Any) -> tuple[Any, ...]:
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
-    """``value`` with ``fn`` applied to every tensor in it, through tuples, lists and dicts."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: map_tensors(fn, v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(fn, v) for v in value)
-    return value
+    """``value`` with ``fn`` applied to every tensor in it, through tuples, lists, dicts and dataclasses.
+
+    Containers keep their type: a Hugging Face ``ModelOutput`` stays one, so ``.logits`` still works on it.
+    """
+    return apply_to_collection(value, torch.Tensor, fn)
 
 
 def tensors(value: Any) -> list[torch.Tensor]:
@@ -65,3 +63,28 @@ def with_batch(inputs: tuple[Any, ...], size: int) -> tuple[Any, ...]:
         return x[torch.arange(size, device=x.device) % batch]
 
     return tuple(map_tensors(rows, x) for x in inputs)
+
+
+def shorter(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``inputs`` with every token sequence one position shorter: integer or boolean tensors' second dimension."""
+
+    def cut(x: torch.Tensor) -> torch.Tensor:
+        sequence = x.dim() > 1 and x.shape[1] > 2 and not (x.is_floating_point() or x.is_complex())
+        return x[:, :-1] if sequence else x
+
+    return tuple(map_tensors(cut, x) for x in inputs)
+
+
+def plain(value: Any) -> Any:
+    """``value`` in containers any process can rebuild: mappings as dicts, named tuples as tuples, tensors as they are.
+
+    A Hugging Face ``ModelOutput`` becomes the dict of its fields: an artifact returning it would need transformers
+    to be loaded (torch's pytree names its class).
+    """
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(plain(item) for item in value)
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value

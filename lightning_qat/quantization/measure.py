@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qat.quantization import ao, pt2e
+from lightning_qat.quantization import ao, pt2e, regions
 
 
 def serialized_size(network: nn.Module) -> int:
@@ -66,7 +66,8 @@ def zero_weights(network: nn.Module) -> float | None:
 def float_parameters(network: nn.Module) -> dict[str, int]:
     """Float parameters left in a converted network, by module type (what int8 does not cover)."""
     if pt2e.is_exported(network):
-        return pt2e.float_parameters(network)
+        counts = pt2e.float_parameters(network) | regions.float_weights(network.exported)
+        return dict(sorted(counts.items(), key=lambda item: -item[1]))
     counts: dict[str, int] = {}
     for module in network.modules():
         if ao.is_quantized_module(module):
@@ -101,8 +102,11 @@ def float_ops(network: nn.Module) -> dict[str, int]:
     """Parameter-free operations of a converted FX network that run in float on dequantized int8 tensors, by name.
 
     Each costs a dequantize before and a quantize after: torch has no int8 kernel for it (timm's SiLU, say). Layers
-    with weights kept float are :func:`float_parameters`'. Empty for an eager-mode network (not counted).
+    with weights kept float are :func:`float_parameters`'. A PT2E graph's: :func:`.regions.float_ops`. Empty for an
+    eager-mode network (not counted).
     """
+    if pt2e.is_exported(network):
+        return regions.float_ops(network.exported)
     if not isinstance(network, torch.fx.GraphModule):
         return {}
     counts: dict[str, int] = {}

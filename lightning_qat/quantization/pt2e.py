@@ -38,6 +38,7 @@ _SILENCED = (
     r"torch\.tensor\(w_zp_tensor",
     r"To copy construct from a tensor",
     r".*erase_node\(.*\) on an already erased node",
+    r"While compiling, we found certain side effects",  # dynamo, on Hugging Face's output-capturing globals
 )
 
 
@@ -81,20 +82,29 @@ def is_exported(network: nn.Module) -> TypeGuard[ExportedQAT]:
     return isinstance(network, ExportedQAT)
 
 
-def batch_dims(example_inputs: tuple[Any, ...]) -> Any:
-    """``torch.export``'s ``dynamic_shapes`` for ``example_inputs``: every tensor's first dimension (the batch)."""
-    return torch.utils._pytree.tree_map(
-        lambda value: {0: torch.export.Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() else None,
-        example_inputs,
-    )
+def dynamic_dims(example_inputs: tuple[Any, ...]) -> Any:
+    """``torch.export``'s ``dynamic_shapes`` for ``example_inputs``: the batch, and the length of token sequences.
+
+    Every tensor's first dimension (the batch); every dimension of an integer or boolean tensor (token ids and
+    attention masks: a text model takes any length). ``AUTO`` leaves a dimension static where the code fixes it
+    (a learned position table of one size).
+    """
+
+    def dims(value: Any) -> dict[int, Any] | None:
+        if not isinstance(value, torch.Tensor) or not value.dim():
+            return None
+        count = 1 if value.is_floating_point() or value.is_complex() else value.dim()
+        return dict.fromkeys(range(count), torch.export.Dim.AUTO)
+
+    return torch.utils._pytree.tree_map(dims, example_inputs)
 
 
 def capture(network: nn.Module, example_inputs: tuple[Any, ...], strict: bool) -> torch.fx.GraphModule:
-    """``network`` captured by ``torch.export`` in training mode, every tensor input's first dimension dynamic."""
+    """``network`` captured by ``torch.export`` in training mode, its batch and sequence lengths dynamic."""
     network.train()
     with quiet():
         return torch.export.export(
-            network, example_inputs, dynamic_shapes=batch_dims(example_inputs), strict=strict
+            network, example_inputs, dynamic_shapes=dynamic_dims(example_inputs), strict=strict
         ).module()
 
 
@@ -246,7 +256,8 @@ def prepare(
         wrapped = ExportedQAT(prepared, backend)
         wrapped.train(qat)
         return wrapped
-    raise NotTraceable(f"torch.export cannot capture {type(network).__name__} for torchao ({'; '.join(errors)})")
+    cache = " (a decoder's key/value cache: build it with use_cache=False)" if "Cache" in str(errors) else ""
+    raise NotTraceable(f"torch.export cannot capture {type(network).__name__} for torchao ({'; '.join(errors)}){cache}")
 
 
 def conv_bn_count(network: ExportedQAT) -> int:

@@ -268,11 +268,19 @@ def dynamic_linear(module: nn.Module) -> nn.Module | None:
 
 
 def int8_embedding(module: nn.Module) -> nn.Module | None:
-    """A QAT ``Embedding`` as torch's weight-only int8 Embedding (float out), ``None`` for other modules."""
-    if type(module) is not _QATEmbedding:
+    """A QAT ``Embedding`` as torch's weight-only int8 Embedding (float out), ``None`` for other modules.
+
+    Eager mode leaves ``nn.Embedding`` itself with its weight-only ``qconfig`` (torch's static convert observes the
+    weight then): its grid is computed the same way here.
+    """
+    if type(module) is _QATEmbedding:
+        fake_quant = weight_fake_quant(module)
+        assert fake_quant is not None
+    elif type(module) is nn.Embedding and getattr(module, "qconfig", None) is not None:
+        fake_quant = module.qconfig.weight()
+        fake_quant(module.weight.detach())
+    else:
         return None
-    fake_quant = weight_fake_quant(module)
-    assert fake_quant is not None
     with quiet(), torch.no_grad():  # not from_float: torch 2.4's wants an activation observer on the QAT module
         scale, offset = fake_quant.calculate_qparams()
         weight = torch.quantize_per_channel(  # float zero points: per-row scale and offset

@@ -62,6 +62,8 @@ class QuantizedAfter(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The layer, its output quantized."""
+        # torch's int8 Embedding takes contiguous ids only; Hugging Face passes an expanded buffer (token_type_ids)
+        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
         return self.quant(self.module(*args, **kwargs))
 
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -69,6 +71,18 @@ def test_the_quick_transformer_benchmark_writes_its_row(tmp_path):
     assert re.fullmatch(r"\d+\.\d+x", cells[3]), cells
     for speedups in cells[4:8]:  # static / dynamic / torch's own dynamic quantization (fails on TransformerEncoder)
         assert re.fullmatch(r"\d+\.\d+x / \d+\.\d+x / (\d+\.\d+x|fails)", speedups), speedups
+
+
+def test_the_quick_hugging_face_benchmark_writes_its_row_beside_both_peers(tmp_path):
+    pytest.importorskip("transformers")
+    text = run_quick("benchmarks.hugging_face", tmp_path / "hugging_face.md")
+    (row,) = [line for line in text.splitlines() if line.startswith("| BERT")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert re.fullmatch(r"\d+\.\d% / \d+\.\d% / \d+\.\d%", cells[1]), cells  # float / QAT / int8 accuracy
+    assert re.fullmatch(r"\d+\.\d+x / \d+\.\d+x", cells[2]), cells
+    assert "layer_norm" in cells[5]  # what stays float, named
+    for peer in cells[6:8]:  # torch's and ONNX Runtime's dynamic quantization of the float model
+        assert re.fullmatch(r"\d+\.\d%, \d+\.\d+x / \d+\.\d+x", peer), peer
 
 
 def test_quick_fallback_benchmark_writes_its_row(tmp_path):

@@ -184,3 +184,20 @@ def test_a_hugging_face_family_is_captured_by_pt2e_and_converts(name):
     assert out.shape == (4, 10)
     assert torch.isfinite(out).all()
     assert count_weight_layers(quantized) == weighted  # every Linear (attention, MLP, head) and convolution int8
+
+
+@pytest.mark.skipif(pt2e.missing() is not None, reason=f"Hugging Face models need the PT2E engine: {pt2e.missing()}")
+def test_a_decoder_returning_its_key_value_cache_is_refused_naming_use_cache():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(**(SMALL | TEXT | dict(n_embd=64, n_layer=2, pad_token_id=0)))
+
+    class Whole(torch.nn.Module):  # returns the ModelOutput, cache included, as `self.model(**batch)` does
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt2 = transformers.GPT2ForSequenceClassification(config)
+
+        def forward(self, ids: torch.Tensor):
+            return self.gpt2(input_ids=ids)
+
+    with pytest.raises(RuntimeError, match=r"key/value cache: build it with use_cache=False"):
+        prepare_model(Whole(), "x86", "pt2e", [], (torch.randint(2, 17, (4, 65)),), kept={})

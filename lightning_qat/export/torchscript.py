@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,10 @@ ARTIFACT_VERSION = 1
 
 def to_torchscript(quantized: nn.Module, backend: str, example_inputs: tuple[Any, ...]) -> torch.jit.ScriptModule:
     """``quantized`` traced on ``example_inputs`` and frozen: the form the artifact ships in."""
-    with ao.engine(backend), ao.quiet(), torch.no_grad():
+    with ao.engine(backend), ao.quiet(), torch.no_grad(), warnings.catch_warnings():
+        # the trace reads every attribute of every module, deprecated properties too (transformers' 5.x
+        # `is_gradient_checkpointing` warns on each read)
+        warnings.filterwarnings("ignore", message=r".* is deprecated and will be removed", category=FutureWarning)
         # strict=False: outputs may be dicts or lists (of tensors), whose structure the trace keeps
         traced = torch.jit.trace(quantized.eval(), cpu_inputs(example_inputs), check_trace=False, strict=False)
         return torch.jit.freeze(traced.eval())

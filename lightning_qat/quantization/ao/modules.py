@@ -277,7 +277,8 @@ def int8_embedding(module: nn.Module) -> nn.Module | None:
         fake_quant = weight_fake_quant(module)
         assert fake_quant is not None
     elif type(module) is nn.Embedding and getattr(module, "qconfig", None) is not None:
-        fake_quant = module.qconfig.weight()
+        qconfig: Any = module.qconfig
+        fake_quant = qconfig.weight()
         fake_quant(module.weight.detach())
     else:
         return None

@@ -1,7 +1,7 @@
 """Hugging Face models through lightning-qat, beside what users would otherwise run: torch's and ONNX Runtime's
 dynamic quantization of the float model.
 
-    python -m benchmarks.hugging_face            # BERT, ViT and a Llama decoder, 4 layers of width 256
+    python -m benchmarks.hugging_face            # BERT, ViT and a Llama decoder, 2 layers of width 256
     python -m benchmarks.hugging_face --quick    # one small BERT, a few steps
 
 Random init (tiny configs built here, nothing downloaded), trained on digits: text models read the 8x8 pixels as 65
@@ -35,7 +35,7 @@ from lightning_qat.quantization.convert import to_int8
 from lightning_qat.quantization.measure import float_ops, float_parameters, measure_latency
 from lightning_qat.quantization.prepare import prepare_model
 
-WIDTH = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, num_labels=10)
+WIDTH = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024, num_labels=10)
 QUICK_WIDTH = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_labels=10)
 TEXT = dict(vocab_size=20, max_position_embeddings=80)
 

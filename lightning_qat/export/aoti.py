@@ -5,12 +5,13 @@ layer pattern with a oneDNN int8 kernel (``_qconv_pointwise``, ``_qlinear_pointw
 compile to float kernels, silently (pytorch/ao#4566). :func:`int8_kernels` reads the compiled package to check it.
 Loading needs neither torchao nor the training code: ``torch._inductor.aoti_load_package(path)``.
 
-**Any batch size and sequence length.** The package is compiled with a dynamic batch dimension, and token sequences
-of any length (:func:`~lightning_qat.quantization.pt2e.dynamic_dims`), (after :mod:`.layout`'s pass, which
-works around torch 2.14's wrong layout for one-channel int8 convolutions) and checked against the quantize /
-dequantize graph it was compiled from at batch 1, the example's and a larger one (:data:`TOLERANCE`). Where that
-fails (the network fixes its batch, or inductor miscompiles it), it is compiled for the example's shapes, checked
-the same way, says why in :attr:`Package.static`, and refuses other shapes with both named.
+**Any batch size and sequence length.** The package is compiled with a dynamic batch dimension and, for token ids
+and masks, a dynamic length (:func:`~lightning_qat.quantization.pt2e.dynamic_dims`), after :mod:`.layout`'s pass
+(which works around torch 2.14's wrong layout for one-channel int8 convolutions). It is checked against the quantize
+/ dequantize graph it was compiled from at batch 1, the example's, a larger one and a sequence one token shorter
+(:data:`TOLERANCE`). Where that fails (the network fixes its batch, or inductor miscompiles it), it is compiled for
+the example's shapes, checked the same way, says why in :attr:`Package.static`, and refuses other shapes with both
+named. Its outputs are plain containers (:class:`Plain`): a ``ModelOutput`` comes back as a dict.
 """
 
 from __future__ import annotations

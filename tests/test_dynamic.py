@@ -11,6 +11,7 @@ from lightning_qat import PreflightError, QATCallback, convert_checkpoint, load_
 from lightning_qat.lightning import activations
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dynamic
+from lightning_qat.quantization.inputs import shorter
 from lightning_qat.quantization.prepare import prepare_model
 
 
@@ -188,5 +189,7 @@ def test_a_hugging_face_encoder_converts_in_eager_mode_to_dynamic_int8(tmp_path,
     assert "Embedding" not in qat.report.float_params
     assert "val_acc" in qat.report.metrics["int8"]
     x, _ = digits8.splits["val"].tensors
+    artifact, inputs = load_quantized(qat.artifact_path), to_ids_and_mask(x[:8])
     with torch.no_grad():
-        assert torch.equal(load_quantized(qat.artifact_path)(*to_ids_and_mask(x[:8])), int8(*to_ids_and_mask(x[:8])))
+        assert torch.equal(artifact(*inputs), int8(*inputs))
+        assert torch.equal(artifact(*shorter(inputs)), int8(*shorter(inputs)))  # the trace kept the length dynamic

@@ -66,10 +66,10 @@ def with_batch(inputs: tuple[Any, ...], size: int) -> tuple[Any, ...]:
 
 
 def shorter(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``inputs`` with every token sequence one position shorter: integer or boolean tensors' second dimension."""
+    """``inputs`` with every token sequence one position shorter: 2-D integer or boolean tensors' second dimension."""
 
     def cut(x: torch.Tensor) -> torch.Tensor:
-        sequence = x.dim() > 1 and x.shape[1] > 2 and not (x.is_floating_point() or x.is_complex())
+        sequence = x.dim() == 2 and x.shape[1] > 2 and not (x.is_floating_point() or x.is_complex())
         return x[:, :-1] if sequence else x
 
     return tuple(map_tensors(cut, x) for x in inputs)

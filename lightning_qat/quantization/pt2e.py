@@ -85,16 +85,16 @@ def is_exported(network: nn.Module) -> TypeGuard[ExportedQAT]:
 def dynamic_dims(example_inputs: tuple[Any, ...]) -> Any:
     """``torch.export``'s ``dynamic_shapes`` for ``example_inputs``: the batch, and the length of token sequences.
 
-    Every tensor's first dimension (the batch); every dimension of an integer or boolean tensor (token ids and
-    attention masks: a text model takes any length). ``AUTO`` leaves a dimension static where the code fixes it
-    (a learned position table of one size).
+    Every tensor's first dimension (the batch), and the second of a 2-D integer or boolean tensor (token ids and
+    attention masks: a text model takes any length; an integer image keeps its size). ``AUTO`` leaves a dimension
+    static where the code fixes it (a learned position table of one size).
     """
 
     def dims(value: Any) -> dict[int, Any] | None:
         if not isinstance(value, torch.Tensor) or not value.dim():
             return None
-        count = 1 if value.is_floating_point() or value.is_complex() else value.dim()
-        return dict.fromkeys(range(count), torch.export.Dim.AUTO)
+        sequence = value.dim() == 2 and not (value.is_floating_point() or value.is_complex())
+        return dict.fromkeys(range(2 if sequence else 1), torch.export.Dim.AUTO)
 
     return torch.utils._pytree.tree_map(dims, example_inputs)
 

@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from lightning_utilities import apply_to_collection
 
 
 def batch_input(batch: Any) -> tuple[Any, ...]:
@@ -28,11 +27,12 @@ def batch_input(batch: Any) -> tuple[Any, ...]:
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
-    """``value`` with ``fn`` applied to every tensor in it, through tuples, lists, dicts and dataclasses.
+    """``value`` with ``fn`` applied to every tensor in it, through the containers torch's pytree knows.
 
-    Containers keep their type: a Hugging Face ``ModelOutput`` stays one, so ``.logits`` still works on it.
+    Containers keep their type: a Hugging Face ``ModelOutput`` (transformers registers it) stays one, so ``.logits``
+    still works on it.
     """
-    return apply_to_collection(value, torch.Tensor, fn)
+    return torch.utils._pytree.tree_map_only(torch.Tensor, fn, value)
 
 
 def tensors(value: Any) -> list[torch.Tensor]:

@@ -65,10 +65,10 @@ def zero_weights(network: nn.Module) -> float | None:
 
 def float_parameters(network: nn.Module) -> dict[str, int]:
     """Float parameters left in a converted network, by module type (what int8 does not cover)."""
-    counts: dict[str, int] = {}
     if pt2e.is_exported(network):
-        counts = pt2e.float_parameters(network) | regions.float_weights(network.exported)
-        return dict(sorted(counts.items(), key=lambda item: -item[1]))
+        found = pt2e.float_parameters(network) | regions.float_weights(network.exported)
+        return dict(sorted(found.items(), key=lambda item: -item[1]))
+    counts: dict[str, int] = {}
     for module in network.modules():
         if ao.is_quantized_module(module):
             continue

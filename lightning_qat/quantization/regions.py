@@ -85,16 +85,16 @@ def float_weights(graph_module: torch.fx.GraphModule) -> dict[str, int]:
         for arg in node.all_input_nodes:
             if arg.op != "get_attr" or str(arg.target) in seen:
                 continue
-            tensor = graph_module.get_parameter(str(arg.target)) if _is_parameter(graph_module, arg) else None
+            tensor = _parameter(graph_module, arg)
             if tensor is not None and tensor.is_floating_point():
                 seen.add(str(arg.target))
                 counts[_name(node)] = counts.get(_name(node), 0) + tensor.numel()
     return counts
 
 
-def _is_parameter(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+def _parameter(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
+    """The parameter ``node`` reads, ``None`` for a buffer or a constant."""
     try:
-        graph_module.get_parameter(str(node.target))
+        return graph_module.get_parameter(str(node.target))
     except AttributeError:
-        return False
-    return True
+        return None

@@ -9,7 +9,7 @@ from zoo import NormGeluBlock, TorchvisionViT
 
 from lightning_qat import PreflightError, QATCallback, convert_checkpoint, load_quantized
 from lightning_qat.lightning import activations
-from lightning_qat.quantization import ao
+from lightning_qat.quantization import ao, pt2e
 from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dynamic
 from lightning_qat.quantization.inputs import shorter
 from lightning_qat.quantization.prepare import prepare_model
@@ -193,3 +193,60 @@ def test_a_hugging_face_encoder_converts_in_eager_mode_to_dynamic_int8(tmp_path,
     with torch.no_grad():
         assert torch.equal(artifact(*inputs), int8(*inputs))
         assert torch.equal(artifact(*shorter(inputs)), int8(*shorter(inputs)))  # the trace kept the length dynamic
+
+
+needs_pt2e = pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
+
+
+def _per_batch_scales(int8):
+    """How many activation scales the converted PT2E graph computes at run time (dynamic int8's choose_qparams)."""
+    return sum("choose_qparams" in str(node.target) for node in int8.exported.graph.nodes)
+
+
+@needs_pt2e
+@pytest.mark.parametrize("faster", ["dynamic", "static"])
+def test_pt2e_times_both_compiled_packages_and_trains_the_faster(tmp_path, digits8, monkeypatch, faster):
+    """PT2E captures the activations into its graph: "auto" compiles both packages in setup, times them, and captures
+    the network again when dynamic wins, so QAT trains the graph that ships."""
+    timed = []
+
+    def timing(networks, *args, **kwargs):  # the candidates' speed is machine-dependent: said here
+        timed.append({name: type(network).__name__ for name, network in networks.items()})
+        return {name: 1.0 if name == faster else 2.0 for name in networks}
+
+    monkeypatch.setattr(activations, "measure_latency", timing)
+    pl.seed_everything(0)
+    qat = QATCallback(engine="pt2e", interval="step", freeze_observers_after=4, latency_repeats=1, monitor="val_acc")
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, callbacks=[qat])).fit(
+        BoringClassifier(NormGeluBlock()), datamodule=digits8
+    )
+    assert timed[0] == {"static": "CompiledNetwork", "dynamic": "CompiledNetwork"}  # timed as they ship
+    assert qat.report.activations == qat.prepared.activations == faster
+    assert qat.report.activation_ms[faster] == 1.0
+    assert (_per_batch_scales(qat.quantized_model) > 0) == (faster == "dynamic")
+    assert any(line.startswith(f"activations: {faster} int8") for line in qat.report.summary())
+    assert abs(qat.report.metrics["int8"]["val_acc"] - qat.report.metrics["qat"]["val_acc"]) < 0.05
+    x, _ = digits8.splits["val"].tensors
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(qat.artifact_path)(x), qat.quantized_model(x), atol=1e-2, rtol=0)
+
+
+@needs_pt2e
+def test_a_pt2e_checkpoint_is_prepared_again_for_the_activations_it_trained_for(tmp_path, digits8, monkeypatch):
+    """Another machine (here: another timing) would choose static: resume and test keep the checkpoint's graph."""
+    monkeypatch.setattr(activations, "measure_latency", lambda networks, *a, **k: {"static": 1.0, "dynamic": 2.0})
+    first = QATCallback(engine="pt2e", activations="dynamic", interval="step", freeze_observers_after=4, evaluate=None)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[first]))
+    trainer.fit(BoringClassifier(NormGeluBlock()), datamodule=digits8)
+    trainer.save_checkpoint(tmp_path / "qat.ckpt")
+    resumed = QATCallback(engine="pt2e", interval="step", freeze_observers_after=4, evaluate=None)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "resumed", max_steps=5, callbacks=[resumed]))
+    trainer.fit(BoringClassifier(NormGeluBlock()), datamodule=digits8, ckpt_path=tmp_path / "qat.ckpt")
+    assert resumed.prepared.activations == resumed.report.activations == "dynamic"
+    assert _per_batch_scales(resumed.quantized_model) > 0
+    tested = QATCallback(engine="pt2e", evaluate=None)
+    metrics = pl.Trainer(**trainer_kwargs(tmp_path / "test", callbacks=[tested])).validate(
+        BoringClassifier(NormGeluBlock()), datamodule=digits8, ckpt_path=tmp_path / "qat.ckpt"
+    )
+    assert tested.prepared.activations == "dynamic"
+    assert metrics[0]["val_acc"] > 0

@@ -128,8 +128,8 @@ def _is_call(value: object, target: str) -> bool:
 def separate_prepacks() -> Iterator[None]:
     """Within this context, prepack int8 convolution weights with and without an input zero point apart (see above).
 
-    The thread count is only ideep's cache key here: the prepacked layout is the same, and the caller's count is
-    restored after each prepack and the original op after the context.
+    The thread count is meant as ideep's cache key only: the prepacked layout is the same without AMX (with AMX it can
+    differ: docs/pt2e.md). The caller's count is restored after each prepack and the original op after the context.
     """
     packet = torch.ops.onednn.qconv_prepack
     prepack = getattr(packet, "_op", None)

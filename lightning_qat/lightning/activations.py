@@ -4,22 +4,37 @@ Static int8 quantizes every activation with a scale QAT calibrates; dynamic int8
 batch at run time and runs the rest in float. For a dynamic artifact, QAT trains with weight fake-quant only (the
 activation fake-quant is switched off, its observers keep observing), so the network learns the function it will
 compute; deciding at the end of fit would ship a function QAT never trained.
+
+An engine that captures the activations into its graph (PT2E) is timed on a second capture of the float network
+with dynamic activations, each candidate compiled as it ships (an AOTInductor package); when dynamic wins, the
+caller captures the network again for it, before the optimizers exist.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_qat.exceptions import ConversionError
+from lightning_qat.export.aoti import load_pt2, save_pt2
 from lightning_qat.export.torchscript import to_torchscript
 from lightning_qat.lightning.settings import Activations
 from lightning_qat.lightning.state import QATState
 from lightning_qat.quantization import ao
+from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dynamic
+from lightning_qat.quantization.engines import Engine, Prepared
 from lightning_qat.quantization.measure import measure_latency
+
+Choice = tuple[Literal["static", "dynamic"], dict[str, float]]
+Capture = Callable[[], Prepared]  # the float network prepared again by the same engine, with dynamic activations
 
 
 def choose(
@@ -29,26 +44,59 @@ def choose(
     example_inputs: tuple[Any, ...],
     wanted: Activations,
     repeats: int = 20,
-) -> tuple[Literal["static", "dynamic"], dict[str, float]]:
+    capture: tuple[nn.Module, Capture] | None = None,
+) -> Choice:
     """The activations the artifact will use, and the milliseconds timed on ``example_inputs`` (empty: not timed).
 
     ``probe``: a throw-away copy of the QAT network whose observers have seen the example (the preflight's);
-    ``static``: its static int8 conversion. ``"auto"`` times both candidates only for Linear-heavy networks
-    (:data:`LINEAR_HEAVY` of the multiply-accumulates in Linears: transformers); a network without a Linear is static
-    whatever ``wanted`` says.
+    ``static``: its static int8 conversion. ``capture``: for an engine that fixes the activations at capture, the
+    float network and how to capture it with dynamic ones. ``"auto"`` times both candidates only for Linear-heavy
+    networks (:data:`LINEAR_HEAVY` of the multiply-accumulates in Linears: transformers); a network without a Linear
+    is static whatever ``wanted`` says.
     """
-    if wanted == "static" or not any(ao.dynamic_linear_type(m) for m in probe.modules()):
+    layers = capture[0] if capture else probe  # a float network's Linears, or a QAT network's
+    linears = any(isinstance(m, nn.Linear) if capture else ao.dynamic_linear_type(m) for m in layers.modules())
+    if wanted == "static" or not linears:
         return "static", {}
     if wanted == "dynamic":
         return "dynamic", {}
-    if linear_share(probe, example_inputs) < LINEAR_HEAVY:
+    if linear_share(layers, example_inputs) < LINEAR_HEAVY:
         return "static", {}
-    candidates: dict[str, nn.Module] = {
-        "static": to_torchscript(static, backend, example_inputs),
-        "dynamic": to_torchscript(to_dynamic(probe), backend, example_inputs),
-    }
-    ms = measure_latency(candidates, example_inputs, backend, repeats=repeats)
+    with tempfile.TemporaryDirectory() as folder:
+        if capture:
+            rank_zero_info("QAT: timing static against dynamic int8 activations: two packages compiled (a minute).")
+            try:
+                prepared = capture[1]()
+                dynamic = _calibrated_int8(prepared, backend, example_inputs)
+                candidates = {
+                    name: _shipped(network, prepared.engine, backend, example_inputs, Path(folder) / name)
+                    for name, network in {"static": static, "dynamic": dynamic}.items()
+                }
+            except ConversionError as err:  # static was checked by the preflight: it ships
+                rank_zero_warn(f"QAT: dynamic int8 activations are no candidate: {err} Static ones ship.")
+                return "static", {}
+        else:
+            candidates = {
+                "static": to_torchscript(static, backend, example_inputs),
+                "dynamic": to_torchscript(to_dynamic(probe), backend, example_inputs),
+            }
+        ms = measure_latency(candidates, example_inputs, backend, repeats=repeats)
     return ("dynamic" if ms["dynamic"] < ms["static"] else "static"), ms
+
+
+def _calibrated_int8(prepared: Prepared, backend: str, example_inputs: tuple[Any, ...]) -> nn.Module:
+    """The int8 conversion of a copy of a network captured with dynamic activations that saw the example once."""
+    probe = cpu_eval_copy(prepared.module)
+    with ao.quiet(), torch.no_grad():
+        probe(*example_inputs)
+    return to_int8(probe, prepared.engine, backend, example_inputs, dynamic=True)
+
+
+def _shipped(quantized: nn.Module, engine: Engine, backend: str, inputs: tuple[Any, ...], path: Path) -> nn.Module:
+    """``quantized`` as its artifact runs: the compiled package of a compiling engine, else TorchScript."""
+    if engine.compiled:
+        return load_pt2(save_pt2(quantized, path.with_suffix(".pt2"), inputs).path)
+    return to_torchscript(quantized, backend, inputs)
 
 
 def describe(chosen: str, ms: dict[str, float]) -> str:
@@ -71,23 +119,32 @@ def decide(
     backend: str,
     wanted: Activations,
     repeats: int,
-) -> tuple[Literal["static", "dynamic"], dict[str, float]]:
-    """:func:`choose` on rank 0 for every rank, said once, and set on ``state``'s network for QAT to train.
+    capture: Capture,
+) -> Choice:
+    """:func:`choose` on global rank 0 for every rank, said once, and set on ``state``'s network for QAT to train.
 
-    ``probe`` and ``quantized``: the preflight's calibrated copy of the prepared network and its int8 conversion.
-    An engine that fixes them at capture (PT2E) keeps what it captured; one without dynamic activations, static.
+    ``probe`` and ``quantized``: the preflight's calibrated copy of the prepared network and its int8 conversion;
+    ``capture``: how the engine would prepare the float network with dynamic activations. An engine that fixes them
+    at capture (PT2E) and was asked for ``"dynamic"`` keeps what it captured; with ``"auto"`` the caller captures
+    again when the choice differs from :attr:`Prepared.activations`. An engine without dynamic activations: static.
     """
     prepared = state.prepared
     assert prepared is not None
-    if prepared.activations is not None or not prepared.engine.dynamic:
+    assert state.float_network is not None
+    if prepared.activations == "dynamic" or not prepared.engine.dynamic:
         fixed: Literal["static", "dynamic"] = "dynamic" if prepared.activations == "dynamic" else "static"
         if fixed == "dynamic":
             rank_zero_info(describe(fixed, {}))
         return fixed, {}
-    choice = choose(probe, quantized, backend, state.example_inputs, wanted, repeats)
+    captured = (state.float_network, capture) if prepared.activations is not None else None
+    # rank 0 times for every rank: two CPUs (or two busy moments) could choose apart, and prepare other graphs
+    choice: Choice = ("static", {})
+    if trainer.is_global_zero:
+        choice = choose(probe, quantized, backend, state.example_inputs, wanted, repeats, captured)
     if trainer.world_size > 1:
         choice = trainer.strategy.broadcast(choice, src=0)
     if choice[0] == "dynamic" or choice[1]:
         rank_zero_info(describe(*choice))
-    ao.set_activation_fake_quant(prepared.module, choice[0] == "static")
+    if prepared.activations is None:
+        ao.set_activation_fake_quant(prepared.module, choice[0] == "static")
     return choice

@@ -6,7 +6,6 @@ The work lives below it: preparing and converting in :mod:`lightning_qat.quantiz
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -14,20 +13,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_qat import files
-from lightning_qat.lightning import activations as activation_choice
 from lightning_qat.lightning import checkpoint as checkpoint_io
-from lightning_qat.lightning import example_input, internals, peers, preflight
+from lightning_qat.lightning import fit_setup, internals, preflight
 from lightning_qat.lightning.budget import FitSearch
 from lightning_qat.lightning.evaluate import EvalData, Stage, eval_data, stop_display
 from lightning_qat.lightning.finish import FinishPipeline, finish_on_rank0
 from lightning_qat.lightning.freeze import Freezing
-from lightning_qat.lightning.install import decide_kernels, install
 from lightning_qat.lightning.report import MonitorMode, QATReport
 from lightning_qat.lightning.run import QATRun
 from lightning_qat.lightning.settings import (
@@ -100,7 +96,7 @@ class QATCallback(Callback):
         overwrite: let a run write into a ``save_dir`` holding an earlier run's files (refused before training).
         activations: ``"static"`` (scales calibrated by QAT, every layer int8), ``"dynamic"`` (Linears int8 with
             activations quantized per batch at run time, the rest float; captured so on PT2E) or ``"auto"`` (static,
-            unless a Linear-heavy network runs faster dynamic: both timed in ``setup``; static on PT2E).
+            unless a Linear-heavy network runs faster dynamic: both artifacts timed in ``setup``, on rank 0).
 
     Raises:
         ValueError: for any argument outside the values listed above.
@@ -238,39 +234,10 @@ class QATCallback(Callback):
         )
 
     def _prepare_for_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
-        state = self.state
-        assert state.target is not None
-        network = preflight.check_fit(trainer, pl_module, state.target, network, self.evaluate)
-        state.example_inputs = example_input.example_inputs(trainer, pl_module)
-        # the checked copy is the float baseline (an eval forward pass leaves a float network as it was)
-        state.float_network = preflight.check_example(network, state.example_inputs, state.target)
-        kernels = decide_kernels(trainer, network, self.backend, self.skip)
-        names = peers.module_names(pl_module)
-        peers.retarget_pruning(
-            trainer, pl_module, state.target, self._install(pl_module, network, self.engine, kernels), names
-        )
-        data, written = eval_data(trainer, self.evaluate), self.export
-        probe, quantized = preflight.run_preflight(
-            pl_module, state, self.backend, self.evaluate, data, written, self.monitor, self.activations == "dynamic"
-        )
-        state.activations, state.activation_ms = activation_choice.decide(
-            trainer, state, probe, quantized, self.backend, self.activations, self.latency_repeats
-        )
+        fit_setup.prepare_for_fit(self, trainer, pl_module, network)
         if not trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning's debugging connector
             self._out_dir = preflight.output_dir(trainer, self.save_dir, self.overwrite)
             self._claim = preflight.claim_output_dir(trainer, self._out_dir)  # last: nothing after it can fail
-
-    def _install(self, pl_module: pl.LightningModule, network: nn.Module, mode: Mode, kernels: Any) -> Prepared:
-        state, skip, relu6 = self.state, self.skip, self.relu6_to_relu
-        assert state.target is not None
-        inputs = state.example_inputs
-        state.prepared = install(
-            pl_module, state.target, network, self.backend, mode, skip, inputs, relu6, kernels, self.needs
-        )
-        if self.export and not self.needs.formats:  # formats not named: the artifact of the engine "auto" took
-            self.export = [state.prepared.engine.formats[0]]  # type: ignore[list-item]
-        self.freezing.reset()
-        return state.prepared
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -429,13 +396,13 @@ class QATCallback(Callback):
         if saved is None:
             return
         kernels = saved.get("kernels")  # the writing run's decision for its CPU's kernels (None: an older checkpoint)
+        dynamic = saved.get("activations") == "dynamic"  # captured into the graph by some engines (PT2E)
         if self.prepared is None:  # validate / test / predict: prepared as the checkpoint's network was
             self.check_preparation(saved)
             network = self.state.from_checkpoint(pl_module, saved, str(trainer.ckpt_path))
-            self._install(pl_module, network, saved["mode"], kernels)
-        elif kernels is not None and kernels != self.prepared.kernels and self.state.float_network is not None:
-            rank_zero_info(f"QAT: prepared again as the checkpoint's run was, keeping {sorted(kernels)} float.")
-            self._install(pl_module, copy.deepcopy(self.state.float_network), saved["mode"], kernels)
+            fit_setup.install_network(self, pl_module, network, saved["mode"], kernels, dynamic)
+        else:  # resumed: prepared again where the checkpoint's run prepared its graph otherwise
+            fit_setup.prepare_as_saved(self, pl_module, saved["mode"], kernels, dynamic)
         self.load_state_dict(saved)
 
     def _remove_preparation_check(self) -> None:

@@ -24,8 +24,9 @@ LINEAR_HEAVY = 0.5  # the share of the multiply-accumulates in Linears from whic
 def linear_share(network: nn.Module, example_inputs: tuple[Any, ...]) -> float:
     """The share of a QAT network's multiply-accumulates in its fake-quantized layers that Linears do.
 
-    Counted by running ``network`` (a CPU copy in eval mode: its observers observe) once on ``example_inputs``: a
-    layer does ``weight.numel()`` per output channel position.
+    Of a float network (no layer fake-quantized; an engine that captures a graph is asked before it does): of all its
+    convolutions and Linears. Counted by running ``network`` (a CPU copy in eval mode: its observers observe) once on
+    ``example_inputs``: a layer does ``weight.numel()`` per output channel position.
     """
     macs = {"linear": 0, "all": 0}
 
@@ -34,10 +35,17 @@ def linear_share(network: nn.Module, example_inputs: tuple[Any, ...]) -> float:
         if isinstance(weight, torch.Tensor) and isinstance(out, torch.Tensor):  # Embeddings are not hooked: lookups
             n = weight.numel() * out.numel() // max(weight.shape[0], 1)
             macs["all"] += n
-            macs["linear"] += n if ao.dynamic_linear_type(module) else 0
+            macs["linear"] += n if module in linears else 0
 
     layers = [m for m in network.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    handles = [m.register_forward_hook(count) for m in layers if ao.weight_fake_quant(m) is not None]
+    quantized = [m for m in layers if ao.weight_fake_quant(m) is not None]
+    # a QAT network's Linears that dynamic int8 takes (not a fused Linear-BN), or a float network's
+    linears = (
+        [m for m in quantized if ao.dynamic_linear_type(m)]
+        if quantized
+        else [m for m in layers if isinstance(m, nn.Linear)]
+    )
+    handles = [m.register_forward_hook(count) for m in quantized or layers]
     try:
         with torch.no_grad(), ao.quiet():
             network(*cpu_inputs(example_inputs))

@@ -21,7 +21,8 @@ class PT2E(Engine):
     """torchao's PT2E flow on the x86 inductor quantizer; static int8 activations, or dynamic ones for Linears only.
 
     Dynamic activations are captured into the graph (torchao's dynamic x86 config: per-batch fake-quant in training,
-    ``choose_qparams`` at run time), so they are fixed by ``activations="dynamic"`` at prepare, not timed after.
+    ``choose_qparams`` at run time), so they are fixed at prepare: ``activations="auto"`` times both captures in the
+    Lightning layer's ``setup`` and captures again for the faster.
     """
 
     name = "pt2e"

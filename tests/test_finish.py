@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_qat import QATCallback, convert_checkpoint, load_quantized
 from lightning_qat.export import aoti
+from lightning_qat.lightning import budget
 from lightning_qat.quantization import ao, pt2e
 
 
@@ -125,13 +126,15 @@ def test_dynamic_activations_keep_the_damaged_linear_float_alone(tmp_path, float
 
 
 @pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
-def test_the_pt2e_engine_meets_a_missed_budget_the_same_way(tmp_path, float_tiny, digits8):
+def test_the_pt2e_engine_meets_a_missed_budget_the_same_way(tmp_path, float_tiny, digits8, monkeypatch):
     """On torchao's captured graph: searched during the fit, trained on with the result float, checkpointed, converted
     again from the checkpoint; a .pt2 of the chosen model.
 
     A 400x outlier: torchao's x86 activations use all 256 levels (FX's x86 ones 128), so 100x costs only 3 points."""
     model = frozen(with_outlier_channels(pretrained_tiny(float_tiny), factor=400.0))
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    said = []
+    monkeypatch.setattr(budget, "rank_zero_info", said.append)
     qat = fit_with_budget(
         tmp_path, digits8, model, fallback_at=1, interval="step", extra_callbacks=[checkpoints], engine="pt2e"
     )
@@ -140,6 +143,9 @@ def test_the_pt2e_engine_meets_a_missed_budget_the_same_way(tmp_path, float_tiny
     assert report.fallback_met is True
     assert report.fallback_candidates[0]["when"] == "step 1"
     assert report.fallback == ["conv1", "bn1", "relu1", "conv2"]  # captured, BatchNorm and ReLU are ops of their own
+    kept = "conv1, bn1, relu1, conv2"  # what the search chose, what trains and what converts: in the same words
+    assert said[1].endswith(f"evaluations; kept float: {kept}."), said
+    assert said[2] == f"QAT: training goes on with {kept} kept float."
     assert report.metrics["float"]["val_acc"] - report.metrics["int8"]["val_acc"] <= OUTLIER_BUDGET
     x = digits8.splits["val"].tensors[0][:64]
     assert qat.artifact_path.suffix == ".pt2"

@@ -204,8 +204,10 @@ class FitSearch:
         if found is None:
             return
         self.fallback, self.met, self.candidates = found
-        train_float(network, resolve_groups(network, self.fallback, static))
-        rank_zero_info(f"QAT: training goes on with {', '.join(self.fallback) or 'no layer'} kept float.")
+        chosen = resolve_groups(network, self.fallback, static)
+        train_float(network, chosen)
+        # in the search's words: every module and op of the groups (a layer takes the readers of its quantizer along)
+        rank_zero_info(f"QAT: training goes on with {', '.join(float_names(chosen)) or 'nothing'} kept float.")
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of it (``at`` is recomputed when a fit starts)."""

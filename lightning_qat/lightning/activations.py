@@ -30,7 +30,7 @@ from lightning_qat.lightning.state import QATState
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dynamic
-from lightning_qat.quantization.engines import Engine, Prepared
+from lightning_qat.quantization.engines import Prepared
 from lightning_qat.quantization.measure import measure_latency
 
 Choice = tuple[Literal["static", "dynamic"], dict[str, float]]
@@ -62,24 +62,23 @@ def choose(
         return "dynamic", {}
     if linear_share(layers, example_inputs) < LINEAR_HEAVY:
         return "static", {}
+    compiled = False
+    if capture:
+        rank_zero_info("QAT: timing static against dynamic int8 activations: two packages compiled (a minute).")
     with tempfile.TemporaryDirectory() as folder:
-        if capture:
-            rank_zero_info("QAT: timing static against dynamic int8 activations: two packages compiled (a minute).")
-            try:
+        try:
+            if capture:
                 prepared = capture[1]()
-                dynamic = _calibrated_int8(prepared, backend, example_inputs)
-                candidates = {
-                    name: _shipped(network, prepared.engine, backend, example_inputs, Path(folder) / name)
-                    for name, network in {"static": static, "dynamic": dynamic}.items()
-                }
-            except ConversionError as err:  # static was checked by the preflight: it ships
-                rank_zero_warn(f"QAT: dynamic int8 activations are no candidate: {err} Static ones ship.")
-                return "static", {}
-        else:
+                compiled, dynamic = prepared.engine.compiled, _calibrated_int8(prepared, backend, example_inputs)
+            else:
+                dynamic = to_dynamic(probe)
             candidates = {
-                "static": to_torchscript(static, backend, example_inputs),
-                "dynamic": to_torchscript(to_dynamic(probe), backend, example_inputs),
+                name: _shipped(network, compiled, backend, example_inputs, Path(folder) / name)
+                for name, network in {"static": static, "dynamic": dynamic}.items()
             }
+        except ConversionError as err:  # static was checked by the preflight: it ships
+            rank_zero_warn(f"QAT: dynamic int8 activations are no candidate: {err} Static ones ship.")
+            return "static", {}
         ms = measure_latency(candidates, example_inputs, backend, repeats=repeats)
     return ("dynamic" if ms["dynamic"] < ms["static"] else "static"), ms
 
@@ -92,9 +91,9 @@ def _calibrated_int8(prepared: Prepared, backend: str, example_inputs: tuple[Any
     return to_int8(probe, prepared.engine, backend, example_inputs, dynamic=True)
 
 
-def _shipped(quantized: nn.Module, engine: Engine, backend: str, inputs: tuple[Any, ...], path: Path) -> nn.Module:
-    """``quantized`` as its artifact runs: the compiled package of a compiling engine, else TorchScript."""
-    if engine.compiled:
+def _shipped(quantized: nn.Module, compiled: bool, backend: str, inputs: tuple[Any, ...], path: Path) -> nn.Module:
+    """``quantized`` as its artifact runs: a compiling engine's package (written at ``path``), else TorchScript."""
+    if compiled:
         return load_pt2(save_pt2(quantized, path.with_suffix(".pt2"), inputs).path)
     return to_torchscript(quantized, backend, inputs)
 
@@ -130,13 +129,15 @@ def decide(
     """
     prepared = state.prepared
     assert prepared is not None
-    assert state.float_network is not None
     if prepared.activations == "dynamic" or not prepared.engine.dynamic:
         fixed: Literal["static", "dynamic"] = "dynamic" if prepared.activations == "dynamic" else "static"
         if fixed == "dynamic":
             rank_zero_info(describe(fixed, {}))
         return fixed, {}
-    captured = (state.float_network, capture) if prepared.activations is not None else None
+    captured = None
+    if prepared.activations is not None:  # captured into the graph: the float network is captured again to time
+        assert state.float_network is not None
+        captured = (state.float_network, capture)
     # rank 0 times for every rank: two CPUs (or two busy moments) could choose apart, and prepare other graphs
     choice: Choice = ("static", {})
     if trainer.is_global_zero:

@@ -41,9 +41,9 @@ def linear_share(network: nn.Module, example_inputs: tuple[Any, ...]) -> float:
     quantized = [m for m in layers if ao.weight_fake_quant(m) is not None]
     # a QAT network's Linears that dynamic int8 takes (not a fused Linear-BN), or a float network's
     linears = (
-        [m for m in quantized if ao.dynamic_linear_type(m)]
+        {m for m in quantized if ao.dynamic_linear_type(m)}
         if quantized
-        else [m for m in layers if isinstance(m, nn.Linear)]
+        else {m for m in layers if isinstance(m, nn.Linear)}
     )
     handles = [m.register_forward_hook(count) for m in quantized or layers]
     try:

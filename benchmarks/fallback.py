@@ -1,7 +1,9 @@
 """The accuracy-budget fallback: what the search costs next to training, and what it buys back.
 
     python -m benchmarks.fallback            # resnet18 and mobilenet_v2 on digits at 32x32
-    python -m benchmarks.fallback --quick    # resnet18, a few batches
+    python -m benchmarks.fallback --quick    # resnet18, a few batches; the gain outlier, FX
+
+Two tables: the search's cost on torchvision networks, then structural outliers (:mod:`benchmarks.outliers`).
 
 Each network trains in float (4 epochs), then QAT-fine-tunes with ``QATCallback`` for 3 epochs (one run: the QAT epoch
 is timed) at ``--qat-lr``, by default 0, with BatchNorm statistics frozen from the start: QAT only calibrates the
@@ -27,6 +29,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from benchmarks import outliers
 from benchmarks.zoo import write_table
 from lightning_qat import QATCallback, QATReport, convert_checkpoint
 from lightning_qat.app.data import DigitsDataModule
@@ -84,6 +87,10 @@ def _metrics(report: QATReport, row: str) -> str:
     return f"{report.metrics[row]['val_loss']:.4f} / {report.metrics[row]['val_acc']:.3f}"
 
 
+def _verdict(report: QATReport) -> str:
+    return {True: "met", False: "missed", None: "met, no search"}[report.fallback_met]
+
+
 def _latency(report: QATReport) -> float:
     return report.latency_ms["int8"]
 
@@ -131,7 +138,7 @@ def row(arch: str, float_epochs: int, qat_epochs: int, limit: int | None, workdi
         f"{end.fallback_seconds:.1f} ({end.fallback_seconds / epoch_s:.2f}x) | "
         f"{_metrics(during.report, 'int8')}, {_latency(during.report):.2f} ms, "
         f"{len(during.report.fallback)} float ({during.report.fallback_evaluations} evals) | "
-        f"{'met' if end.fallback_met else 'missed'} / {'met' if during.report.fallback_met else 'missed'} |"
+        f"{_verdict(end)} / {_verdict(during.report)} |"
     )
 
 
@@ -157,6 +164,8 @@ def main() -> None:
         for arch in networks:
             lines.append(row(arch, float_epochs, qat_epochs, limit, Path(tmp) / arch, args.qat_lr))
             print(lines[-1], flush=True)
+        intro = " ".join(outliers.__doc__.split("\n\n", 1)[1].split())  # type: ignore[union-attr]
+        lines += ["", "## Structural outliers", "", intro, "", *outliers.rows(Path(tmp) / "outliers", args.quick)]
     write_table(
         args.out,
         "Accuracy-budget fallback",

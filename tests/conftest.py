@@ -10,6 +10,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_qat.app.data import DigitsDataModule
+from lightning_qat.quantization import ao
+from lightning_qat.quantization.prepare import prepare_model
 
 
 class TinyNet(nn.Module):
@@ -254,4 +256,77 @@ def with_outlier_channels(model: BoringClassifier, factor: float = 100.0) -> Bor
         model.net.bn1.weight[:2] *= factor
         model.net.bn1.bias[:2] *= factor
         model.net.conv2.weight[:, :2] /= factor
+    return model
+
+
+class Gain(nn.Module):
+    """A fixed per-channel gain (a buffer): channel 0 ``factor`` x, the others 1."""
+
+    def __init__(self, channels: int, factor: float) -> None:
+        super().__init__()
+        gain = torch.ones(1, channels, 1, 1)
+        gain[:, 0] = factor
+        self.register_buffer("gain", gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+class GainNet(TinyNet):
+    """TinyNet with a fixed gain between its two convolutions: the damaging quantizer sits after an op, not a layer."""
+
+    def __init__(self, factor: float = 300.0) -> None:
+        super().__init__()
+        self.gain = Gain(32, factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.bn2(self.conv2(self.gain(self.relu1(self.bn1(self.conv1(x)))))))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc2(self.relu3(self.fc1(x)))
+
+
+class ConcatNet(TinyNet):
+    """TinyNet whose conv1 output is concatenated from two branches, one channel ``factor`` x larger than the rest."""
+
+    def __init__(self, factor: float = 300.0) -> None:
+        super().__init__()
+        self.side = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.BatchNorm2d(1), nn.ReLU())
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.relu1(self.bn1(self.conv1(x)))[:, 1:], self.side(x)], 1)
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc2(self.relu3(self.fc1(x)))
+
+
+def calibrated(net, x, mode="fx", train=True):
+    """``net`` prepared and calibrated on ``x``: in train mode (BatchNorm statistics too), else as the start does."""
+    prepared = prepare_model(net, "x86", mode, [], (x,)).module
+    prepared.train(train)
+    with torch.no_grad(), ao.quiet():
+        for i in range(0, len(x), 64):
+            prepared(x[i : i + 64])
+    return prepared.eval()
+
+
+def with_structural_outlier(float_tiny, kind: str, factor: float = 300.0) -> BoringClassifier:
+    """The trained TinyNet computing the same function with one channel into conv2 ``factor`` x larger, made by a
+    fixed gain (``"gain"``: the damaging quantizer reads a multiplication, not a layer) or by a differently-scaled
+    branch concatenated in (``"concat"``: the quantizer is shared by the concatenation's inputs)."""
+    net = GainNet(factor) if kind == "gain" else ConcatNet(factor)
+    net.load_state_dict(float_tiny["state_dict"], strict=False)  # the gain buffer and the side branch are new
+    model = BoringClassifier(net)
+    if kind == "gain":
+        with torch.no_grad():
+            net.conv2.weight[:, 0] /= factor
+        return model
+    with torch.no_grad():  # channel 0 moves to the side branch (the last input channel of conv2), factor x larger
+        net.side[0].weight.copy_(net.conv1.weight[:1])
+        net.side[0].bias.copy_(net.conv1.bias[:1])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(net.side[1], name).copy_(getattr(net.bn1, name)[:1])
+        net.side[1].weight *= factor
+        net.side[1].bias *= factor
+        net.conv2.weight.copy_(torch.cat([net.conv2.weight[:, 1:], net.conv2.weight[:, :1] / factor], 1))
     return model

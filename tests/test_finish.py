@@ -59,22 +59,30 @@ def test_a_missed_budget_keeps_the_damaged_layer_float_and_only_what_it_takes_al
     assert (tmp_path / "qat_layers.png").stat().st_size > 10_000
 
 
-def test_searching_during_the_fit_beats_searching_at_the_end(tmp_path, float_tiny, digits8):
+def test_searching_before_qat_adapts_beats_searching_at_the_end(tmp_path, float_tiny, digits8, monkeypatch):
     """QAT adapts to a damaged quantizer (here BatchNorm statistics, over the first half of the run): at the end,
-    keeping the layer float no longer brings the accuracy back; found at step 1, the rest of QAT trains it float.
-    A 200x outlier: at the end every candidate is 40+ points short of the budget, at step 1 conv1 meets it by 5+."""
+    keeping the layer float no longer brings the accuracy back. The calibrated int8 copy misses the budget by more
+    than QAT trains back, so it is searched at the fit's start; QAT trains the result float from its first step.
+    A 200x outlier: at the end every candidate is 40+ points short of the budget, at the start conv1 meets it by 5+."""
 
     def damaged():
         return frozen(with_outlier_channels(pretrained_tiny(float_tiny), factor=200.0))
 
+    said = []
+    monkeypatch.setattr(budget, "rank_zero_info", said.append)
     at_end = fit_with_budget(tmp_path / "end", digits8, damaged(), fallback_at="end").report
+    # QAT trained BatchNorm around the damage: even every layer float misses, so nothing is searched, and it says so
+    (line,) = [line for line in said if "with every layer float" in line]
+    assert "(not searched)" in line
+    assert at_end.fallback_candidates == []
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     during = fit_with_budget(
         tmp_path / "during", digits8, damaged(), fallback_at=1, interval="step", extra_callbacks=[checkpoints]
     )
     assert at_end.fallback_met is False
     assert during.report.fallback_met is True
-    assert during.report.fallback_candidates[0]["when"] == "step 1"
+    assert during.report.fallback_candidates[0]["when"] == "fit start"
+    assert all(candidate["when"] == "fit start" for candidate in during.report.fallback_candidates)  # met: no more
     assert during.report.fallback == ["conv1", "conv2"]
     assert during.report.metrics["int8"]["val_acc"] >= at_end.metrics["int8"]["val_acc"] + 2 * OUTLIER_BUDGET
     assert during.report.metrics["float"]["val_acc"] - during.report.metrics["int8"]["val_acc"] <= OUTLIER_BUDGET
@@ -127,8 +135,8 @@ def test_dynamic_activations_keep_the_damaged_linear_float_alone(tmp_path, float
 
 @pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
 def test_the_pt2e_engine_meets_a_missed_budget_the_same_way(tmp_path, float_tiny, digits8, monkeypatch):
-    """On torchao's captured graph: searched during the fit, trained on with the result float, checkpointed, converted
-    again from the checkpoint; a .pt2 of the chosen model.
+    """On torchao's captured graph: searched at the fit's start, trained on with the result float, checkpointed,
+    converted again from the checkpoint; a .pt2 of the chosen model.
 
     A 400x outlier: torchao's x86 activations use all 256 levels (FX's x86 ones 128), so 100x costs only 3 points."""
     model = frozen(with_outlier_channels(pretrained_tiny(float_tiny), factor=400.0))
@@ -141,7 +149,7 @@ def test_the_pt2e_engine_meets_a_missed_budget_the_same_way(tmp_path, float_tiny
     report = qat.report
     assert report.mode == "pt2e"
     assert report.fallback_met is True
-    assert report.fallback_candidates[0]["when"] == "step 1"
+    assert report.fallback_candidates[0]["when"] == "fit start"
     assert report.fallback == ["conv1", "bn1", "relu1", "conv2"]  # captured, BatchNorm and ReLU are ops of their own
     kept = "conv1, bn1, relu1, conv2"  # what the search chose, what trains and what converts: in the same words
     assert said[1].endswith(f"evaluations; kept float: {kept}."), said

@@ -101,6 +101,7 @@ def test_state_dict_holds_the_preparation_and_refuses_another_one():
         "fallback_searched": False,
         "fallback_met": None,
         "fallback_candidates": [],
+        "fallback_seconds": 0.0,
     }
     qat.load_state_dict(state)  # the same settings
     qat.load_state_dict({})  # a checkpoint from before these keys
@@ -147,7 +148,7 @@ def test_a_resumed_run_keeps_the_layers_a_search_kept_float_and_does_not_search_
     assert resumed.report.fallback == ["conv1", "conv2"]
     off = {name for name, fq in ao.fake_quant_modules(model.net) if not fq.fake_quant_enabled[0]}
     assert {"conv1.weight_fake_quant", "conv2.weight_fake_quant"} <= off  # trained float after the resume too
-    assert resumed.report.fallback_candidates[0]["when"] == "step 1"
+    assert resumed.report.fallback_candidates[0]["when"] == "fit start"  # before the first step
 
 
 def _cpu(monkeypatch, slow: bool) -> None:

@@ -9,8 +9,10 @@ and what it tried, saved in checkpoints so a resumed run does not search again.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from math import nan
 from typing import Any, Protocol
 
 import lightning.pytorch as pl
@@ -23,11 +25,19 @@ from lightning_qat.lightning.report import drop
 from lightning_qat.lightning.run import QATRun
 from lightning_qat.lightning.settings import FinishSettings
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference
-from lightning_qat.quantization.fallback import Group, float_names, groups, train_float
+from lightning_qat.quantization.fallback import Group, all_float, float_names, groups, train_float
+from lightning_qat.quantization.fallback import alone as alone_quantized
 from lightning_qat.quantization.measure import measure_latency, serialized_size
 from lightning_qat.quantization.schedule import FreezeSchedule, resolve_after
 from lightning_qat.quantization.search import Candidate, SearchResult, search
 from lightning_qat.quantization.sensitivity import MAX_DB
+
+FIRST = 8  # the candidates of lowest SQNR ranked by the metric each loses alone quantized: one evaluation each
+START = "fit start"  # the search before the first training step, on a calibrated copy
+# How far past the budget a calibrated int8 copy may be at the fit's start and be left to QAT, in the monitor's units:
+# QAT trained back 3-4 points of val_acc on the digits networks (docs/accuracy-budget.md); past that, the damage is
+# structural (an outlier channel) and QAT trains the weights around it, so the search runs before it can.
+RECOVERS = 0.05
 
 
 class Pipeline(Protocol):
@@ -44,6 +54,8 @@ class Pipeline(Protocol):
     def evaluate(self, network: nn.Module, limit: int | None = None) -> dict[str, float]: ...  # noqa: D102
 
     def measure_sqnr(self, network: nn.Module) -> dict[str, float]: ...  # noqa: D102
+
+    def calibrate(self, network: nn.Module) -> None: ...  # noqa: D102
 
 
 class BudgetSearch:
@@ -78,8 +90,8 @@ class BudgetSearch:
 
         Each candidate is an int8 model converted from ``network`` with :attr:`float_groups` and the candidate's
         groups (:func:`~lightning_qat.quantization.fallback.groups`) float, evaluated with the user's
-        ``validation_step``/``test_step`` and timed as TorchScript (not for a compiled engine). The chosen (else the
-        best, if better than ``int8_value``) candidate's groups are added to :attr:`float_groups`.
+        ``validation_step``/``test_step`` and timed as TorchScript (not for a compiled engine). The chosen (else, at
+        fit end, the best, if better than ``int8_value``) candidate's groups are added to :attr:`float_groups`.
         """
         pipeline = self.pipeline
         settings, run = pipeline.settings, pipeline.qat_run
@@ -88,14 +100,31 @@ class BudgetSearch:
         assert budget is not None
         found = groups(network, static=run.activations == "static")
         already = {group.layer for group in pipeline.float_groups}
-        ranked = sorted((name for name in found if name not in already), key=lambda name: sqnr.get(name, MAX_DB))
+        same: dict[frozenset[str], str] = {}  # groups of the same nodes (the inputs of a cat): one candidate
+        for name in sorted((name for name in found if name not in already), key=lambda name: sqnr.get(name, MAX_DB)):
+            same.setdefault(frozenset(found[name].nodes) or frozenset([name]), name)
+        ranked = list(same.values())
 
         def lost(value: float) -> float:  # how much worse than float
             return drop(float_value, value, settings.monitor_mode)
 
+        reach = pipeline.evaluate(all_float(cpu_eval_copy(network))).get(monitor, float("nan"))
+        if lost(reach) > budget:  # the weights themselves lost it (QAT's training, not its quantizers): nothing to find
+            rank_zero_info(
+                f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g} misses "
+                f"max_metric_drop={budget}, but the weights reach {monitor} {reach:.4g} with every layer float: "
+                "keeping layers float cannot meet it now (not searched). A lower learning rate, or more epochs, "
+                "brings the QAT network back."
+            )
+            return SearchResult([])
+        ranked, losses = self.rank(network, found, ranked, lost)
         rank_zero_info(
             f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g} misses "
-            f"max_metric_drop={budget}; searching {len(ranked)} quantized layers, lowest SQNR first."
+            f"max_metric_drop={budget}; searching {len(ranked)} candidates (quantized layers, and quantizers after "
+            f"other ops), the {len(losses)} of lowest SQNR ranked by the {monitor} each loses alone quantized: "
+            + ", ".join(f"[{', '.join(found[name].names)}] {loss:.3g}" for name, loss in list(losses.items())[:3])
+            + (", ..." if len(losses) > 3 else "")
+            + "."
         )
 
         def evaluate(layers: list[str]) -> Candidate:
@@ -116,19 +145,50 @@ class BudgetSearch:
 
         result = search(ranked, evaluate, better=lambda a, b: lost(a) < lost(b))
         best = result.best
-        if best is not None and (result.chosen is not None or lost(best.metric) < lost(int8_value)):
+        # short of the budget, the best set is kept only at fit end: during the fit, QAT may still train it back
+        partial = when == "fit end" and best is not None and lost(best.metric) < lost(int8_value)
+        if best is not None and (result.chosen is not None or partial):
             pipeline.float_groups = [*pipeline.float_groups, *(found[name] for name in best.layers)]
+        short = ""
+        if result.chosen is None and best is not None and ranked:
+            worst = ", ".join(found[ranked[0]].names)
+            short = (
+                f" The closest: {monitor} {best.metric:.4g} with {', '.join(best.names) or 'nothing'} float, "
+                f"{lost(best.metric) - budget:.4g} short; the costliest quantizer: {worst} "
+                f"({sqnr.get(ranked[0], MAX_DB):.1f} dB SQNR)."
+            )
         rank_zero_info(
             f"QAT fallback ({when}): budget {'met' if result.chosen else 'NOT met'} after {result.evaluations} int8 "
-            f"evaluations; kept float: {', '.join(float_names(pipeline.float_groups)) or 'nothing'}."
+            f"evaluations; kept float: {', '.join(float_names(pipeline.float_groups)) or 'nothing'}.{short}"
         )
         return result
+
+    def rank(
+        self, network: nn.Module, found: dict[str, Group], ranked: list[str], lost: Callable[[float], float]
+    ) -> tuple[list[str], dict[str, float]]:
+        """``ranked`` (lowest SQNR first) with its :data:`FIRST` ordered by the metric each loses alone quantized.
+
+        Most first, in ``network`` (:func:`~lightning_qat.quantization.fallback.alone`), then the rest. One evaluation
+        of the QAT network each, no conversion: SQNR is the cheap first cut, the user's metric the ranking (the outlier
+        a quantizer flattens can cost more than a lower SQNR elsewhere). Also returns the losses.
+        """
+        monitor = self.pipeline.settings.monitor
+        assert monitor is not None
+        losses = {}
+        for name in ranked[:FIRST]:
+            value = self.pipeline.evaluate(alone_quantized(cpu_eval_copy(network), found[name])).get(monitor, nan)
+            losses[name] = -math.inf if math.isnan(value) else lost(value)
+        order = sorted(losses, key=lambda name: losses[name], reverse=True)  # stable: ties keep the SQNR order
+        return order + ranked[FIRST:], {name: losses[name] for name in order}
 
     def during_fit(self, when: str) -> SearchResult | None:
         """The fallback search on the QAT network as it is now, for training to go on with the result float.
 
         Evaluates the float network and the current int8 model; searches only when the budget is missed. ``None``
         when no search ran. :attr:`float_groups` then holds what to keep float.
+        At the fit's start (``when`` is :data:`START`), the network has not observed anything yet: a copy calibrated
+        on ``ptq_batches`` training batches is converted, and it searches only when int8 misses the budget by more
+        than :data:`RECOVERS` (what QAT can train back is left to QAT).
         """
         pipeline = self.pipeline
         settings, run = pipeline.settings, pipeline.qat_run
@@ -136,6 +196,10 @@ class BudgetSearch:
         assert monitor is not None
         assert settings.max_metric_drop is not None
         network = cpu_eval_copy(run.pl_module.get_submodule(run.target))
+        margin = 0.0
+        if when == START:
+            pipeline.calibrate(network)
+            margin = RECOVERS
         freeze_for_inference(network)
         pipeline.trained_network = network
         pipeline.float_groups = resolve_groups(network, run.fallback, run.activations == "static")
@@ -144,8 +208,10 @@ class BudgetSearch:
         if float_value is None or int8_value is None:
             rank_zero_warn(f"QAT fallback ({when}): monitor={monitor!r} was not logged by the evaluation: no search.")
             return None
-        if drop(float_value, int8_value, settings.monitor_mode) <= settings.max_metric_drop or not self.possible:
-            rank_zero_info(f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g}.")
+        lost = drop(float_value, int8_value, settings.monitor_mode)
+        if lost <= settings.max_metric_drop + margin or not self.possible:
+            left = " (within what QAT trains back: not searched)" if lost > settings.max_metric_drop else ""
+            rank_zero_info(f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g}{left}.")
             return None
         return self.search(network, pipeline.measure_sqnr(network), float_value, int8_value, when)
 
@@ -163,14 +229,21 @@ class FitSearch:
     """The search during the fit: when it runs (``at``, set when the fit starts) and what it found (checkpointed)."""
 
     at: int | None = None  # the epoch / step it searches at; None: not during this fit
+    first: bool = False  # it looks at the fit's start (START) too (set when the fit starts)
     searched: bool = False  # it ran (a resumed run does not run it again)
     fallback: list[str] = field(default_factory=list)  # the layers it kept float (then trained so)
     met: bool | None = None  # whether it met the budget (None: no search ran)
     candidates: list[dict[str, Any]] = field(default_factory=list)  # what it tried
+    seconds: float = 0.0  # what its searches took (rank 0)
 
     def plan(self, trainer: pl.Trainer, schedule: FreezeSchedule, on_drop: str, fallback_at: Any) -> None:
-        """Set :attr:`at` from ``fallback_at`` (``"bn"``: when BatchNorm statistics freeze) for this fit."""
+        """Set :attr:`at` (from ``fallback_at``; ``"bn"``: BatchNorm freezes) and :attr:`first` for this fit.
+
+        :attr:`first`: whether it looks at the fit's start too (not with ``"end"``, not on resume).
+        """
         self.at = None
+        # a resumed run trained past the start (its step counter comes back only after on_fit_start)
+        self.first = on_drop == "fallback" and fallback_at != "end" and trainer.ckpt_path is None
         if on_drop != "fallback" or fallback_at == "end":
             return
         at = schedule.bn_at if fallback_at == "bn" else fallback_at
@@ -186,16 +259,20 @@ class FitSearch:
     def run(self, trainer: pl.Trainer, pipeline: Pipeline | None, network: nn.Module, static: bool, when: str) -> None:
         """Search with ``pipeline`` on global rank 0, broadcast, and keep the result float in ``network`` on every rank.
 
-        ``pipeline`` is ``None`` on the other ranks; ``static``: the run ships static int8 activations.
+        ``pipeline`` is ``None`` on the other ranks; ``static``: the run ships static int8 activations. The search at
+        :data:`START` leaves the one at :attr:`at` to come.
         """
-        self.searched = True
+        self.first = False
+        self.searched = self.searched or when != START
         found: tuple[list[str], bool | None, list[dict[str, Any]]] | None = None
         if pipeline is not None:
+            start = time.perf_counter()
             try:
                 result = pipeline.budget.during_fit(when)
             except Exception as err:  # noqa: BLE001 - training goes on as it was; the end of fit searches again
                 rank_zero_warn(f"QAT fallback ({when}) failed, training goes on unchanged: {type(err).__name__}: {err}")
                 result = None
+            self.seconds += time.perf_counter() - start
             if result is not None:
                 candidates = [asdict(candidate) for candidate in result.candidates]
                 found = ([group.layer for group in pipeline.float_groups], result.chosen is not None, candidates)
@@ -203,7 +280,8 @@ class FitSearch:
             found = trainer.strategy.broadcast(found, src=0)
         if found is None:
             return
-        self.fallback, self.met, self.candidates = found
+        self.fallback, self.met = found[:2]
+        self.candidates = [*self.candidates, *found[2]]
         chosen = resolve_groups(network, self.fallback, static)
         train_float(network, chosen)
         # in the search's words: every module and op of the groups (a layer takes the readers of its quantizer along)
@@ -216,6 +294,7 @@ class FitSearch:
             "fallback_searched": self.searched,
             "fallback_met": self.met,
             "fallback_candidates": list(self.candidates),
+            "fallback_seconds": self.seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,3 +303,4 @@ class FitSearch:
         self.searched = bool(state.get("fallback_searched", False))
         self.met = state.get("fallback_met")
         self.candidates = list(state.get("fallback_candidates", []))
+        self.seconds = float(state.get("fallback_seconds", 0.0))

@@ -20,7 +20,7 @@ from typing_extensions import override
 from lightning_qat import files
 from lightning_qat.lightning import checkpoint as checkpoint_io
 from lightning_qat.lightning import fit_setup, internals, preflight
-from lightning_qat.lightning.budget import FitSearch
+from lightning_qat.lightning.budget import START, FitSearch
 from lightning_qat.lightning.evaluate import EvalData, Stage, eval_data, stop_display
 from lightning_qat.lightning.finish import FinishPipeline, finish_on_rank0
 from lightning_qat.lightning.freeze import Freezing
@@ -261,6 +261,8 @@ class QATCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         schedule = self.freezing.plan(trainer, self.interval, self.freeze_bn_after, self.freeze_observers_after)
         self.budget.plan(trainer, schedule, self.on_drop, self.fallback_at)
+        if self.budget.first:  # before QAT trains the weights around a damaged activation
+            self._search_fallback(trainer, pl_module, START)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -92,7 +92,11 @@ def eval_data(trainer: pl.Trainer, stage: Stage | None) -> EvalData:
     def calibration() -> Iterable[Any]:
         if trainer.train_dataloader is not None:
             return trainer.train_dataloader
-        return datamodule.train_dataloader() if datamodule is not None else ()
+        if datamodule is not None:
+            return datamodule.train_dataloader()
+        fitting = trainer.state.fn == "fit"  # before the fit loop builds its loader (the search at fit start)
+        loaders = internals.fit_train_dataloader(trainer) if fitting else None
+        return loaders if loaders is not None else ()
 
     return EvalData(datamodule, loaders, limit, calibration)
 

@@ -32,7 +32,7 @@ from lightning_qat.lightning.settings import FinishSettings
 from lightning_qat.lightning.sigterm import sigterm_raises
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, freeze_for_inference, to_int8
-from lightning_qat.quantization.fallback import Group, float_names, float_nodes
+from lightning_qat.quantization.fallback import Group, activation_quantizers, float_names, float_nodes
 from lightning_qat.quantization.inputs import batch_input, batch_size, cpu_inputs
 from lightning_qat.quantization.measure import (
     count_quantized_layers,
@@ -86,6 +86,7 @@ class FinishPipeline:
         self.trained_network: nn.Module | None = None
         self.artifacts = Artifacts(settings, run)
         self.float_groups: list[Group] = []  # the layers the accuracy-budget fallback keeps float
+        self.sqnr: dict[str, float] = {}  # per layer, then per activation quantizer of its own (measure_sqnr)
         self.budget = BudgetSearch(self)
 
     @property
@@ -167,6 +168,7 @@ class FinishPipeline:
             fallback_met=run.fallback_met,
             fallback_candidates=list(run.fallback_candidates),
             fallback_evaluations=len(run.fallback_candidates),
+            fallback_seconds=run.fallback_seconds,
             freezing=dict(self.settings.freezing),
         )
 
@@ -248,21 +250,29 @@ class FinishPipeline:
     def analyze_layers(self, report: QATReport) -> None:
         """The report's per-layer SQNR: :meth:`measure_sqnr` of the int8 layers of the trained QAT network."""
         assert self.trained_network is not None
-        sqnr = self.measure_sqnr(self.trained_network)
-        floating = set(float_names(self.float_groups))  # trained float: not in the int8 model
-        report.layer_sqnr = {name: db for name, db in sqnr.items() if name not in floating}
+        self.sqnr = self.measure_sqnr(self.trained_network)
+        floating = set(float_names(self.float_groups)) | {group.layer for group in self.float_groups}  # not int8
+        quantizers = activation_quantizers(self.trained_network)
+        for name, db in self.sqnr.items():
+            if name in quantizers:  # named by the ops on its sides, as what keeping it float keeps float
+                report.quantizer_sqnr[", ".join(quantizers[name].names)] = db
+            elif name not in floating:
+                report.layer_sqnr[name] = db
 
     def measure_sqnr(self, network: nn.Module) -> dict[str, float]:
-        """Per-layer SQNR of the QAT ``network`` on the inputs your evaluation feeds it (:attr:`sqnr_batches`).
+        """Per-layer, then per-quantizer SQNR of the QAT ``network`` on the inputs your evaluation feeds it.
+
+        The quantizers: the activation quantizers of their own (:func:`~lightning_qat.quantization.fallback.groups`),
+        by name. Measured on :attr:`sqnr_batches` batches.
 
         The LightningModule's ``validation_step``/``test_step`` runs on a copy for that many batches, so the layers see
         what your module gives the network (token ids, dicts...); with ``evaluate=None``, the example input.
         """
         if self.settings.evaluate is None:
-            return layer_sqnr(network, [self.qat_run.example_inputs])
+            return layer_sqnr(network, [self.qat_run.example_inputs], quantizers=True)
         copy = cpu_eval_copy(network)
         freeze_for_inference(copy)
-        with LayerSQNR(copy, self.sqnr_batches) as meter:
+        with LayerSQNR(copy, self.sqnr_batches, quantizers=True) as meter:
             self.evaluate(copy, limit=self.sqnr_batches, label="QAT: per-layer SQNR")
         return meter.result()
 
@@ -287,7 +297,7 @@ class FinishPipeline:
         start = time.perf_counter()
         searched = len(self.float_groups)
         result = self.budget.search(
-            self.trained_network, report.layer_sqnr, report.metrics["float"][monitor], report.metrics["int8"][monitor]
+            self.trained_network, self.sqnr, report.metrics["float"][monitor], report.metrics["int8"][monitor]
         )
         report.fallback_candidates += [asdict(candidate) for candidate in result.candidates]
         report.fallback_evaluations += result.evaluations
@@ -371,10 +381,10 @@ class FinishPipeline:
 
     def ptq_network(self) -> nn.Module:
         """The float network post-training quantized: calibrated on ``ptq_batches`` training batches, converted."""
-        run, backend = self.qat_run, self.settings.backend
+        run = self.qat_run
         ptq = prepare_model(
             cpu_eval_copy(run.float_network),
-            backend,
+            self.settings.backend,
             run.mode,
             run.skip,
             run.example_inputs,
@@ -382,12 +392,16 @@ class FinishPipeline:
             relu6_to_relu=run.relu6_to_relu,
             kept=run.prepared.kernels,  # the run's decision for the kernels: the baseline has the QAT run's graph
         )
-        with ao.engine(backend), ao.quiet(), torch.no_grad():
+        self.calibrate(ptq.module)
+        return to_int8(ptq.module, ptq.engine, self.settings.backend, run.example_inputs)
+
+    def calibrate(self, network: nn.Module) -> None:
+        """Run ``network`` (a CPU copy whose observers observe) on ``ptq_batches`` training batches."""
+        with ao.engine(self.settings.backend), ao.quiet(), torch.no_grad():
             for i, batch in enumerate(self.data.calibration() if self.data.calibration else ()):
                 if i >= self.settings.ptq_batches:
                     break
-                ptq.module(*cpu_inputs(batch_input(batch)))
-        return to_int8(ptq.module, ptq.engine, backend, run.example_inputs)
+                network(*cpu_inputs(batch_input(batch)))
 
 
 def finish_on_rank0(trainer: pl.Trainer, build: Callable[[], FinishPipeline], out_dir: Path) -> QATReport | None:

@@ -63,6 +63,7 @@ class QATReport:
     attention: int = 0  # nn.MultiheadAttention modules whose projections were quantized
     monitor: str | None = None  # the metric the accuracy guard and the fallback search compare
     layer_sqnr: dict[str, float] = field(default_factory=dict)  # quantized layer -> SQNR (dB) vs its float computation
+    quantizer_sqnr: dict[str, float] = field(default_factory=dict)  # an activation quantizer after ops (by those ops)
     fallback: list[str] = field(default_factory=list)  # modules / ops the accuracy-budget search kept float
     fallback_met: bool | None = None  # whether a search ran (not None) and met the budget
     fallback_evaluations: int = 0  # int8 models the search evaluated
@@ -289,12 +290,16 @@ class QATReport:
             lines += ["", "## Fallback candidates", ""]
             lines += ["| when | kept float | metric | meets budget | size (MB) | latency (ms) |", "|---" * 6 + "|"]
             for c in self.fallback_candidates:
-                cells = [c.get("when", ""), ", ".join(c["layers"]) or "none", _fmt(c["metric"])]
+                kept = ", ".join(c.get("names") or c["layers"]) or "none"  # every module / op (older reports: layers)
+                cells = [c.get("when", ""), kept, _fmt(c["metric"])]
                 cells += ["yes" if c["meets"] else "no", _mb(c["size_bytes"]), _fmt(c["latency_ms"])]
                 lines.append("| " + " | ".join(cells) + " |")
         if self.layer_sqnr:
             lines += ["", "## Per-layer SQNR", "", "| layer | SQNR (dB) |", "|---|---|"]
             lines += [f"| {name} | {db:.1f} |" for name, db in self.layer_sqnr.items()]
+        if self.quantizer_sqnr:
+            lines += ["", "## SQNR of the quantizers after ops", "", "| between | SQNR (dB) |", "|---|---|"]
+            lines += [f"| {name} | {db:.1f} |" for name, db in self.quantizer_sqnr.items()]
         return "\n".join(lines) + "\n"
 
     def print(self) -> None:

@@ -34,3 +34,4 @@ class QATRun:
     fallback: list[str] = field(default_factory=list)  # layers a search during the fit kept float (then trained so)
     fallback_met: bool | None = None  # whether that search met the budget (None: no search ran)
     fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # what it tried
+    fallback_seconds: float = 0.0  # what those searches took

@@ -95,4 +95,5 @@ class QATState:
             fallback=list(budget.fallback),
             fallback_met=budget.met,
             fallback_candidates=list(budget.candidates),
+            fallback_seconds=budget.seconds,
         )

@@ -77,7 +77,7 @@ def _name(node: torch.fx.Node) -> str | None:
     """What people call a group member: its module (FX modules; a captured op's module), else the op's node name."""
     if node.op == "call_module":
         return str(node.target)
-    if _rewritten(node):
+    if _rewritten(node) or node.op == "get_attr":  # a constant goes with the op reading it
         return None
     return _module_name(node) or node.name
 
@@ -154,7 +154,11 @@ def output_quantizers(network: nn.Module) -> dict[str, ao.FakeQuantizeBase]:
 
 
 def groups(network: nn.Module, static: bool = True) -> dict[str, Group]:
-    """Every quantized layer of a QAT network and the :class:`Group` that goes float with it, in network order.
+    """The :class:`Group` of every quantized layer of a QAT network, in network order, then of its other quantizers.
+
+    The other quantizers: each activation quantizer that is no layer's output (after a multiplication, a concatenation
+    of differently-scaled branches...), keyed by its module name, with the ops on both sides of it: the damage can be
+    an op's output, not a layer's.
 
     ``static=False``: for dynamic int8 activations, which have no quantizer to share: each layer alone (FX, eager).
     """
@@ -164,10 +168,12 @@ def groups(network: nn.Module, static: bool = True) -> dict[str, Group]:
         return {name: Group(name, (), (name,)) for name in quantized_layers(network)}
     gm, modules = graph
     sites: dict[str, list[torch.fx.Node]] = {}  # fake-quant module -> the nodes calling it (a shared one: several)
+    same = _shared(modules)
     for node in gm.graph.nodes:
         if _is_fake_quant(modules, node):
-            sites.setdefault(str(node.target), []).append(node)
+            sites.setdefault(same[str(node.target)], []).append(node)
     members: dict[str, dict[torch.fx.Node, None]] = {}
+    outputs: set[str] = set()  # the layers' output quantizers: each in its layer's group
     for layer, node in _layer_nodes(gm, modules).items():
         group = members.setdefault(layer, {node: None})
         if captured:
@@ -175,11 +181,17 @@ def groups(network: nn.Module, static: bool = True) -> dict[str, Group]:
             group.update(dict.fromkeys(between))
         else:
             quantizers = [u for u in node.users if _is_fake_quant(modules, u)]
-        for quantizer in {str(q.target) for q in quantizers}:
-            for site in sites[quantizer]:
-                for other in (*site.all_input_nodes, *site.users):
-                    if other.op in _OPS and not _is_fake_quant(modules, other):
-                        group[other] = None
+        for quantizer in {same[str(q.target)] for q in quantizers}:
+            outputs.add(quantizer)
+            group.update(dict.fromkeys(_sides(sites[quantizer], modules)))
+    for quantizer, calls in sites.items():  # an activation quantizer after an op (a gain, a cat): its own group
+        if quantizer in outputs or any(_weight(call, modules) for call in calls):
+            continue
+        nodes = dict.fromkeys(_sides(calls, modules))
+        if quantizer in dropped_quantizers(gm, {n.name for n in nodes}):  # else keeping them float keeps it
+            members[quantizer] = nodes
+    for nodes in members.values():  # the constants a float op reads through a quantizer of their own go float too
+        nodes.update(dict.fromkeys(_constants(nodes, modules)))
     return {
         layer: Group(
             layer,
@@ -188,6 +200,71 @@ def groups(network: nn.Module, static: bool = True) -> dict[str, Group]:
         )
         for layer, nodes in members.items()
     }
+
+
+def _constants(nodes: Iterable[torch.fx.Node], modules: dict[str, nn.Module]) -> list[torch.fx.Node]:
+    """The constants (buffers: a fixed gain) ``nodes`` read through a quantizer of the constant alone.
+
+    Kept float with their readers, the quantizer goes (a buffer quantized with the range of its largest entry can
+    round the others to 0); a layer's weight is its layer's (a QAT module's, or a captured call's argument 1).
+    """
+    found = []
+    for node in nodes:
+        for quantizer in node.all_input_nodes:
+            if _is_fake_quant(modules, quantizer) and not any(_is_layer_call(modules, u) for u in quantizer.users):
+                found += [n for n in quantizer.all_input_nodes if n.op == "get_attr"]
+    return found
+
+
+def _weight(call: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A quantizer call on a weight (a captured layer's, rescaled by torchao's Conv-BN rewrite) or on a constant."""
+    constant = all(n.op == "get_attr" for n in call.all_input_nodes)
+    return constant or any(_is_layer_call(modules, user) and user.args[1] is call for user in call.users)
+
+
+def _sides(calls: Iterable[torch.fx.Node], modules: dict[str, nn.Module]) -> list[torch.fx.Node]:
+    """The ops on both sides of a quantizer's ``calls``: what goes float for it to disappear."""
+    return [
+        other
+        for call in calls
+        for other in (*call.all_input_nodes, *call.users)
+        if other.op in _OPS and not _is_fake_quant(modules, other)
+    ]
+
+
+def activation_quantizers(network: nn.Module) -> dict[str, Group]:
+    """The groups of :func:`groups` that are an activation quantizer of their own (no layer's output), by its name."""
+    graph = _graph(network)
+    if graph is None:
+        return {}
+    modules = graph[1]
+    return {key: group for key, group in groups(network).items() if key in modules and ao.is_fake_quant(modules[key])}
+
+
+def measured_quantizers(network: nn.Module) -> dict[str, list[str]]:
+    """For each of :func:`activation_quantizers`, the fake-quant modules whose error is its error.
+
+    Itself, and the quantizers of the constants its group keeps float: a fixed gain quantized with the range of its
+    largest entry rounds the others to 0 before the op's output quantizer sees anything.
+    """
+    graph = _graph(network)
+    if graph is None:
+        return {}
+    gm, modules = graph
+    nodes = {node.name: node for node in gm.graph.nodes}
+    found = {}
+    for key, group in activation_quantizers(network).items():
+        constants = [nodes[name] for name in group.nodes if nodes[name].op == "get_attr"]
+        found[key] = [key, *(str(u.target) for c in constants for u in c.users if _is_fake_quant(modules, u))]
+    return found
+
+
+def all_float(network: nn.Module) -> nn.Module:
+    """Switch every fake-quant of the QAT ``network`` off: its weights in float, what no set kept float beats."""
+    for _, fake_quant in ao.fake_quant_modules(network):
+        fake_quant.disable_fake_quant()
+        fake_quant.disable_observer()
+    return network
 
 
 def float_nodes(chosen: Iterable[Group]) -> set[str]:
@@ -209,6 +286,29 @@ def train_float(network: nn.Module, chosen: Iterable[Group]) -> list[str]:
     The QAT network then computes what that int8 network computes (an ONNX export of it keeps them float too).
     Returns the fake-quant modules switched off.
     """
+    off = _dropped(network, chosen)
+    for fake_quant in off.values():
+        fake_quant.disable_fake_quant()
+        fake_quant.disable_observer()
+    return sorted(off)
+
+
+def alone(network: nn.Module, group: Group) -> nn.Module:
+    """Switch off every fake-quant of the QAT ``network`` but those keeping ``group`` float drops (observers too).
+
+    The network then loses only what that group's quantizers lose: the candidates of the accuracy-budget search are
+    ranked by it (the AIMET / NNCF way: what the user's metric loses when that one alone is quantized).
+    """
+    kept = {id(fake_quant) for fake_quant in _dropped(network, [group]).values()}
+    for _, fake_quant in ao.fake_quant_modules(network):
+        if id(fake_quant) not in kept:
+            fake_quant.disable_fake_quant()
+        fake_quant.disable_observer()
+    return network
+
+
+def _dropped(network: nn.Module, chosen: Iterable[Group]) -> dict[str, ao.FakeQuantizeBase]:
+    """The fake-quants (by name) the int8 conversion keeping ``chosen`` float drops (see :func:`train_float`)."""
     chosen = list(chosen)
     off: dict[str, ao.FakeQuantizeBase] = {}
     graph = _graph(network) if any(group.nodes for group in chosen) else None  # None: layers alone
@@ -225,10 +325,7 @@ def train_float(network: nn.Module, chosen: Iterable[Group]) -> list[str]:
     if graph is None:
         outputs = output_quantizers(network)
         off |= {f"{g.layer}.activation_post_process": outputs[g.layer] for g in chosen if g.layer in outputs}
-    for fake_quant in off.values():
-        fake_quant.disable_fake_quant()
-        fake_quant.disable_observer()
-    return sorted(off)
+    return off
 
 
 def dropped_quantizers(graph_module: torch.fx.GraphModule, floating: Collection[str]) -> list[str]:
@@ -238,13 +335,26 @@ def dropped_quantizers(graph_module: torch.fx.GraphModule, floating: Collection[
     a captured (PT2E) graph the weight fake-quant of each float convolution / linear call.
     """
     modules = dict(graph_module.named_modules(remove_duplicate=False))
-    inside: dict[str, bool] = {}
+    same = _shared(modules)
+    inside: dict[str, bool] = {}  # by the first name of each module: one called under several names is one
     weights: set[str] = set()
     for node in graph_module.graph.nodes:
         if _is_fake_quant(modules, node):
             ends = (*node.all_input_nodes, *node.users)
             here = all(n.name in floating or n.op == "output" for n in ends)
-            inside[str(node.target)] = inside.get(str(node.target), True) and here
+            key = same[str(node.target)]
+            inside[key] = inside.get(key, True) and here
         elif node.name in floating and _is_layer_call(modules, node):
             weights.add(str(node.args[1].target))
-    return sorted({target for target, dropped in inside.items() if dropped} | weights)
+    dropped = {target for target, key in same.items() if inside.get(key, False)}
+    return sorted(dropped | weights)
+
+
+def _shared(modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Each fake-quant module's name -> the first name of the same module.
+
+    FX gives a pooling's or a flatten's output the module of its input (one scale): switched off, it is off at every
+    call, so it goes only when all of them go.
+    """
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(module), name) for name, module in modules.items() if ao.is_fake_quant(module)}

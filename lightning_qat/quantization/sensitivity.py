@@ -24,21 +24,29 @@ from torch import nn
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy
 from lightning_qat.quantization.exported import ExportedQAT
-from lightning_qat.quantization.fallback import layer_calls, output_calls, output_quantizers, quantized_layers
+from lightning_qat.quantization.fallback import (
+    layer_calls,
+    measured_quantizers,
+    output_calls,
+    output_quantizers,
+    quantized_layers,
+)
 from lightning_qat.quantization.inputs import cpu_inputs
 
 _OUTPUT = " (output quantizer)"  # the key of a captured layer's output quantizers' sums
+_CALL = " (call of shape) "  # the key of an activation quantizer's sums, per input shape
 MAX_DB = 100.0  # a layer computing exactly its float output (an SQNR of infinity) is reported as this
 
 
-def layer_sqnr(network: nn.Module, batches: Iterable[tuple[Any, ...]]) -> dict[str, float]:
+def layer_sqnr(network: nn.Module, batches: Iterable[tuple[Any, ...]], quantizers: bool = False) -> dict[str, float]:
     """The SQNR (dB) of every quantized layer of the QAT ``network`` over ``batches`` of its inputs, network order.
 
     Runs on a CPU copy with observers off: ``network`` and its quantization parameters are not changed.
+    ``quantizers``: then of its activation quantizers of their own (see :class:`LayerSQNR`).
     """
     model = cpu_eval_copy(network)
     ao.set_observers(model, False)
-    with LayerSQNR(model) as meter, torch.no_grad(), ao.quiet():
+    with LayerSQNR(model, quantizers=quantizers) as meter, torch.no_grad(), ao.quiet():
         for inputs in batches:
             model(*cpu_inputs(inputs))
     return meter.result()
@@ -49,12 +57,15 @@ class LayerSQNR:
 
     For the network's inputs as a LightningModule feeds them: run its evaluation loop inside the ``with``. The first
     ``calls`` forward passes of ``network`` are measured (``None``: all). ``network`` must not observe (eval copy with
-    observers off): the extra forward passes of each layer would move its quantization parameters.
+    observers off): the extra forward passes of each layer would move its quantization parameters. ``quantizers``:
+    also each activation quantizer of its own (:func:`~lightning_qat.quantization.fallback.measured_quantizers`),
+    its output against its input, by its name.
     """
 
-    def __init__(self, network: nn.Module, calls: int | None = None) -> None:
+    def __init__(self, network: nn.Module, calls: int | None = None, quantizers: bool = False) -> None:
         self.network = network
         self.calls = calls
+        self.quantizers = measured_quantizers(network) if quantizers else {}
         self._seen = 0
         self._sums: dict[str, list[torch.Tensor]] = {}
         self._handles: list[Any] = []
@@ -69,8 +80,19 @@ class LayerSQNR:
             for name in self._order:
                 hook = _accumulate(name, outputs.get(name), self._sums, self._measuring)
                 self._handles.append(self.network.get_submodule(name).register_forward_hook(hook))
+        graph = self.network.exported if isinstance(self.network, ExportedQAT) else self.network
+        for name in {name for names in self.quantizers.values() for name in names}:
+            self._handles.append(graph.get_submodule(name).register_forward_hook(self._compare(name)))
         self._handles.append(self.network.register_forward_pre_hook(self._count))
         return self
+
+    def _compare(self, name: str) -> Any:
+        def hook(_quantizer: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if self._measuring() and isinstance(out, torch.Tensor) and out.is_floating_point():
+                # a shared quantizer's calls (a cat's inputs) differ in channels: summed apart, the lowest counts
+                _add(self._sums, f"{name}{_CALL}{tuple(args[0].shape[1:])}", args[0], out, args[0].dim() > 3)
+
+        return hook
 
     def __exit__(self, *_: Any) -> None:
         for handle in self._handles:
@@ -84,11 +106,19 @@ class LayerSQNR:
         return self.calls is None or self._seen <= self.calls
 
     def result(self) -> dict[str, float]:
-        """SQNR (dB) per quantized layer that ran, in network order."""
+        """SQNR (dB) per quantized layer that ran, in network order, then per activation quantizer measured."""
         found = {name: _db(*self._sums[name]) for name in self._order if name in self._sums}
         for name in found:  # a captured layer's output quantizers, measured apart: the lower counts
             if f"{name}{_OUTPUT}" in self._sums:
                 found[name] = min(found[name], _db(*self._sums[f"{name}{_OUTPUT}"]))
+        each: dict[str, float] = {}  # per fake-quant module: its calls' lowest
+        for key, sums in self._sums.items():
+            if _CALL in key:
+                name = key.split(_CALL)[0]
+                each[name] = min(each.get(name, MAX_DB), _db(*sums))
+        for key, names in self.quantizers.items():
+            if any(name in each for name in names):
+                found[key] = min(each.get(name, MAX_DB) for name in names)
         return found
 
 

@@ -35,9 +35,15 @@ def is_fake_quant(module: nn.Module) -> TypeGuard[FakeQuantizeBase]:
 
 
 def uncalibrated(module: nn.Module) -> list[str]:
-    """Names of the fake-quant modules of ``module`` whose observer never saw data (scale still the initial 1.0)."""
+    """Names of the fake-quant modules of ``module`` whose observer never saw data (scale still the initial 1.0).
+
+    A fake-quant switched off altogether (fake quantization and observer: kept float by the accuracy-budget fallback
+    from the fit's start) is not one: the int8 model keeps it float too.
+    """
     names = []
     for name, fq in fake_quant_modules(module):
+        if not (bool(fq.fake_quant_enabled[0]) or bool(fq.observer_enabled[0])):
+            continue
         observer = getattr(fq, "activation_post_process", None)
         if isinstance(observer, nn.Module) and hasattr(observer, "min_val"):
             low = _tensor(observer, "min_val")

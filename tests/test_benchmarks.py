@@ -90,7 +90,7 @@ def test_quick_fallback_benchmark_writes_its_rows(tmp_path):
     (outlier,) = [line for line in text.splitlines() if line.startswith("| gain | fx |")]
     cells = [c.strip() for c in outlier.split("|")[1:-1]]
     assert all(re.fullmatch(r"\d\.\d{3}", c) for c in cells[2:5]), cells  # float, int8 at start, plain QAT int8
-    assert re.fullmatch(r"\d\.\d{3} \((met|missed)\)", cells[6]), cells
+    assert re.fullmatch(r"\d\.\d{3} \((met|missed); QAT \d\.\d{3}\)", cells[6]), cells
     assert cells[7] == "mul, conv2"  # the quantizer after the gain: the op and the conv reading it
     assert cells[10] == "fit start"
     (row,) = [line for line in text.splitlines() if line.startswith("| resnet18 |")]

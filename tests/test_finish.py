@@ -72,7 +72,7 @@ def test_searching_before_qat_adapts_beats_searching_at_the_end(tmp_path, float_
     monkeypatch.setattr(budget, "rank_zero_info", said.append)
     at_end = fit_with_budget(tmp_path / "end", digits8, damaged(), fallback_at="end").report
     # QAT trained BatchNorm around the damage: even every layer float misses, so nothing is searched, and it says so
-    (line,) = [line for line in said if "with every layer float" in line]
+    (line,) = [line for line in said if "its weights in float too" in line]
     assert "(not searched)" in line
     assert at_end.fallback_candidates == []
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

@@ -13,9 +13,10 @@ loss than its float start on digits: at lr 0.005, resnet18's accuracy went 0.974
 budget could then need a fallback. The monitored metric is the validation loss: accuracy on 270 digits moves in
 steps of 0.4 points and int8 matched float. The budget is half of int8's loss rise over float, so a fallback is
 needed. ``convert_checkpoint(on_drop="fallback")`` then searches the same trained weights, as the end of fit would. A
-second QAT run from the same float start searches after epoch 0 (``fallback_at=1``) and trains on with the result
-float. Latency: the int8 TorchScript artifact on the example input (a batch of 64), the run's threads,
-median of the report's 20 repeats; the search's candidates are timed the same way with 5.
+second QAT run from the same float start searches at its start (when its calibrated int8 copy misses the budget)
+and after epoch 0 (``fallback_at=1``), and trains on with the result float. Latency: the int8 TorchScript artifact
+on the example input (a batch of 64), the run's threads, median of the report's 20 repeats; the search's candidates
+are timed the same way with 5.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def row(arch: str, float_epochs: int, qat_epochs: int, limit: int | None, workdi
 HEADER = (
     "| network | float loss / acc | int8 loss / acc | int8 ms (batch 64) | QAT epoch (s) | budget (loss rise / 2) | "
     "fit-end search (convert_checkpoint): int8 loss / acc, ms (batch 2: the checkpoint's example input), kept float | "
-    "search s (x epoch) | search after epoch 0 + training: int8 loss / acc, ms (batch 64), kept float | "
+    "search s (x epoch) | search at the start / after epoch 0 + training: int8 loss / acc, ms (batch 64), kept float | "
     "budget end / epoch 0 |\n"
     "|---|---|---|---|---|---|---|---|---|---|"
 )

@@ -32,7 +32,7 @@ def test_a_structural_outlier_is_kept_float_before_qat_trains_around_it(
 ):
     """One channel into conv2 300x the others, by a fixed gain or a concatenated branch; QAT as a user runs it (3
     epochs, BatchNorm frozen after 1, observers after 2, a 1-point budget). The search finds the quantizer after the
-    op, at the fit's start where the calibrated int8 copy misses the budget: one entry float, the op and the conv."""
+    op, at the fit's start where the calibrated int8 copy misses the budget: the op and the conv float."""
     said = []
     monkeypatch.setattr(budget, "rank_zero_info", said.append)
     model = with_structural_outlier(float_tiny, kind)
@@ -49,8 +49,13 @@ def test_a_structural_outlier_is_kept_float_before_qat_trains_around_it(
     op = "gain" if (kind, engine) == ("gain", "pt2e") else "mul" if kind == "gain" else "cat"
     assert op in report.fallback
     assert report.fallback_candidates[0]["when"] == budget.START
-    assert report.fallback == [op, "conv2"]
-    assert said[1].endswith(f"kept float: {op}, conv2.")
+    if (kind, engine) == ("concat", "fx"):  # the cat's own quantizer; on torch 2.4 later its inputs' (shared) too
+        assert {"cat", "conv2"} <= set(report.fallback)
+    else:
+        assert report.fallback == [op, "conv2"]
+    assert said[1].startswith(f"QAT fallback ({budget.START}): budget met after ")
+    met = [line for line in said if " budget met after " in line]  # the last search's words are the report's
+    assert met[-1].endswith(f"kept float: {', '.join(report.fallback)}.")
     assert report.quantizer_sqnr  # the quantizers after ops, named by those ops, in the report
 
 

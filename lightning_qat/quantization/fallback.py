@@ -261,9 +261,7 @@ def measured_quantizers(network: nn.Module) -> dict[str, list[str]]:
 
 def all_float(network: nn.Module) -> nn.Module:
     """Switch every fake-quant of the QAT ``network`` off: its weights in float, what no set kept float beats."""
-    for _, fake_quant in ao.fake_quant_modules(network):
-        fake_quant.disable_fake_quant()
-        fake_quant.disable_observer()
+    _off(fake_quant for _, fake_quant in ao.fake_quant_modules(network))
     return network
 
 
@@ -287,10 +285,15 @@ def train_float(network: nn.Module, chosen: Iterable[Group]) -> list[str]:
     Returns the fake-quant modules switched off.
     """
     off = _dropped(network, chosen)
-    for fake_quant in off.values():
+    _off(off.values())
+    return sorted(off)
+
+
+def _off(fake_quants: Iterable[ao.FakeQuantizeBase]) -> None:
+    """Switch fake quantization and observing off: float, and the scales as they are."""
+    for fake_quant in fake_quants:
         fake_quant.disable_fake_quant()
         fake_quant.disable_observer()
-    return sorted(off)
 
 
 def alone(network: nn.Module, group: Group) -> nn.Module:

@@ -84,7 +84,13 @@ class BudgetSearch:
         return False
 
     def search(
-        self, network: nn.Module, sqnr: dict[str, float], float_value: float, int8_value: float, when: str = "fit end"
+        self,
+        network: nn.Module,
+        sqnr: dict[str, float],
+        float_value: float,
+        int8_value: float,
+        when: str = "fit end",
+        qat_value: float | None = None,
     ) -> SearchResult:
         """Search the layers of ``network`` still int8, lowest SQNR first, for the fewest to keep float for the budget.
 
@@ -92,6 +98,7 @@ class BudgetSearch:
         groups (:func:`~lightning_qat.quantization.fallback.groups`) float, evaluated with the user's
         ``validation_step``/``test_step`` and timed as TorchScript (not for a compiled engine). The chosen (else, at
         fit end, the best, if better than ``int8_value``) candidate's groups are added to :attr:`float_groups`.
+        ``qat_value``: the QAT network's metric when already evaluated (at fit end, the report's).
         """
         pipeline = self.pipeline
         settings, run = pipeline.settings, pipeline.qat_run
@@ -109,8 +116,9 @@ class BudgetSearch:
             return drop(float_value, value, settings.monitor_mode)
 
         # a set kept float computes between the QAT network and its weights in float (QAT can fit its quantizers)
-        both = (pipeline.evaluate(copy).get(monitor, nan) for copy in (network, all_float(cpu_eval_copy(network))))
-        reach = min(both, key=lost)
+        if qat_value is None:
+            qat_value = pipeline.evaluate(network).get(monitor, nan)
+        reach = min(qat_value, pipeline.evaluate(all_float(cpu_eval_copy(network))).get(monitor, nan), key=lost)
         if lost(reach) > budget:  # the weights themselves lost it (QAT's training, not its quantizers): nothing to find
             rank_zero_info(
                 f"QAT fallback ({when}): {monitor} int8 {int8_value:.4g} vs float {float_value:.4g} misses "
@@ -231,28 +239,27 @@ class FitSearch:
     """The search during the fit: when it runs (``at``, set when the fit starts) and what it found (checkpointed)."""
 
     at: int | None = None  # the epoch / step it searches at; None: not during this fit
-    first: bool = False  # it looks at the fit's start (START) too (set when the fit starts)
     searched: bool = False  # it ran (a resumed run does not run it again)
     fallback: list[str] = field(default_factory=list)  # the layers it kept float (then trained so)
     met: bool | None = None  # whether it met the budget (None: no search ran)
     candidates: list[dict[str, Any]] = field(default_factory=list)  # what it tried
     seconds: float = 0.0  # what its searches took (rank 0)
 
-    def plan(self, trainer: pl.Trainer, schedule: FreezeSchedule, on_drop: str, fallback_at: Any) -> None:
-        """Set :attr:`at` (from ``fallback_at``; ``"bn"``: BatchNorm freezes) and :attr:`first` for this fit.
+    def plan(self, trainer: pl.Trainer, schedule: FreezeSchedule, on_drop: str, fallback_at: Any) -> bool:
+        """Set :attr:`at` (from ``fallback_at``; ``"bn"``: BatchNorm freezes) for this fit.
 
-        :attr:`first`: whether it looks at the fit's start too (not with ``"end"``, not on resume).
+        Returns whether it looks at the fit's start (:data:`START`) too: not with ``"end"``, not on resume.
         """
         self.at = None
-        # a resumed run trained past the start (its step counter comes back only after on_fit_start)
-        self.first = on_drop == "fallback" and fallback_at != "end" and trainer.ckpt_path is None
         if on_drop != "fallback" or fallback_at == "end":
-            return
+            return False
         at = schedule.bn_at if fallback_at == "bn" else fallback_at
         total = trainer.max_epochs if schedule.interval == "epoch" else trainer.estimated_stepping_batches
         length = int(total) if total is not None and 0 <= total < math.inf else None
         at = resolve_after("fallback_at", at, length, schedule.interval)
         self.at = None if at is None else max(1, at)  # observers must have seen data (freeze_bn_after=0)
+        # a resumed run trained past the start (its step counter comes back only after on_fit_start)
+        return trainer.ckpt_path is None
 
     def due(self, counter: int) -> bool:
         """Whether the search runs now, at epoch / step ``counter``."""
@@ -264,7 +271,6 @@ class FitSearch:
         ``pipeline`` is ``None`` on the other ranks; ``static``: the run ships static int8 activations. The search at
         :data:`START` leaves the one at :attr:`at` to come.
         """
-        self.first = False
         self.searched = self.searched or when != START
         found: tuple[list[str], bool | None, list[dict[str, Any]]] | None = None
         if pipeline is not None:

@@ -260,8 +260,7 @@ class QATCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         schedule = self.freezing.plan(trainer, self.interval, self.freeze_bn_after, self.freeze_observers_after)
-        self.budget.plan(trainer, schedule, self.on_drop, self.fallback_at)
-        if self.budget.first:  # before QAT trains the weights around a damaged activation
+        if self.budget.plan(trainer, schedule, self.on_drop, self.fallback_at):  # before QAT trains around damage
             self._search_fallback(trainer, pl_module, START)
 
     @override

@@ -297,7 +297,11 @@ class FinishPipeline:
         start = time.perf_counter()
         searched = len(self.float_groups)
         result = self.budget.search(
-            self.trained_network, self.sqnr, report.metrics["float"][monitor], report.metrics["int8"][monitor]
+            self.trained_network,
+            self.sqnr,
+            report.metrics["float"][monitor],
+            report.metrics["int8"][monitor],
+            qat_value=report.metrics.get("qat", {}).get(monitor),
         )
         report.fallback_candidates += [asdict(candidate) for candidate in result.candidates]
         report.fallback_evaluations += result.evaluations

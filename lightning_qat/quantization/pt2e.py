@@ -137,7 +137,7 @@ def outside(skip: Sequence[str]) -> Callable[[torch.fx.Node], bool]:
 
 
 class _Quantizer:
-    """torchao's x86 quantizer, with two corrections to what it annotates.
+    """torchao's x86 quantizer, with three corrections to what it annotates.
 
     - **Every linear call is a linear.** It finds linears by the source ``torch.export`` records for each call, and
       the capture records the ``F.linear`` calls inside ``nn.MultiheadAttention`` (torchvision's ViT, the zoo's text
@@ -147,6 +147,9 @@ class _Quantizer:
       arithmetic on token ids (RoBERTa's position ids: ``cumsum(mask) * mask``) got a fake-quant in training and a
       float-only ``quantize_per_tensor`` on an int32 tensor at conversion, which raises: those annotations are
       taken back.
+    - **A skipped convolution carries no annotation.** ``skip=`` leaves it an empty one, and torchao's QAT Conv-BN
+      fusion reads the first input spec of every annotated convolution: ``IndexError`` in ``prepare``, so
+      ``skip=["conv1"]`` refused every network whose conv1 has a BatchNorm.
     """
 
     def __init__(self, quantizer: Any) -> None:
@@ -166,6 +169,10 @@ class _Quantizer:
         for node in model.graph.nodes:
             annotation = node.meta.get(Q_ANNOTATION_KEY)
             if annotation is None:
+                continue
+            skipped = not annotation.input_qspec_map and annotation.output_qspec is None
+            if skipped and str(node.target).startswith("aten.conv"):
+                del node.meta[Q_ANNOTATION_KEY]
                 continue
             for source in [source for source in annotation.input_qspec_map if not _is_float(source)]:
                 del annotation.input_qspec_map[source]

@@ -53,7 +53,8 @@ def prepare(mode: str, network: nn.Module, settings: Preparation, kept: dict[str
         try:
             prepared = ENGINES[mode].prepare(network, settings, kept)
         except NotTraceable as err:
-            raise RuntimeError(f"engine={mode!r} but {err}. Use engine='auto' or engine='eager'.") from err
+            skipped = f" with skip={list(settings.skip)}" if settings.skip else ""
+            raise RuntimeError(f"engine={mode!r}{skipped} but {err}. Use engine='auto' or engine='eager'.") from err
         prepared.reason = "requested"
         return prepared
     tried: list[str] = []

@@ -1,11 +1,14 @@
+import copy
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
+from conftest import calibrated, pretrained_tiny
 
 from lightning_qat.quantization import ao
+from lightning_qat.quantization.prepare import freeze_batch_norm
 
 
 def test_a_torch_without_the_quantization_api_fails_at_import_with_the_fix():
@@ -128,3 +131,52 @@ def test_int8_weights_are_the_fake_quantized_weights_qat_trained(backend):
     int8 = to_int8(prepared.eval(), "fx", backend, (x[:1],))
     converted = int8.get_submodule("2").weight().dequantize()
     assert torch.equal(converted, trained)
+
+
+def _torch_way(network: torch.nn.Module) -> torch.nn.Module:
+    """A copy running torch's own fused Conv-BN forward (the folded one taken back)."""
+    copied = copy.deepcopy(network)
+    assert ao.unfold_batch_norm(copied) == 2  # TinyNet's two Conv-BN pairs
+    return copied
+
+
+@pytest.mark.parametrize("mode", ["fx", "eager"])
+def test_a_frozen_fused_conv_bn_trains_the_same_function_without_running_its_batch_norm(float_tiny, digits8, mode):
+    """With running statistics the division and the BatchNorm cancel: the folded bias computes what torch's did."""
+    x, y = next(iter(digits8.train_dataloader()))
+    network = calibrated(pretrained_tiny(float_tiny).net, x, mode).train()
+    freeze_batch_norm(network)
+    reference = _torch_way(network)
+    calls = []
+    for module in network.modules():
+        if ao.is_conv_bn_qat(module):
+            module.bn.register_forward_hook(lambda *_: calls.append(1))
+    results = []
+    for net in (reference, network):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}))
+    assert calls == []  # one convolution with a folded bias, no BatchNorm
+    (loss, grads), (folded_loss, folded_grads) = results
+    torch.testing.assert_close(folded_loss, loss)
+    assert folded_grads.keys() == grads.keys()
+    assert any(".bn.weight" in n for n in grads)  # the BatchNorm's scale still learns, through the weight
+    for name, grad in grads.items():
+        torch.testing.assert_close(folded_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+
+
+def test_the_folded_forward_follows_copies_and_leaves_batch_statistics_to_torch(float_tiny, digits8):
+    x, _ = next(iter(digits8.train_dataloader()))
+    network = calibrated(pretrained_tiny(float_tiny).net, x).train()  # BatchNorm learning: torch's own forward
+    reference = _torch_way(network)  # before either runs: training moves the observers
+    torch.testing.assert_close(network(x), reference(x))
+    freeze_batch_norm(network)
+    network.eval()
+    expected = _torch_way(network)(x)
+    copied = copy.deepcopy(network)  # the CPU copy that converts, say
+    for module in copied.modules():  # it computes with its own BatchNorm, not the original's
+        if ao.is_conv_bn_qat(module):
+            module.bn.running_mean += 1.0
+    assert not torch.allclose(copied(x), expected)
+    torch.testing.assert_close(_torch_way(copied)(x), copied(x))
+    torch.testing.assert_close(network(x), expected)

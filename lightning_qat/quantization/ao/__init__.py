@@ -7,12 +7,14 @@ fused module's internals is here too (:func:`quant_grid`, :func:`observer_range`
 When torch moves these APIs, this is the package to change. It imports torch only.
 
 One module per concept: :mod:`.quiet` (warnings, the quantized engine), :mod:`.api` (the guarded imports),
-:mod:`.fake_quant` (fake-quants that convert to what QAT trained), :mod:`.qconfigs`, :mod:`.kernels` (probes of this
+:mod:`.fake_quant` (fake-quants that convert to what QAT trained), :mod:`.conv_bn` (fused Conv-BN with
+running statistics), :mod:`.qconfigs`, :mod:`.kernels` (probes of this
 CPU's int8 kernels), :mod:`.flow` (prepare / fuse / convert) and :mod:`.modules` (reading and switching QAT modules).
 Callers use the package's names (``ao.quiet()``, ``ao.convert_fx``), never the modules'.
 """
 
 from lightning_qat.quantization.ao.api import DeQuantStub, FakeQuantizeBase, QConfig, QConfigMapping, QuantStub
+from lightning_qat.quantization.ao.conv_bn import fold_frozen_batch_norm, unfold_batch_norm
 from lightning_qat.quantization.ao.fake_quant import Int8RangeFakeQuantize, WeightFakeQuantize
 from lightning_qat.quantization.ao.flow import (
     convert_eager,
@@ -95,6 +97,7 @@ __all__ = [
     "engine",
     "fake_quant_modules",
     "first_notice",
+    "fold_frozen_batch_norm",
     "freeze_bn_stats",
     "fuse_modules",
     "fused_batch_norm",
@@ -128,5 +131,6 @@ __all__ = [
     "transposed_conv_int8_works",
     "transposed_conv_warning",
     "uncalibrated",
+    "unfold_batch_norm",
     "weight_fake_quant",
 ]

@@ -22,6 +22,7 @@ from lightning_qat.quantization.ao.api import (
     _prepare_ptq_fx,
     _prepare_qat_fx,
 )
+from lightning_qat.quantization.ao.conv_bn import fold_frozen_batch_norm
 from lightning_qat.quantization.ao.quiet import quiet
 
 
@@ -39,13 +40,17 @@ def prepare_fx(
     config = PrepareCustomConfig().set_non_traceable_module_classes(list(leaf_classes))
     with quiet():
         prepare = _prepare_qat_fx if qat else _prepare_ptq_fx
-        return prepare(module, mapping, example_inputs=example_inputs, prepare_custom_config=config)
+        prepared = prepare(module, mapping, example_inputs=example_inputs, prepare_custom_config=config)
+    fold_frozen_batch_norm(prepared)
+    return prepared
 
 
 def prepare_eager(module: nn.Module, qat: bool = True) -> nn.Module:
     """Swap eager modules with a ``qconfig`` for their QAT versions (or add observers), in place."""
     with quiet():
-        return _eager_prepare_qat(module, inplace=True) if qat else _eager_prepare(module, inplace=True)
+        prepared = _eager_prepare_qat(module, inplace=True) if qat else _eager_prepare(module, inplace=True)
+    fold_frozen_batch_norm(prepared)
+    return prepared
 
 
 def fuse_modules(module: nn.Module, groups: list[list[str]], qat: bool = True) -> nn.Module:

@@ -4,8 +4,8 @@ torch's ``_ConvBnNd._forward_approximate`` convolves with the BatchNorm-scaled w
 scale, adds the conv bias and runs the BatchNorm. With running statistics (BatchNorm frozen, or in evaluation) the
 division and the BatchNorm cancel to a per-channel bias, ``beta + (bias - running_mean) * scale``: the same function
 and the same gradients (the scale reaches ``bn.weight`` through the weight, as before; the division's share of its
-gradient is zero), and what the int8 layer computes after conversion folds BatchNorm the same way. The division and
-its backward were a third of mobilenet_v2's QAT step with BatchNorm frozen (docs/performance.md). Set on each fused
+gradient is zero), and what the int8 layer computes after conversion folds BatchNorm the same way. Leaving them out
+takes a third off mobilenet_v2's QAT step with BatchNorm frozen (docs/performance.md). Set on each fused
 module at prepare (an instance attribute: the class, and the modules torch converts to, are untouched); with batch
 statistics (BatchNorm still learning) torch's own method runs.
 """

@@ -35,8 +35,8 @@ from lightning_qat.quantization.sensitivity import MAX_DB
 FIRST = 8  # the candidates of lowest SQNR ranked by the metric each loses alone quantized: one evaluation each
 START = "fit start"  # the search before the first training step, on a calibrated copy
 # How far past the budget a calibrated int8 copy may be at the fit's start and be left to QAT, in the monitor's units.
-# Measured (benchmarks/fallback.md, structural outliers): in 6 of 6 runs whose start missed the budget (by 0.4 to 87
-# points of val_acc), plain QAT never met it; where the start met it, QAT kept it. So none: a miss is searched.
+# Measured (benchmarks/fallback.md, structural outliers, two runs): in 11 of 11 runs whose start missed the budget (by
+# 0.4 to 89 points of val_acc), plain QAT never met it. So none: a miss is searched.
 RECOVERS = 0.0
 
 

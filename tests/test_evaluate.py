@@ -89,6 +89,17 @@ def test_report_times_the_artifact_as_loaded_next_to_float(finished, monkeypatch
     assert again.speedup == pytest.approx(direct["float"] / direct["int8"], rel=0.6)
 
 
+@pytest.mark.parametrize("slower", [True, False])
+def test_an_int8_artifact_slower_than_float_is_timed_layer_by_layer(finished, monkeypatch, slower):
+    qat = finished["qat"]
+    timed = {"float": 1.0, "int8": 2.0 if slower else 0.5}
+    monkeypatch.setattr("lightning_qat.lightning.finish.measure_latency", lambda networks, *a, **k: dict(timed))
+    again = QATReport.from_dict(qat.report.to_dict())
+    qat.finished.measure_networks(again)
+    assert list(again.layer_ms) == (["conv1", "conv2", "fc1", "fc2"] if slower else [])
+    assert any(line.startswith("where the int8 time goes: ") for line in again.summary()) is slower
+
+
 def test_artifact_reloads_in_a_fresh_process_bitwise(finished, digits8, tmp_path):
     qat = finished["qat"]
     x, _ = digits8.splits["val"].tensors

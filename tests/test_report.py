@@ -89,6 +89,19 @@ def test_an_int8_model_slower_than_float_is_said_first():
     assert slow.summary()[0].startswith("SLOWER THAN FLOAT: the int8 artifact runs at 0.67x")
 
 
+def test_a_slower_int8_model_says_which_layers_are_slower_than_float_and_what_is_outside_them():
+    layer_ms = {"conv1": [0.09, 0.11], "fc1": [0.03, 0.02], "fc2": [0.05, 0.01]}
+    report = _report(**MEASURED | {"latency_ms": {"float": 2.0, "int8": 4.0}, "layer_ms": layer_ms})
+    report.float_ops = {"silu": 3}
+    line = report.summary()[1]
+    assert line.startswith("where the int8 time goes: 2 of 3 int8 layers are slower than float alone (fc2 0.050 vs ")
+    assert "fc1 0.030 vs 0.020 ms; skip= keeps them float)" in line  # the most costly first
+    assert line.endswith("the int8 layers take 0.170 of its 4.000 ms, 3 float ops each between a dequantize and a "
+                         "quantize the rest")  # fmt: skip
+    assert QATReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    assert not any("where the int8 time goes" in line for line in _report(**MEASURED).summary())
+
+
 def test_the_report_counts_conv_bn_fusion_and_says_first_when_most_pairs_stay_unfused():
     fused = _report(conv_bn_pairs=3)
     assert "Conv-BN pairs fused: 3 of 3" in fused.summary()

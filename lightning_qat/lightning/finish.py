@@ -38,6 +38,7 @@ from lightning_qat.quantization.measure import (
     count_quantized_layers,
     float_ops,
     float_parameters,
+    layer_times,
     measure_latency,
     serialized_size,
     zero_weights,
@@ -340,6 +341,9 @@ class FinishPipeline:
         )
         report.latency_batch_size = batch_size(run.example_inputs)
         report.latency_threads = torch.get_num_threads()
+        if report.speedup is not None and report.speedup < 1:  # why, layer by layer (not timed otherwise: seconds)
+            times = layer_times(self.quantized_model, run.float_network, run.example_inputs, backend)
+            report.layer_ms = {name: list(pair) for name, pair in times.items()}
 
     def write_report(self, report: QATReport, out_dir: Path) -> None:
         """Metrics to the loggers (``float/…``, ``qat/…``, ``int8/…``), json + markdown files, chart, terminal table.

@@ -68,6 +68,8 @@ class QATReport:
     fallback_met: bool | None = None  # whether a search ran (not None) and met the budget
     fallback_evaluations: int = 0  # int8 models the search evaluated
     fallback_seconds: float = 0.0
+    # when int8 is slower than float: each int8 layer and its float twin timed alone, name -> [int8 ms, float ms]
+    layer_ms: dict[str, list[float]] = field(default_factory=dict)
     fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # each: layers, metric, meets, size...
     int8_kernels: int | None = None  # int8 conv/linear kernel calls in the PT2E engine's compiled package
     package_shapes: str | None = None  # the input shapes the compiled package takes ("any": any size), and why not
@@ -112,6 +114,27 @@ class QATReport:
     def onnx_speedup(self) -> float | None:
         """Float latency / latency of the ONNX artifact in ONNX Runtime (same batch, same threads)."""
         return _ratio(self.latency_ms, "int8-onnx")
+
+    def where_time_goes(self) -> str:
+        """What :attr:`layer_ms` says: the int8 layers slower than their float twins, and the time outside layers."""
+        slower = sorted(
+            (name for name, (int8, twin) in self.layer_ms.items() if int8 > twin),
+            key=lambda name: self.layer_ms[name][1] - self.layer_ms[name][0],
+        )
+        line = (
+            f"where the int8 time goes: {len(slower)} of {len(self.layer_ms)} int8 layers are slower than float alone"
+        )
+        if slower:
+            shown = [f"{name} {self.layer_ms[name][0]:.3f} vs {self.layer_ms[name][1]:.3f} ms" for name in slower[:5]]
+            line += f" ({', '.join(shown)}{', ...' if len(slower) > 5 else ''}; skip= keeps them float)"
+        total = self.latency_ms.get("int8")
+        if total:
+            line += (
+                f"; the int8 layers take {sum(int8 for int8, _ in self.layer_ms.values()):.3f} of its {total:.3f} ms"
+            )
+            if self.float_ops:  # the rest: conversions, float ops and the runtime
+                line += f", {sum(self.float_ops.values())} float ops each between a dequantize and a quantize the rest"
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, ratios included."""
@@ -180,6 +203,8 @@ class QATReport:
                 f"SLOWER THAN FLOAT in TorchScript: {self.speedup:.2f}x the float speed on this input; the ONNX "
                 f"artifact in ONNX Runtime runs at {self.onnx_speedup:.2f}x: deploy that one"
             )
+        if self.layer_ms:
+            lines.append(self.where_time_goes())
         fusion = self.fusion()
         if fusion and 2 * len(self.conv_bn_unfused) > (self.conv_bn_pairs or 0):
             lines.append(f"MOST BATCHNORMS UNFUSED: {fusion}")

@@ -124,3 +124,47 @@ def float_ops(network: nn.Module) -> dict[str, int]:
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def layer_times(
+    int8: nn.Module, float_network: nn.Module, inputs: tuple[Any, ...], backend: str, repeats: int = 10
+) -> dict[str, tuple[float, float]]:
+    """Each int8 layer with weights beside the float module of the same name: name -> (int8 ms, float ms).
+
+    Each is timed alone, interleaved with its twin, on the input it got in one forward pass of ``inputs`` (the fastest
+    of ``repeats``): what the int8 kernel costs where the network runs it. The float twin is the float layer alone
+    (a fused BatchNorm or activation costs float extra). Layers of a PT2E graph (no modules) or whose names the
+    conversion changed are not timed.
+    """
+    float_modules = dict(float_network.named_modules())
+    pairs = {
+        name: (module, float_modules[name])
+        for name, module in int8.named_modules()
+        if name in float_modules and ao.is_quantized_module(module) and hasattr(module, "weight")
+    }
+    seen: dict[tuple[str, bool], Any] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, key=(name, quantized): seen.setdefault(key, args))
+        for name, both in pairs.items()
+        for quantized, module in zip((True, False), both, strict=True)
+    ]
+    times: dict[str, tuple[float, float]] = {}
+    with ao.engine(backend), ao.quiet(), torch.inference_mode():
+        try:
+            int8(*inputs)
+            float_network(*inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, (quantized, twin) in pairs.items():
+            if (name, True) not in seen or (name, False) not in seen:
+                continue
+            best = [float("inf"), float("inf")]
+            for round_ in range(2 + repeats):  # 2 warm-up rounds
+                for i, (module, args) in enumerate(((quantized, seen[name, True]), (twin, seen[name, False]))):
+                    start = time.perf_counter()
+                    module(*args)
+                    if round_ >= 2:
+                        best[i] = min(best[i], (time.perf_counter() - start) * 1e3)
+            times[name] = (best[0], best[1])
+    return times

@@ -96,8 +96,8 @@ def test_a_slower_int8_model_says_which_layers_are_slower_than_float_and_what_is
     line = report.summary()[1]
     assert line.startswith("where the int8 time goes: 2 of 3 int8 layers are slower than float alone (fc2 0.050 vs ")
     assert "fc1 0.030 vs 0.020 ms; skip= keeps them float)" in line  # the most costly first
-    assert line.endswith("the int8 layers take 0.170 of its 4.000 ms, 3 float ops each between a dequantize and a "
-                         "quantize the rest")  # fmt: skip
+    assert line.endswith("the int8 layers take 0.170 of its 4.000 ms, the rest is the runtime and the conversions "
+                         "around 3 float ops (each between a dequantize and a quantize)")  # fmt: skip
     assert QATReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
     assert not any("where the int8 time goes" in line for line in _report(**MEASURED).summary())
 

@@ -132,8 +132,9 @@ class QATReport:
             line += (
                 f"; the int8 layers take {sum(int8 for int8, _ in self.layer_ms.values()):.3f} of its {total:.3f} ms"
             )
-            if self.float_ops:  # the rest: conversions, float ops and the runtime
-                line += f", {sum(self.float_ops.values())} float ops each between a dequantize and a quantize the rest"
+            line += ", the rest is the runtime and the conversions"
+            if self.float_ops:
+                line += f" around {sum(self.float_ops.values())} float ops (each between a dequantize and a quantize)"
         return line
 
     def to_dict(self) -> dict[str, Any]:

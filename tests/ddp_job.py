@@ -4,7 +4,8 @@ Usage: python ddp_job.py FLOAT_STATE_DICT OUT_DIR [JSON {"qat": QATCallback kwar
 "ddp": DDPStrategy kwargs}]
 The trainer's accelerator, devices and strategy and the callback's DDP settings come from configs/ddp_cpu.yaml, the
 config users run (`lightning-qat fit --config configs/ddp_cpu.yaml`), so the test runs what ships.
-Every rank writes OUT_DIR/rank<k>.json: its qparams, the global step at which BN and observers froze, the report.
+Every rank writes OUT_DIR/rank<k>.json: its qparams and BatchNorm statistics, the global step at which BN and
+observers froze, the report.
 """
 
 import faulthandler
@@ -82,6 +83,11 @@ def main() -> None:
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "qparams": qparams,
+        "batch_norm": {  # frozen at epoch 1 (freeze_bn_after=1): what every rank trained with from then on
+            name: [m.running_mean.tolist(), m.running_var.tolist()]
+            for name, m in model.net.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        },
         "freeze_steps": recorder.steps,
         "global_step": trainer.global_step,
         "report": qat.report.to_dict() if qat.report else None,

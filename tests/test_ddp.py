@@ -44,6 +44,9 @@ def test_ddp_ranks_share_qparams_and_freeze_steps_and_rank0_alone_converts(tmp_p
     assert (rank0["world_size"], rank0["rank"], rank1["rank"]) == (2, 0, 1)
     assert rank0["strategy"] == "DDPStrategy"
     assert rank0["qparams"] == rank1["qparams"]
+    # pooled when they froze, without DDP's buffer broadcast too: the ranks train one function and rank 0's converts
+    assert len(rank0["batch_norm"]) == 2
+    assert rank0["batch_norm"] == rank1["batch_norm"]
     steps_per_epoch = rank0["global_step"] // 3
     expected = {"bn": steps_per_epoch, "observers": 2 * steps_per_epoch}
     assert rank0["freeze_steps"] == rank1["freeze_steps"] == expected

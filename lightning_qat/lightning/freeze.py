@@ -16,6 +16,7 @@ from torch import nn
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.prepare import freeze_batch_norm
 from lightning_qat.quantization.schedule import FreezeSchedule, Interval, build_schedule
+from lightning_qat.quantization.sync import all_reduce_batch_norm
 
 
 class Freezing:
@@ -125,6 +126,7 @@ class Freezing:
         ao.hold_eval(self._held)
 
     def _freeze_bn(self, network: nn.Module, where: str) -> None:
+        all_reduce_batch_norm(network)  # every DDP rank freezes the same statistics (broadcast_buffers=False)
         self._held = freeze_batch_norm(network)
         self.bn_frozen = True
         self.applied["bn"] = where

@@ -114,7 +114,7 @@ def depthwise_slowdown(backend: str, shape: DepthwiseShape) -> float:
         with engine(backend), quiet(), torch.no_grad():
             int8, _ = _int8_depthwise(conv.weight, stride=stride, padding=padding, dilation=dilation)
             x_q = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
-            int8_time, float_time = _fastest((int8, x_q), (conv, x))
+            int8_time, float_time = fastest((int8, x_q), (conv, x))
             return int8_time / float_time
     except Exception:  # noqa: BLE001 - an engine without the kernel: nothing to keep float for speed
         return 1.0
@@ -142,7 +142,7 @@ def describe_depthwise(shape: DepthwiseShape) -> str:
     return text + (f", dilation {'x'.join(map(str, set(dilation)))}" if any(d > 1 for d in dilation) else "")
 
 
-def _fastest(*calls: tuple[nn.Module, torch.Tensor], repeats: int = 10) -> list[float]:
+def fastest(*calls: tuple[nn.Module, torch.Tensor], repeats: int = 10) -> list[float]:
     """The fastest of ``repeats`` runs of each ``(layer, input)``, run in turns so a busy moment hits all of them."""
     times: list[list[float]] = [[] for _ in calls]
     for round_ in range(3 + repeats):  # 3 warm-up rounds

@@ -234,8 +234,10 @@ def _lightning_step_ms(network: nn.Module, data: TensorDataset, batch: int, call
     return statistics.median(timer.times[warmup:]) * 1e3
 
 
-def _plain_steps_ms(networks: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict:
-    """Forward + backward + SGD step of each network, interleaved, median ms."""
+def plain_steps_ms(
+    networks: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int, logits: Callable = lambda o: o
+) -> dict:
+    """Forward + backward + SGD step of each network, interleaved, median ms (``logits``: of a network's output)."""
     optimizers = {n: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for n, m in networks.items()}
     times: dict[str, list[float]] = {n: [] for n in networks}
     with ao.quiet():
@@ -244,7 +246,7 @@ def _plain_steps_ms(networks: dict[str, nn.Module], x: torch.Tensor, y: torch.Te
                 inputs = x.contiguous(memory_format=torch.channels_last) if "channels_last" in name else x
                 start = time.perf_counter()
                 optimizers[name].zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(inputs), y).backward()
+                nn.functional.cross_entropy(logits(model(inputs)), y).backward()
                 optimizers[name].step()
                 if i >= 2:
                     times[name].append((time.perf_counter() - start) * 1e3)
@@ -273,7 +275,7 @@ def step_overhead(sizes: Sizes) -> list[str]:
         channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
         hand = hand_qat_model(arch, "x86")
         with pinned_threads(threads):
-            plain = _plain_steps_ms(
+            plain = plain_steps_ms(
                 {
                     "fp32": fp32,
                     "ours": ours,

@@ -14,6 +14,7 @@ network learned anything to agree on.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import tempfile
 from collections.abc import Callable, Sequence
@@ -25,9 +26,11 @@ import torchvision
 from sklearn.datasets import load_digits
 from torch import nn
 
+from benchmarks.run import plain_steps_ms
 from benchmarks.runtimes import pinned_threads
 from lightning_qat import load_quantized
 from lightning_qat.export.torchscript import save_torchscript
+from lightning_qat.lightning import speed
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import to_int8
 from lightning_qat.quantization.measure import measure_latency, serialized_size
@@ -81,6 +84,9 @@ NETWORKS = (
     Network("timm mobilenetv3_large_100", _timm("mobilenetv3_large_100"), needs="timm"),
     Network("timm regnety_002", _timm("regnety_002"), needs="timm"),
     Network("timm densenet121", _timm("densenet121"), needs="timm"),
+    Network("timm rexnet_100", _timm("rexnet_100"), needs="timm"),  # the held-out network of issue #39
+    Network("timm ghostnet_100", _timm("ghostnet_100"), needs="timm"),
+    Network("timm lcnet_050", _timm("lcnet_050"), needs="timm"),
     Network("torchvision lraspp_mobilenet_v3_large", _segmentation("lraspp_mobilenet_v3_large"), True),
     Network("torchvision deeplabv3_mobilenet_v3_large", _segmentation("deeplabv3_mobilenet_v3_large"), True),
     Network("smp Unet(resnet18)", _smp("Unet", "resnet18"), True, "segmentation_models_pytorch"),
@@ -132,8 +138,40 @@ def _predict(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([_logits(net(chunk)).argmax(1) for chunk in x.split(100)])
 
 
+def _qat_int8(
+    net: nn.Module, example: tuple, x: torch.Tensor, y: torch.Tensor, steps: int, seg: bool, kept: dict | None = None
+) -> tuple:
+    """``net`` prepared (``kept`` float; ``None``: the CPU's kernels decide), QAT-trained, and its int8 conversion."""
+    prepared = prepare_model(net, "x86", "auto", [], example, kept=kept)
+    _train(prepared.module, x, y, steps, seg, qat=True)
+    qat = prepared.module.eval()
+    return prepared, qat, to_int8(qat, prepared.mode, "x86", example)
+
+
+def _speedups(fp32: nn.Module, artifact: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
+    """float eager / int8 artifact at batch 1 and 8, 1 thread."""
+    speedups = []
+    for batch in (1, 8):
+        with pinned_threads(1):
+            ms = measure_latency({"fp32": fp32.eval(), "int8": artifact}, (x[:batch],), "x86", repeats=repeats)
+        speedups.append(ms["fp32"] / ms["int8"])
+    return speedups
+
+
+def _step_ratio(fp32: nn.Module, qat: nn.Module, x: torch.Tensor, y: torch.Tensor, seg: bool, repeats: int) -> float:
+    """A QAT step (BatchNorm and observers frozen, as at the fit's end) / a float step, batch 32, 1 thread."""
+    target = masks(x[:32], y[:32]) if seg else y[:32]
+    with pinned_threads(1):
+        ms = plain_steps_ms({"fp32": fp32.train(), "qat": qat.train()}, x[:32], target, repeats, _logits)
+    return ms["qat"] / ms["fp32"]
+
+
 def row(network: Network, steps: int, repeats: int, workdir: Path) -> str:
-    """One table row: train float, prepare, train QAT, convert, save, reload, compare and time."""
+    """One table row: train float, prepare, train QAT, convert, save, reload, compare and time; then the cost model.
+
+    The cost model (:func:`lightning_qat.lightning.speed.choose`, what ``setup`` runs) times the int8 network at batch
+    1; when it keeps layers float, that network is prepared, QAT-trained and timed again ("after").
+    """
     torch.manual_seed(0)
     x, y, x_val, y_val = digits()
     net = network.make()
@@ -144,20 +182,30 @@ def row(network: Network, steps: int, repeats: int, workdir: Path) -> str:
     fp32 = network.make()
     fp32.load_state_dict(net.state_dict())
     example = (x[:1],)
-    prepared = prepare_model(net, "x86", "auto", [], example)
-    _train(prepared.module, x, y, steps, network.segmentation, qat=True)
-    qat = prepared.module.eval()
-    int8 = to_int8(qat, prepared.mode, "x86", example)
+    prepared, qat, int8 = _qat_int8(copy.deepcopy(fp32), example, x, y, steps, network.segmentation)
     artifact = load_quantized(save_torchscript(int8, workdir / "zoo.pt", "x86", example))
     qat_pred, int8_pred = _predict(qat, x_val), _predict(artifact, x_val)
     truth = masks(x_val, y_val) if network.segmentation else y_val
     agreement = (qat_pred == int8_pred).float().mean().item()
     accuracy = (qat_pred == truth).float().mean().item()
-    speedups = []
-    for batch in (1, 8):
-        with pinned_threads(1):
-            ms = measure_latency({"fp32": fp32.eval(), "int8": artifact}, (x_val[:batch],), "x86", repeats=repeats)
-        speedups.append(ms["fp32"] / ms["int8"])
+    speedups = _speedups(fp32, artifact, x_val, repeats)
+    step = _step_ratio(fp32, qat, x, y, network.segmentation, repeats)
+
+    def again(kept: dict) -> object:
+        return prepare_model(copy.deepcopy(fp32), "x86", prepared.mode, [], example, kept=kept)
+
+    with pinned_threads(1):
+        chosen = speed.choose(fp32.eval(), int8, again, prepared.kernels, "x86", example, repeats)
+    after = "-"
+    if chosen.kept:
+        kept = prepared.kernels | chosen.kept
+        _, qat_after, int8_after = _qat_int8(copy.deepcopy(fp32), example, x, y, steps, network.segmentation, kept)
+        shipped = load_quantized(save_torchscript(int8_after, workdir / "after.pt", "x86", example))
+        b1, b8 = _speedups(fp32, shipped, x_val, repeats)
+        agree = (_predict(qat_after, x_val) == _predict(shipped, x_val)).float().mean().item()
+        after = f"{len(chosen.kept)} kept: {b1:.2f}x, {b8:.2f}x, agreement {agree:.1%}"
+    elif "kept" in chosen.ms:
+        after = "none taken (too little gain)"
     fused = (
         f"{prepared.conv_bn_pairs - len(prepared.conv_bn_unfused)} of {prepared.conv_bn_pairs}"
         if prepared.conv_bn_pairs is not None
@@ -167,7 +215,7 @@ def row(network: Network, steps: int, repeats: int, workdir: Path) -> str:
     size = serialized_size(fp32) / serialized_size(int8)
     line = (
         f"| {network.name} | {prepared.mode} | {fused} | {kept} | {speedups[0]:.2f}x | {speedups[1]:.2f}x | "
-        f"{size:.2f}x | {agreement:.1%} | {accuracy:.1%} |"
+        f"{after} | {step:.2f}x | {size:.2f}x | {agreement:.1%} | {accuracy:.1%} |"
     )
     print(line, flush=True)
     return line
@@ -176,9 +224,10 @@ def row(network: Network, steps: int, repeats: int, workdir: Path) -> str:
 def zoo(quick: bool, steps: int = 100, only: str = "") -> tuple[list[str], list[str]]:
     """The table's lines, and the networks not run (their package is absent); ``only``: names containing it."""
     lines = [
-        "| network | mode | Conv-BN pairs fused | kept float (why) | int8 speed-up b1 | b8 | size ratio "
-        "| int8-vs-QAT agreement | QAT accuracy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| network | mode | Conv-BN pairs fused | kept float (why) | int8 speed-up b1 | b8 | kept float for speed "
+        "(setup's cost model): speed-up b1, b8 after | QAT step / float step | size ratio | int8-vs-QAT agreement "
+        "| QAT accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     skipped = []
     with tempfile.TemporaryDirectory() as tmp:

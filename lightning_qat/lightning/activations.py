@@ -18,17 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_qat.exceptions import ConversionError
-from lightning_qat.export.aoti import load_pt2, save_pt2
-from lightning_qat.export.torchscript import to_torchscript
 from lightning_qat.lightning.settings import Activations
+from lightning_qat.lightning.speed import calibrated_int8, shipped
 from lightning_qat.lightning.state import QATState
 from lightning_qat.quantization import ao
-from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dynamic
 from lightning_qat.quantization.engines import Prepared
 from lightning_qat.quantization.measure import measure_latency
@@ -69,11 +66,12 @@ def choose(
         try:
             if capture:
                 prepared = capture[1]()
-                compiled, dynamic = prepared.engine.compiled, _calibrated_int8(prepared, backend, example_inputs)
+                compiled = prepared.engine.compiled
+                dynamic = calibrated_int8(prepared, backend, example_inputs, dynamic=True)
             else:
                 dynamic = to_dynamic(probe)
             candidates = {
-                name: _shipped(network, compiled, backend, example_inputs, Path(folder) / name)
+                name: shipped(network, compiled, backend, example_inputs, Path(folder) / name)
                 for name, network in {"static": static, "dynamic": dynamic}.items()
             }
         except ConversionError as err:  # static was checked by the preflight: it ships
@@ -81,21 +79,6 @@ def choose(
             return "static", {}
         ms = measure_latency(candidates, example_inputs, backend, repeats=repeats)
     return ("dynamic" if ms["dynamic"] < ms["static"] else "static"), ms
-
-
-def _calibrated_int8(prepared: Prepared, backend: str, example_inputs: tuple[Any, ...]) -> nn.Module:
-    """The int8 conversion of a copy of a network captured with dynamic activations that saw the example once."""
-    probe = cpu_eval_copy(prepared.module)
-    with ao.quiet(), torch.no_grad():
-        probe(*example_inputs)
-    return to_int8(probe, prepared.engine, backend, example_inputs, dynamic=True)
-
-
-def _shipped(quantized: nn.Module, compiled: bool, backend: str, inputs: tuple[Any, ...], path: Path) -> nn.Module:
-    """``quantized`` as its artifact runs: a compiling engine's package (written at ``path``), else TorchScript."""
-    if compiled:
-        return load_pt2(save_pt2(quantized, path.with_suffix(".pt2"), inputs).path)
-    return to_torchscript(quantized, backend, inputs)
 
 
 def describe(chosen: str, ms: dict[str, float]) -> str:

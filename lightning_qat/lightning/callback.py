@@ -97,6 +97,8 @@ class QATCallback(Callback):
         activations: ``"static"`` (scales calibrated by QAT, every layer int8), ``"dynamic"`` (Linears int8 with
             activations quantized per batch at run time, the rest float; captured so on PT2E) or ``"auto"`` (static,
             unless a Linear-heavy network runs faster dynamic: both artifacts timed in ``setup``, on rank 0).
+        keep_slow_float: when the int8 network runs slower than float on the example in ``setup`` (rank 0, this
+            CPU), time each layer and keep float the layers that make it slower, when that is measured faster.
 
     Raises:
         ValueError: for any argument outside the values listed above.
@@ -151,6 +153,7 @@ class QATCallback(Callback):
         overwrite: bool = False,
         activations: Activations = "auto",
         fallback_at: FallbackAt | None = None,
+        keep_slow_float: bool = True,
         mode: Mode | None = None,
         save_artifact: bool | None = None,
         convert: ConvertFrom | None = None,
@@ -176,6 +179,7 @@ class QATCallback(Callback):
         self.untrained_float = untrained_float
         self.overwrite = overwrite
         self.activations = activations
+        self.keep_slow_float = keep_slow_float
         self.export = check_arguments(self, export, ptq_batches, fallback_at, given_backend=backend)
         self.needs = Needs(tuple(export or ()), activations == "dynamic", on_drop == "fallback")  # of engine="auto"
         self.skip = list(skip)

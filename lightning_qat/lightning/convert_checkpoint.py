@@ -15,6 +15,7 @@ from lightning_qat.lightning.callback import QATCallback
 from lightning_qat.lightning.evaluate import EvalData
 from lightning_qat.lightning.report import QATReport
 from lightning_qat.lightning.run import QATRun
+from lightning_qat.lightning.speed import Speed
 from lightning_qat.quantization.convert import cpu_eval_copy
 
 # QATCallback arguments that describe how the checkpoint's network was prepared or trained: the checkpoint decides.
@@ -95,6 +96,7 @@ def convert_checkpoint(
         loaded_from=str(ckpt_path),
         activations=state.get("activations", "static"),
         activation_ms=dict(state.get("activation_ms", {})),
+        speed=Speed(**state.get("speed", {})),
         fallback=list(state.get("fallback", [])),  # kept float (and trained so) by a search during the fit
         fallback_met=state.get("fallback_met"),
         fallback_candidates=list(state.get("fallback_candidates", [])),

@@ -163,6 +163,7 @@ class FinishPipeline:
             ),
             activations=run.activations,
             activation_ms=dict(run.activation_ms),
+            speed_ms=dict(run.speed.ms),
             attention=run.prepared.attention,
             monitor=self.settings.monitor,
             fallback=float_names(self.float_groups),
@@ -179,7 +180,10 @@ class FinishPipeline:
         entries = [kept(name, "skip=", "you") for name in run.skip]
         shared = "called at several places in one forward pass: fusing one call's BatchNorm would change the others"
         entries += [kept(name, shared, "engine") for name in run.prepared.shared]
-        entries += [kept(name, why, "engine") for name, why in run.prepared.kept_float.items()]
+        entries += [
+            kept(name, why, "speed" if name in run.speed.kept else "engine")
+            for name, why in run.prepared.kept_float.items()
+        ]
         budget = f"int8 missed max_metric_drop={settings.max_metric_drop} on {settings.monitor}"
         return entries + [kept(name, budget, "budget") for name in float_names(self.float_groups)]
 

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_qat.lightning import activations as activation_choice
-from lightning_qat.lightning import example_input, peers, preflight
+from lightning_qat.lightning import example_input, peers, preflight, speed
 from lightning_qat.lightning.evaluate import eval_data
 from lightning_qat.lightning.install import decide_kernels, install
 from lightning_qat.quantization.engines import Mode, Prepared
@@ -41,7 +41,7 @@ def prepare_for_fit(qat: QATCallback, trainer: pl.Trainer, pl_module: pl.Lightni
     kernels = decide_kernels(trainer, network, qat.backend, qat.skip)
     names = peers.module_names(pl_module)
 
-    def prepare(network: nn.Module, mode: Mode, dynamic: bool) -> tuple[nn.Module, nn.Module]:
+    def prepare(network: nn.Module, mode: Mode, dynamic: bool, kernels: dict[str, str]) -> tuple[nn.Module, nn.Module]:
         prepared = install_network(qat, pl_module, network, mode, kernels, dynamic)
         peers.retarget_pruning(trainer, pl_module, target, prepared, names)
         data = eval_data(trainer, qat.evaluate)
@@ -49,10 +49,10 @@ def prepare_for_fit(qat: QATCallback, trainer: pl.Trainer, pl_module: pl.Lightni
             pl_module, state, qat.backend, qat.evaluate, data, qat.export, qat.monitor, dynamic
         )
 
-    probe, quantized = prepare(network, qat.engine, qat.activations == "dynamic")
+    probe, quantized = prepare(network, qat.engine, qat.activations == "dynamic", kernels)
     assert state.prepared is not None
     mode, captured = cast(Mode, state.prepared.mode), state.prepared.activations
-    capture = partial(_capture, qat, state.float_network, mode, kernels)
+    capture = partial(_capture, qat, state.float_network, mode, kernels, True)
     wanted = qat.activations
     if qat.needs.search and not state.prepared.engine.can_search(True):
         wanted = "static"  # the accuracy-budget search needs quantizers to drop: static activations on this engine
@@ -60,7 +60,15 @@ def prepare_for_fit(qat: QATCallback, trainer: pl.Trainer, pl_module: pl.Lightni
         trainer, state, probe, quantized, qat.backend, wanted, qat.latency_repeats, capture
     )
     if captured not in (None, state.activations):  # captured for the other activations: again, for the chosen
-        prepare(copy.deepcopy(state.float_network), mode, state.activations == "dynamic")
+        prepare(copy.deepcopy(state.float_network), mode, state.activations == "dynamic", kernels)
+    # timed on a resumed run too (setup cannot know it), whose checkpoint's choice then wins (prepare_as_saved)
+    if qat.keep_slow_float and state.activations == "static":
+        again = partial(_capture, qat, state.float_network, mode, dynamic=False)
+        state.speed = speed.decide(
+            trainer, state.prepared, state.float_network, quantized, again, qat.backend, state.example_inputs
+        )
+        if state.speed.kept:
+            prepare(copy.deepcopy(state.float_network), mode, False, kernels | state.speed.kept)
 
 
 def install_network(
@@ -84,9 +92,9 @@ def install_network(
     return state.prepared
 
 
-def _capture(qat: QATCallback, float_network: nn.Module, mode: Mode, kernels: Any) -> Prepared:
-    """A copy of ``float_network`` prepared as :func:`install_network` would with dynamic activations, not set."""
-    needs = dataclasses.replace(qat.needs, dynamic=True)
+def _capture(qat: QATCallback, float_network: nn.Module, mode: Mode, kernels: Any, dynamic: bool) -> Prepared:
+    """A copy of ``float_network`` prepared as :func:`install_network` would (``dynamic`` activations), not set."""
+    needs = dataclasses.replace(qat.needs, dynamic=dynamic)
     return prepare_model(
         copy.deepcopy(float_network), qat.backend, mode, qat.skip, qat.state.example_inputs,
         relu6_to_relu=qat.relu6_to_relu, kept=kernels, needs=needs,

@@ -13,7 +13,8 @@ from lightning_qat.quantization.sensitivity import worst
 ROWS = ("float", "ptq", "qat", "int8", "int8-onnx")
 WORST = 10  # layers of lowest SQNR the terminal notes name
 MonitorMode = Literal["max", "min"]
-KeptBy = Literal["you", "engine", "budget"]  # who kept a layer float: skip=, the engine's kernels / shapes, the budget
+# who kept a layer float: skip=, the engine's kernels / shapes, the timing at setup, the budget
+KeptBy = Literal["you", "engine", "speed", "budget"]
 
 
 def kept(name: str, why: str, by: KeptBy) -> dict[str, str]:
@@ -53,13 +54,15 @@ class QATReport:
     conv_bn_pairs: int | None = None  # convolutions followed by a BatchNorm (None: not counted, eager mode)
     conv_bn_unfused: list[str] = field(default_factory=list)  # "conv -> bn: why" for each pair left unfused
     # every layer or op that stays float, one entry each ({"name", "why", "by"}: see kept()): what skip= asked
-    # ("you"), what the engine decided for this CPU's kernels or the network's shape ("engine"), what the accuracy
-    # budget search chose ("budget")
+    # ("you"), what the engine decided for this CPU's kernels or the network's shape ("engine"), the layers slower in
+    # int8 when timed at setup ("speed"), what the accuracy budget search chose ("budget")
     kept_float: list[dict[str, str]] = field(default_factory=list)
     module: str = ""  # the LightningModule's submodule that was quantized: what the artifact computes
     outside_params: int = 0  # parameters of the LightningModule outside ``module``: not in the artifact
     activations: str = "static"  # int8 activations: "static" (calibrated scales) or "dynamic" (per batch, Linears)
     activation_ms: dict[str, float] = field(default_factory=dict)  # the two candidates timed: "static"/"dynamic" -> ms
+    # the example timed at setup: "float", "int8" and, when layers were tried float for speed, "kept" -> ms
+    speed_ms: dict[str, float] = field(default_factory=dict)
     attention: int = 0  # nn.MultiheadAttention modules whose projections were quantized
     monitor: str | None = None  # the metric the accuracy guard and the fallback search compare
     layer_sqnr: dict[str, float] = field(default_factory=dict)  # quantized layer -> SQNR (dB) vs its float computation
@@ -204,6 +207,8 @@ class QATReport:
                 f"SLOWER THAN FLOAT in TorchScript: {self.speedup:.2f}x the float speed on this input; the ONNX "
                 f"artifact in ONNX Runtime runs at {self.onnx_speedup:.2f}x: deploy that one"
             )
+        if self.speed_ms:
+            lines.append(timed_at_setup(self.speed_ms, sum(entry["by"] == "speed" for entry in self.kept_float)))
         if self.layer_ms:
             lines.append(self.where_time_goes())
         fusion = self.fusion()
@@ -211,7 +216,11 @@ class QATReport:
             lines.append(f"MOST BATCHNORMS UNFUSED: {fusion}")
         elif fusion:
             lines.append(fusion)
-        for by, why in dict.fromkeys((entry["by"], entry["why"]) for entry in self.kept_float):
+        speed = [f"{entry['name']} ({entry['why']})" for entry in self.kept_float if entry["by"] == "speed"]
+        if speed:  # each with its own times: one line
+            shown = ", ".join(speed[:5]) + (f", ... ({len(speed)} in all)" if len(speed) > 5 else "")
+            lines.append(f"kept float (for speed, each alone at the example's shape, timed at setup): {shown}")
+        for by, why in dict.fromkeys((e["by"], e["why"]) for e in self.kept_float if e["by"] != "speed"):
             names = [entry["name"] for entry in self.kept_float if (entry["by"], entry["why"]) == (by, why)]
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
             lines.append(f"kept float ({_BY[by]}): {shown}: {why}")
@@ -357,7 +366,22 @@ class QATReport:
         return json_path, md_path
 
 
-_BY = {"you": "by you", "engine": "by the engine", "budget": "for the accuracy budget"}
+_BY = {"you": "by you", "engine": "by the engine", "speed": "for speed", "budget": "for the accuracy budget"}
+
+
+def timed_at_setup(ms: dict[str, float], kept: int) -> str:
+    """What ``setup`` timed (:mod:`~lightning_qat.lightning.speed`), ``kept`` layers kept float for speed, in a line."""
+    line = f"timed at setup on the example: int8 {ms['int8']:.3g} ms against float {ms['float']:.3g} ms"
+    if kept:
+        line += f"; {kept} layers slower or barely faster in int8 kept float for speed: int8 then {ms['kept']:.3g} ms"
+    elif "kept" in ms:
+        line += f"; with the layers slower in int8 kept float it ran {ms['kept']:.3g} ms, too little gain to take"
+    if ms["kept" if kept else "int8"] > ms["float"]:
+        line += (
+            ". int8 does not pay on this network on this CPU: ship the float model, or try another runtime "
+            "(export=['onnx'] runs it in ONNX Runtime)"
+        )
+    return line
 
 
 def drop(float_value: float, value: float, mode: MonitorMode) -> float:

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_qat.lightning.speed import Speed
 from lightning_qat.quantization.engines import Mode, Prepared
 
 
@@ -31,6 +32,7 @@ class QATRun:
     loaded_from: str | None = None
     activations: str = "static"  # what the artifact quantizes activations with, chosen in setup (activations.choose)
     activation_ms: dict[str, float] = field(default_factory=dict)  # the candidates' timing behind that choice
+    speed: Speed = field(default_factory=Speed)  # the layers kept float for speed in setup, and the timing behind them
     fallback: list[str] = field(default_factory=list)  # layers a search during the fit kept float (then trained so)
     fallback_met: bool | None = None  # whether that search met the budget (None: no search ran)
     fallback_candidates: list[dict[str, Any]] = field(default_factory=list)  # what it tried

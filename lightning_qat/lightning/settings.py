@@ -120,6 +120,7 @@ class Arguments(Protocol):
     weights: ConvertFrom
     untrained_float: bool
     activations: Activations
+    keep_slow_float: bool
 
 
 @dataclass
@@ -207,7 +208,7 @@ def check_arguments(
                 f"fallback_at={fallback_at!r} only acts with on_drop='fallback' (on_drop={c.on_drop!r}): set both, "
                 "or drop fallback_at."
             )
-    for name in ("relu6_to_relu", "ptq_baseline", "sync_observers", "untrained_float", "overwrite"):
+    for name in ("relu6_to_relu", "ptq_baseline", "sync_observers", "untrained_float", "overwrite", "keep_slow_float"):
         check_flag(name, getattr(c, name))
     if ptq_batches is not None:
         check_count("ptq_batches", ptq_batches)

@@ -16,6 +16,7 @@ from torch import nn
 from lightning_qat.lightning import example_input
 from lightning_qat.lightning.budget import FitSearch
 from lightning_qat.lightning.run import QATRun
+from lightning_qat.lightning.speed import Speed
 from lightning_qat.quantization.convert import cpu_eval_copy
 from lightning_qat.quantization.engines import Mode, Prepared
 
@@ -26,7 +27,8 @@ class QATState:
 
     ``loaded_from``: the checkpoint whose weights the network holds (validate / test / predict of a QAT checkpoint),
     which are then the weights converted. ``activations``: what the artifact quantizes activations with, chosen in
-    ``setup("fit")`` (:mod:`~lightning_qat.lightning.activations`), timed as ``activation_ms``.
+    ``setup("fit")`` (:mod:`~lightning_qat.lightning.activations`), timed as ``activation_ms``. ``speed``: the layers
+    kept float because they were slower in int8, timed in ``setup("fit")`` (:mod:`~lightning_qat.lightning.speed`).
     """
 
     target: str | None = None
@@ -36,6 +38,7 @@ class QATState:
     loaded_from: str | None = None
     activations: Literal["static", "dynamic"] = "static"
     activation_ms: dict[str, float] = field(default_factory=dict)
+    speed: Speed = field(default_factory=Speed)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the float weights keep the report's float row right after a resume or a convert."""
@@ -47,6 +50,7 @@ class QATState:
             "example_inputs": example_input.storable(self.example_inputs),
             "activations": self.activations,
             "activation_ms": dict(self.activation_ms),
+            "speed": {"ms": dict(self.speed.ms), "kept": dict(self.speed.kept)},
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -59,6 +63,7 @@ class QATState:
             )
         self.activations = activations
         self.activation_ms = dict(saved.get("activation_ms", {}))
+        self.speed = Speed(**saved.get("speed", {}))  # its layers are in "kernels", which the preparation honoured
         float_state = saved.get("float_state_dict")
         if float_state is not None and self.float_network is not None:
             self.float_network.load_state_dict(float_state)
@@ -92,6 +97,7 @@ class QATState:
             loaded_from=self.loaded_from,
             activations=self.activations,
             activation_ms=dict(self.activation_ms),
+            speed=self.speed,
             fallback=list(budget.fallback),
             fallback_met=budget.met,
             fallback_candidates=list(budget.candidates),

@@ -134,14 +134,17 @@ def layer_times(
     Each is timed alone, interleaved with its twin, on the input it got in one forward pass of ``inputs`` (the fastest
     of ``repeats``): what the int8 kernel costs where the network runs it. The float twin is the float layer alone
     (a fused BatchNorm or activation costs float extra). Layers of a PT2E graph (no modules) or whose names the
-    conversion changed are not timed.
+    conversion changed otherwise than the eager engine's wrapper does are not timed.
     """
     float_modules = dict(float_network.named_modules())
-    pairs = {
-        name: (module, float_modules[name])
-        for name, module in int8.named_modules()
-        if name in float_modules and ao.is_quantized_module(module) and hasattr(module, "weight")
-    }
+    pairs = {}
+    for name, module in int8.named_modules():
+        if not (ao.is_quantized_module(module) and hasattr(module, "weight")):
+            continue
+        if name not in float_modules:  # the eager engine's wrapper: "module.<name>"
+            name = name.partition(".")[2]
+        if name in float_modules:
+            pairs[name] = (module, float_modules[name])
     seen: dict[tuple[str, bool], Any] = {}
     handles = [
         module.register_forward_pre_hook(lambda _m, args, key=(name, quantized): seen.setdefault(key, args))

@@ -97,6 +97,7 @@ def test_state_dict_holds_the_preparation_and_refuses_another_one():
         "example_inputs": None,
         "activations": "static",
         "activation_ms": {},
+        "speed": {"ms": {}, "kept": {}},
         "fallback": [],
         "fallback_searched": False,
         "fallback_met": None,

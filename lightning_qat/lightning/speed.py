@@ -2,13 +2,14 @@
 
 The depthwise probe (:func:`~lightning_qat.quantization.edits.kept_float`) keeps a layer float from one fixed shape;
 a network can still ship slower than float when many layers are a few times slower each (timm's rexnet_100 at 32 px
-on an AMX Xeon: 0.25x the float speed, depthwise convolutions 35x slower at their own shapes). So, once the network is
-prepared and its preflight has converted it, the int8 network as it ships is timed against float. When int8 is slower,
-every int8 layer is timed alone against its float twin, on the input it gets (:func:`.measure.layer_times`), and two
-sets of layers are tried float: those slower in int8, and those that gain less than :data:`MARGINAL` (the quantize
-and dequantize around a float layer can eat what a marginal int8 layer saves). Each set is prepared, converted and
-timed whole beside the first; the fastest is taken when it saves :data:`GAIN` or more. The whole-network timing, not
-the sum of layers, decides: conversions between float and int8 layers are in it.
+on an AMX Xeon: 0.29x the float speed, depthwise convolutions 35x slower at their own shapes). So, once the network is
+prepared and its preflight has converted it, the int8 network as it ships is timed against float. When int8 is slower
+(and float takes :data:`FLOOR_MS` or more), every int8 layer is timed alone against its float twin, on the input it
+gets (:func:`.measure.layer_times`), and two sets of layers are tried float: those slower in int8, and those that gain
+less than :data:`MARGINAL` (the quantize and dequantize around a float layer can eat what a marginal int8 layer
+saves). Each set is prepared, converted and timed whole beside the first; the fastest is taken when it runs in
+:data:`GAIN` of the first's time or less. The whole-network timing, not the sum of layers, decides: conversions
+between float and int8 layers are in it.
 
 The set shapes the graph: rank 0 decides, every rank prepares it, and it is checkpointed with the kernels' decisions
 (:attr:`Prepared.kernels`), which a resumed run honours on any CPU.
@@ -43,8 +44,8 @@ MARGINAL = 1.5
 # Timed passes of each network in setup (the median; 1 warm-up): the differences acted on are 10% and more, and a
 # large network at the training batch takes seconds a pass.
 REPEATS = 5
-# A network whose float forward pass takes less (ms) on the example is not searched: its time is mostly the runtime's
-# calls, which no choice of float layers changes, and its layers' timings are within the timer's noise (a few us).
+# A network whose float forward pass takes less (ms) on the example is not timed further: its time is mostly the
+# runtime's calls, which no choice of float layers changes, and its layers' timings are within the timer's noise.
 FLOOR_MS = 1.0
 
 Prepare = Callable[[dict[str, str]], Prepared]  # the float network prepared again with these layers kept float
@@ -107,11 +108,12 @@ def choose(
     ``quantized``: the prepared network's int8 conversion (the preflight's); ``prepare``: how to prepare the float
     network again with other layers kept float. TorchScript, what the FX and eager engines ship, is what is timed.
     """
+    if measure_latency({"float": float_network}, inputs, backend, repeats=repeats, warmup=1)["float"] < FLOOR_MS:
+        return Speed()  # not even converted to the artifact: a fraction of a second, per fit, saved
     with tempfile.TemporaryDirectory() as folder:
         networks = {"float": float_network, "int8": shipped(quantized, False, backend, inputs, Path(folder) / "int8")}
         ms = measure_latency(networks, inputs, backend, repeats=repeats, warmup=1)
-
-        if ms["int8"] <= ms["float"] or ms["float"] < FLOOR_MS:
+        if ms["int8"] <= ms["float"]:
             return Speed(ms)
         times = layer_times(quantized, float_network, inputs, backend, repeats=min(repeats, 10))
         sets = candidates(times)

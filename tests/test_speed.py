@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_qat import QATCallback
+from lightning_qat.exceptions import ConversionError
 from lightning_qat.lightning import speed
 from lightning_qat.lightning.report import QATReport, kept, timed_at_setup
 from lightning_qat.quantization import ao
@@ -122,6 +123,23 @@ def test_nothing_is_kept_float_when_no_set_pays_or_when_asked(
     )
     summary = "\n".join(qat.report.summary())
     assert (said in summary) if said else "timed at setup" not in summary
+
+
+def test_a_set_that_cannot_be_converted_is_no_candidate(tmp_path, digits8, float_tiny, monkeypatch):
+    """Found in CI: a Linear of a decomposed attention kept float got a quantized input; setup must go on without it."""
+    calls = stub_times(monkeypatch, slow={"conv2"})
+
+    def fails(*_, **__):
+        raise ConversionError("the int8 model (fx mode) fails on an example batch: mat1 and mat2 ...")
+
+    monkeypatch.setattr(speed, "calibrated_int8", fails)
+    qat = QATCallback()
+    fit(tmp_path, digits8, float_tiny, qat)
+
+    assert calls == [["float"], ["float", "int8"]]  # no set timed
+    assert qat.state.prepared.kernels == {}
+    assert qat.report.speed_ms == {"float": 10.0, "int8": 20.0}
+    assert qat.report.metrics["int8"]["val_acc"] > 0.8  # the run went on and shipped
 
 
 def test_int8_faster_than_float_is_left_as_it_is(tmp_path, digits8, float_tiny, monkeypatch):

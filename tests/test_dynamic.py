@@ -87,12 +87,15 @@ def test_auto_keeps_the_faster_activations_and_says_so(tmp_path, digits8, monkey
         return {name: 1.0 if name == faster else 2.0 for name in networks}
 
     monkeypatch.setattr(activations, "measure_latency", timing)
+    traced, ship = [], activations.shipped
+    monkeypatch.setattr(activations, "shipped", lambda *args: traced.append(args[-1].name) or ship(*args))
     pl.seed_everything(0)
     qat = QATCallback(interval="step", freeze_bn_after=2, freeze_observers_after=4, evaluate=None, latency_repeats=1)
     pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, callbacks=[qat])).fit(
         BoringClassifier(NormGeluBlock()), datamodule=digits8
     )
     assert timed[0] == ["dynamic", "static"]
+    assert traced == ["dynamic"]  # static is the preflight's trace, not traced again
     assert qat.report.activations == faster
     assert qat.report.activation_ms == {faster: 1.0, timed[0][faster == "dynamic"]: 2.0}
     assert bool(_dynamic_linears(qat.quantized_model)) == (faster == "dynamic")

@@ -99,7 +99,7 @@ def _check(name: str) -> tuple[str, torch.nn.Module]:
     net, x = _network(name), (torch.randn(2, 3, 32, 32),)
     reference = copy.deepcopy(net).eval()
     prepared = prepare_model(net, "x86", "auto", [], x, kept={})  # no kernel timing: the same graph on any CPU
-    _, quantized = check_network(reference, prepared, "x86", x, name, export=prepared.engine.formats[:1])
+    quantized = check_network(reference, prepared, "x86", x, name, export=prepared.engine.formats[:1]).quantized
     with torch.no_grad():
         out = quantized(*x)
     assert out.shape == (2, 10)
@@ -177,7 +177,7 @@ def test_a_hugging_face_family_is_captured_by_pt2e_and_converts(name):
     weighted = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in layers.modules())
     prepared = prepare_model(net, "x86", "auto", [], x, kept={})
     # the preflight's checks: eval() deterministic (attention dropout decided on self.training), converts, runs
-    _, quantized = check_network(reference, prepared, "x86", x, name, export=prepared.engine.formats[:1])
+    quantized = check_network(reference, prepared, "x86", x, name, export=prepared.engine.formats[:1]).quantized
     assert prepared.mode == "pt2e"
     with torch.no_grad():
         out = quantized(*x)

@@ -20,6 +20,8 @@ from lightning_qat.quantization import ao
 from lightning_qat.quantization.measure import layer_times
 from lightning_qat.quantization.prepare import prepare_model
 
+ship = speed.shipped
+
 
 def test_candidates_are_the_slower_layers_then_the_marginal_ones_never_all():
     times = {"a": (3.0, 1.0), "b": (1.0, 1.2), "c": (1.0, 5.0)}  # slower; 1.2x faster alone; 5x faster
@@ -38,8 +40,8 @@ def stub_times(monkeypatch, slow: set[str], kept_ms: float = 5.0, whole=(10.0, 2
         calls.append(list(networks))
         return {name: {"float": whole[0], "int8": whole[1]}.get(name, kept_ms) for name in networks}
 
-    def layers(int8, float_network, inputs, backend, repeats=10):  # the layers the real function names, its times not
-        names = layer_times(int8, float_network, inputs, backend, repeats=1)
+    def layers(int8, float_network, inputs, backend, repeats=10, prefix=""):  # the real function's layers, not times
+        names = layer_times(int8, float_network, inputs, backend, repeats=1, prefix=prefix)
         return {n: (0.3, 0.1) if n in slow else (0.1, 0.3) for n in names}
 
     monkeypatch.setattr(speed, "measure_latency", latency)
@@ -65,10 +67,13 @@ def layer(network: nn.Module, name: str) -> nn.Module:
 @pytest.mark.parametrize("engine", ["fx", "eager"])
 def test_a_slower_layer_is_kept_float_trained_so_and_reported(tmp_path, digits8, float_tiny, monkeypatch, engine):
     calls = stub_times(monkeypatch, slow={"conv2"})
+    traced = []
+    monkeypatch.setattr(speed, "shipped", lambda *args: traced.append(args[-1].name) or ship(*args))
     qat = QATCallback(engine=engine, save_dir=str(tmp_path / "out"))
     fit(tmp_path, digits8, float_tiny, qat)
 
-    assert calls == [["float"], ["float", "int8"], ["float", "int8", "0"]]  # float, int8 beside it, then the set
+    assert calls == [["float", "int8"], ["float", "int8", "0"]]  # int8 beside float, then the set beside them
+    assert traced == ["0"]  # the set only: the int8 network's trace is the preflight's
     assert list(qat.state.prepared.kernels) == ["conv2"]  # a graph-shaping decision: the checkpointed one
     assert not ao.is_qat_module(layer(qat.state.prepared.module, "conv2"))  # QAT trained it float
     int8 = qat.quantized_model
@@ -104,7 +109,7 @@ def test_a_resumed_run_keeps_the_checkpoints_choice(tmp_path, digits8, float_tin
     [
         (True, {"conv2"}, 19.0, (10.0, 20.0), {"kept": 19.0}, "too little gain to take"),  # under GAIN
         (True, set(), 5.0, (10.0, 20.0), {}, "int8 does not pay"),  # no layer slower alone
-        (True, {"conv2"}, 0.1, (0.5, 1.0), None, None),  # under FLOOR_MS: float timed alone, and no more
+        (True, {"conv2"}, 0.1, (0.5, 1.0), None, None),  # under FLOOR_MS: int8 beside float, and no more
         (False, {"conv2"}, 5.0, (10.0, 20.0), None, None),
     ],
 )
@@ -118,8 +123,8 @@ def test_nothing_is_kept_float_when_no_set_pays_or_when_asked(
     assert qat.state.prepared.kernels == {}
     assert all(ao.is_quantized_module(qat.quantized_model.get_submodule(n)) for n in ("conv1", "conv2", "fc1", "fc2"))
     assert qat.report.speed_ms == ({"float": whole[0], "int8": whole[1]} | timed if timed is not None else {})
-    assert [len(call) for call in calls] == (  # float alone, float and int8, then the sets beside them
-        [] if not keep_slow_float else [1] if whole[0] < speed.FLOOR_MS else [1, 2] if not timed else [1, 2, 3]
+    assert [len(call) for call in calls] == (  # float and int8, then the sets beside them
+        [] if not keep_slow_float else [2] if not timed else [2, 3]
     )
     summary = "\n".join(qat.report.summary())
     assert (said in summary) if said else "timed at setup" not in summary
@@ -136,7 +141,7 @@ def test_a_set_that_cannot_be_converted_is_no_candidate(tmp_path, digits8, float
     qat = QATCallback()
     fit(tmp_path, digits8, float_tiny, qat)
 
-    assert calls == [["float"], ["float", "int8"]]  # no set timed
+    assert calls == [["float", "int8"]]  # no set timed
     assert qat.state.prepared.kernels == {}
     assert qat.report.speed_ms == {"float": 10.0, "int8": 20.0}
     assert qat.report.metrics["int8"]["val_acc"] > 0.8  # the run went on and shipped
@@ -153,7 +158,7 @@ def test_int8_faster_than_float_is_left_as_it_is(tmp_path, digits8, float_tiny, 
     qat = QATCallback()
     fit(tmp_path, digits8, float_tiny, qat)
 
-    assert calls == [["float"], ["float", "int8"]]  # no layer timed, no set tried
+    assert calls == [["float", "int8"]]  # no layer timed, no set tried
     assert qat.state.prepared.kernels == {}
     assert qat.report.speed_ms == {"float": 20.0, "int8": 10.0}
 

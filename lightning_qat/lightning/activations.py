@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -30,13 +30,15 @@ from lightning_qat.quantization.dynamic import LINEAR_HEAVY, linear_share, to_dy
 from lightning_qat.quantization.engines import Prepared
 from lightning_qat.quantization.measure import measure_latency
 
+if TYPE_CHECKING:
+    from lightning_qat.lightning.preflight import Checked
+
 Choice = tuple[Literal["static", "dynamic"], dict[str, float]]
 Capture = Callable[[], Prepared]  # the float network prepared again by the same engine, with dynamic activations
 
 
 def choose(
-    probe: nn.Module,
-    static: nn.Module,
+    checked: Checked,
     backend: str,
     example_inputs: tuple[Any, ...],
     wanted: Activations,
@@ -45,13 +47,13 @@ def choose(
 ) -> Choice:
     """The activations the artifact will use, and the milliseconds timed on ``example_inputs`` (empty: not timed).
 
-    ``probe``: a throw-away copy of the QAT network whose observers have seen the example (the preflight's);
-    ``static``: its static int8 conversion. ``capture``: for an engine that fixes the activations at capture, the
+    ``checked``: the preflight's calibrated copy of the QAT network, its static int8 conversion and that traced
+    (reused: not traced again). ``capture``: for an engine that fixes the activations at capture, the
     float network and how to capture it with dynamic ones. ``"auto"`` times both candidates only for Linear-heavy
     networks (:data:`LINEAR_HEAVY` of the multiply-accumulates in Linears: transformers); a network without a Linear
     is static whatever ``wanted`` says.
     """
-    layers = capture[0] if capture else probe  # a float network's Linears, or a QAT network's
+    layers = capture[0] if capture else checked.probe  # a float network's Linears, or a QAT network's
     linears = any(isinstance(m, nn.Linear) if capture else ao.dynamic_linear_type(m) for m in layers.modules())
     if wanted == "static" or not linears:
         return "static", {}
@@ -69,11 +71,12 @@ def choose(
                 compiled = prepared.engine.compiled
                 dynamic = calibrated_int8(prepared, backend, example_inputs, dynamic=True)
             else:
-                dynamic = to_dynamic(probe)
-            candidates = {
-                name: shipped(network, compiled, backend, example_inputs, Path(folder) / name)
-                for name, network in {"static": static, "dynamic": dynamic}.items()
-            }
+                dynamic = to_dynamic(checked.probe)
+            static = checked.scripted  # the preflight's trace: what ships
+            if static is None or compiled:
+                static = shipped(checked.quantized, compiled, backend, example_inputs, Path(folder) / "static")
+            candidates = {"static": static}
+            candidates["dynamic"] = shipped(dynamic, compiled, backend, example_inputs, Path(folder) / "dynamic")
         except ConversionError as err:  # static was checked by the preflight: it ships
             rank_zero_warn(f"QAT: dynamic int8 activations are no candidate: {err} Static ones ship.")
             return "static", {}
@@ -96,8 +99,7 @@ def describe(chosen: str, ms: dict[str, float]) -> str:
 def decide(
     trainer: pl.Trainer,
     state: QATState,
-    probe: nn.Module,
-    quantized: nn.Module,
+    checked: Checked,
     backend: str,
     wanted: Activations,
     repeats: int,
@@ -105,7 +107,7 @@ def decide(
 ) -> Choice:
     """:func:`choose` on global rank 0 for every rank, said once, and set on ``state``'s network for QAT to train.
 
-    ``probe`` and ``quantized``: the preflight's calibrated copy of the prepared network and its int8 conversion;
+    ``checked``: the preflight's calibrated copy of the prepared network, its int8 conversion and that traced;
     ``capture``: how the engine would prepare the float network with dynamic activations. An engine that fixes them
     at capture (PT2E) and was asked for ``"dynamic"`` keeps what it captured; with ``"auto"`` the caller captures
     again when the choice differs from :attr:`Prepared.activations`. An engine without dynamic activations: static.
@@ -124,7 +126,7 @@ def decide(
     # rank 0 times for every rank: two CPUs (or two busy moments) could choose apart, and prepare other graphs
     choice: Choice = ("static", {})
     if trainer.is_global_zero:
-        choice = choose(probe, quantized, backend, state.example_inputs, wanted, repeats, captured)
+        choice = choose(checked, backend, state.example_inputs, wanted, repeats, captured)
     if trainer.world_size > 1:
         choice = trainer.strategy.broadcast(choice, src=0)
     if choice[0] == "dynamic" or choice[1]:

@@ -346,7 +346,9 @@ class FinishPipeline:
         report.latency_batch_size = batch_size(run.example_inputs)
         report.latency_threads = torch.get_num_threads()
         if report.speedup is not None and report.speedup < 1:  # why, layer by layer (not timed otherwise: seconds)
-            times = layer_times(self.quantized_model, run.float_network, run.example_inputs, backend)
+            times = layer_times(
+                self.quantized_model, run.float_network, run.example_inputs, backend, prefix=run.prepared.engine.prefix
+            )
             report.layer_ms = {name: list(pair) for name, pair in times.items()}
 
     def write_report(self, report: QATReport, out_dir: Path) -> None:

@@ -41,7 +41,7 @@ def prepare_for_fit(qat: QATCallback, trainer: pl.Trainer, pl_module: pl.Lightni
     kernels = decide_kernels(trainer, network, qat.backend, qat.skip)
     names = peers.module_names(pl_module)
 
-    def prepare(network: nn.Module, mode: Mode, dynamic: bool, kernels: dict[str, str]) -> tuple[nn.Module, nn.Module]:
+    def prepare(network: nn.Module, mode: Mode, dynamic: bool, kernels: dict[str, str]) -> preflight.Checked:
         prepared = install_network(qat, pl_module, network, mode, kernels, dynamic)
         peers.retarget_pruning(trainer, pl_module, target, prepared, names)
         data = eval_data(trainer, qat.evaluate)
@@ -49,7 +49,7 @@ def prepare_for_fit(qat: QATCallback, trainer: pl.Trainer, pl_module: pl.Lightni
             pl_module, state, qat.backend, qat.evaluate, data, qat.export, qat.monitor, dynamic
         )
 
-    probe, quantized = prepare(network, qat.engine, qat.activations == "dynamic", kernels)
+    checked = prepare(network, qat.engine, qat.activations == "dynamic", kernels)
     assert state.prepared is not None
     mode, captured = cast(Mode, state.prepared.mode), state.prepared.activations
     capture = partial(_capture, qat, state.float_network, mode, kernels, True)
@@ -57,7 +57,7 @@ def prepare_for_fit(qat: QATCallback, trainer: pl.Trainer, pl_module: pl.Lightni
     if qat.needs.search and not state.prepared.engine.can_search(True):
         wanted = "static"  # the accuracy-budget search needs quantizers to drop: static activations on this engine
     state.activations, state.activation_ms = activation_choice.decide(
-        trainer, state, probe, quantized, qat.backend, wanted, qat.latency_repeats, capture
+        trainer, state, checked, qat.backend, wanted, qat.latency_repeats, capture
     )
     if captured not in (None, state.activations):  # captured for the other activations: again, for the chosen
         prepare(copy.deepcopy(state.float_network), mode, state.activations == "dynamic", kernels)
@@ -65,7 +65,7 @@ def prepare_for_fit(qat: QATCallback, trainer: pl.Trainer, pl_module: pl.Lightni
     if qat.keep_slow_float and state.activations == "static":
         again = partial(_capture, qat, state.float_network, mode, dynamic=False)
         state.speed = speed.decide(
-            trainer, state.prepared, state.float_network, quantized, again, qat.backend, state.example_inputs
+            trainer, state.prepared, state.float_network, checked, again, qat.backend, state.example_inputs
         )
         if state.speed.kept:
             prepare(copy.deepcopy(state.float_network), mode, False, kernels | state.speed.kept)

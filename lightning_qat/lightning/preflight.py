@@ -10,6 +10,7 @@ import re
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,20 @@ from lightning_qat.quantization.measure import count_weight_layers
 
 SUPPORTED_PRECISIONS = ("32-true", "32", 32)
 ARTIFACT_NAMES = ("model_int8.pt", "model_int8.pt2", "model_int8.pte", "model_int8.onnx", "qat_report.json")
+
+
+@dataclass
+class Checked:
+    """What the preflight made of the freshly prepared network, kept for the choices in ``setup`` that time it.
+
+    ``probe``: a throw-away QAT copy whose observers saw the example; ``quantized``: its int8 conversion;
+    ``scripted``: that traced to TorchScript, the artifact of an engine that does not compile (``None`` for one that
+    does), so the timings after the preflight do not trace it again.
+    """
+
+    probe: nn.Module
+    quantized: nn.Module
+    scripted: nn.Module | None
 
 
 def check_fit(
@@ -73,14 +88,13 @@ def run_preflight(
     export: Sequence[str] = ("torchscript",),
     monitor: str | None = None,
     dynamic: bool = False,
-) -> tuple[nn.Module, nn.Module]:
+) -> Checked:
     """What would fail at the end of fit, checked now: determinism, conversion, tracing, ONNX, one int8 batch.
 
     Every rank runs it (the same checks on the same network), so a failure stops every rank in ``setup``. Also says,
     on rank 0, when the int8 network would hold no quantized layer. ``state``: the freshly prepared network;
     ``export``: the artifact formats the end of fit will write (TorchScript and ONNX are checked now). A
-    SIGTERM meanwhile raises :class:`~lightning_qat.EvaluationInterrupted`. Returns the throw-away QAT copy that saw
-    the example (its observers calibrated) and its int8 conversion, for the checks after it.
+    SIGTERM meanwhile raises :class:`~lightning_qat.EvaluationInterrupted`. Returns what it converted and traced.
     """
     target, prepared, float_network, example_inputs = (
         state.target,
@@ -93,10 +107,10 @@ def run_preflight(
     assert float_network is not None
     with sigterm_raises("the QAT preflight"):
         start = time.perf_counter()
-        probe, quantized = check_network(float_network, prepared, backend, example_inputs, target, export, dynamic)
+        checked = check_network(float_network, prepared, backend, example_inputs, target, export, dynamic)
         if evaluate is not None:
             step = "validation_step" if evaluate == "val" else "test_step"
-            clone = module_with_network(pl_module, target, quantized)
+            clone = module_with_network(pl_module, target, checked.quantized)
             try:
                 metrics = run_evaluation(clone, evaluate, backend, data, limit=1)
             except EvaluationInterrupted:
@@ -117,7 +131,7 @@ def run_preflight(
         rank_zero_info(
             f"QAT: preflight passed in {time.perf_counter() - start:.2f} s (int8 conversion and evaluation)."
         )
-    return probe, quantized
+    return checked
 
 
 def check_network(
@@ -128,18 +142,18 @@ def check_network(
     name: str,
     export: Sequence[str] = ("torchscript",),
     dynamic: bool = False,
-) -> tuple[nn.Module, nn.Module]:
+) -> Checked:
     """The preflight's checks of the network alone (no trainer, no metric): what the end of fit would do to it.
 
     Determinism in ``eval()``, the example through the prepared network, int8 conversion and a forward pass, the
-    artifacts of ``export`` that are traced. Returns the calibrated QAT copy and its int8 conversion (the dynamic one
-    with ``dynamic``: the artifact ``activations="dynamic"`` ships).
+    artifacts of ``export`` that are traced. Returns the calibrated QAT copy, its int8 conversion (the dynamic one
+    with ``dynamic``: the artifact ``activations="dynamic"`` ships) and that traced.
     """
     check_eval_is_deterministic(float_network, prepared.module, example_inputs, name)
     if "torchscript" in export:
         check_outputs(float_network, example_inputs, name)
     probe = check_example(prepared.module, example_inputs, name, prepared=True)
-    quantized = check_conversion(probe, prepared.engine, backend, example_inputs, name, dynamic)
+    quantized, scripted = check_conversion(probe, prepared.engine, backend, example_inputs, name, dynamic)
     if count_weight_layers(quantized) == 0:
         rank_zero_warn(
             f"QAT: nothing in `{name}` is quantizable (no Conv, Linear or Embedding outside `skip`): its "
@@ -149,7 +163,7 @@ def check_network(
         check_onnx_export(probe, example_inputs, name)
     if "pte" in export:
         check_pte_export(quantized, example_inputs, name)
-    return probe, quantized
+    return Checked(probe, quantized, scripted)
 
 
 def check_outputs(float_network: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:
@@ -362,8 +376,8 @@ def _equal(a: Any, b: Any) -> bool:
 
 def check_conversion(
     probe: nn.Module, engine: Engine, backend: str, example_inputs: tuple[Any, ...], name: str, dynamic: bool = False
-) -> nn.Module:
-    """Convert ``probe`` to int8 and trace it; returns the int8 network, ``probe`` is not touched.
+) -> tuple[nn.Module, nn.Module | None]:
+    """Convert ``probe`` to int8 and trace it; returns the int8 network and its trace, ``probe`` is not touched.
 
     ``probe``: the copy of the freshly prepared network that :func:`check_example` returns; its observers have seen
     the example once, as after a first training step.
@@ -376,15 +390,15 @@ def check_conversion(
             "(see the hint), or `skip=` the submodule that cannot be quantized."
         ) from err
     if engine.compiled:
-        return quantized  # its artifact is compiled at the end of fit, not traced
+        return quantized, None  # its artifact is compiled at the end of fit, not traced
     try:
-        to_torchscript(quantized, backend, example_inputs)
+        scripted = to_torchscript(quantized, backend, example_inputs)
     except Exception as err:
         raise PreflightError(
             f"The int8 `{name}` cannot be traced to TorchScript for the artifact: {type(err).__name__}: {err}. "
             "Return tensors (or tuples of tensors) from the network, or pass export=[]."
         ) from err
-    return quantized
+    return quantized, scripted
 
 
 def check_onnx_export(probe: nn.Module, example_inputs: tuple[Any, ...], name: str) -> None:

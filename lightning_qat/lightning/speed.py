@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -36,6 +36,9 @@ from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.engines import Prepared
 from lightning_qat.quantization.measure import layer_times, measure_latency
+
+if TYPE_CHECKING:
+    from lightning_qat.lightning.preflight import Checked
 
 # A set kept float is taken when the int8 network with it runs in this share of the time or less (timed whole,
 # interleaved): a smaller gain is within what two runs of the same network differ by on a busy 2-core machine.
@@ -103,20 +106,26 @@ def choose(
     backend: str,
     inputs: tuple[Any, ...],
     repeats: int = REPEATS,
+    scripted: nn.Module | None = None,
+    prefix: str = "",
 ) -> Speed:
     """The layers to keep float for speed beside ``kernels`` (none when int8 is faster, or no set pays).
 
-    ``quantized``: the prepared network's int8 conversion (the preflight's); ``prepare``: how to prepare the float
-    network again with other layers kept float. TorchScript, what the FX and eager engines ship, is what is timed.
+    ``quantized``: the prepared network's int8 conversion (the preflight's), ``scripted`` its trace if made already;
+    ``prepare``: how to prepare the float network again with other layers kept float; ``prefix``: what the engine's
+    int8 network puts before the float network's layer names (:attr:`.Engine.prefix`). TorchScript, what the FX and
+    eager engines ship, is what is timed.
     """
-    if measure_latency({"float": float_network}, inputs, backend, repeats=repeats, warmup=1)["float"] < FLOOR_MS:
-        return Speed()  # not even converted to the artifact: a fraction of a second, per fit, saved
     with tempfile.TemporaryDirectory() as folder:
-        networks = {"float": float_network, "int8": shipped(quantized, False, backend, inputs, Path(folder) / "int8")}
+        if scripted is None:
+            scripted = shipped(quantized, False, backend, inputs, Path(folder) / "int8")
+        networks = {"float": float_network, "int8": scripted}
         ms = measure_latency(networks, inputs, backend, repeats=repeats, warmup=1)
+        if ms["float"] < FLOOR_MS:
+            return Speed()  # its time is the runtime's calls: nothing to say, nothing to search
         if ms["int8"] <= ms["float"]:
             return Speed(ms)
-        times = layer_times(quantized, float_network, inputs, backend, repeats=min(repeats, 10))
+        times = layer_times(quantized, float_network, inputs, backend, repeats=min(repeats, 10), prefix=prefix)
         sets = candidates(times)
         if not sets:
             return Speed(ms)
@@ -147,7 +156,7 @@ def decide(
     trainer: pl.Trainer,
     prepared: Prepared,
     float_network: nn.Module,
-    quantized: nn.Module,
+    checked: Checked,
     prepare: Prepare,
     backend: str,
     inputs: tuple[Any, ...],
@@ -159,7 +168,10 @@ def decide(
     """
     speed = Speed()
     if trainer.is_global_zero and not prepared.engine.compiled:
-        speed = choose(float_network, quantized, prepare, prepared.kernels, backend, inputs)
+        speed = choose(
+            float_network, checked.quantized, prepare, prepared.kernels, backend, inputs,
+            scripted=checked.scripted, prefix=prepared.engine.prefix,
+        )  # fmt: skip
     if trainer.world_size > 1:
         speed = trainer.strategy.broadcast(speed, src=0)
     if speed.ms:

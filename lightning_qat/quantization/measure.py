@@ -127,22 +127,27 @@ def float_ops(network: nn.Module) -> dict[str, int]:
 
 
 def layer_times(
-    int8: nn.Module, float_network: nn.Module, inputs: tuple[Any, ...], backend: str, repeats: int = 10
+    int8: nn.Module,
+    float_network: nn.Module,
+    inputs: tuple[Any, ...],
+    backend: str,
+    repeats: int = 10,
+    prefix: str = "",
 ) -> dict[str, tuple[float, float]]:
     """Each int8 layer with weights beside the float module of the same name: name -> (int8 ms, float ms).
 
     Each is timed alone, interleaved with its twin, on the input it got in one forward pass of ``inputs`` (the fastest
     of ``repeats``): what the int8 kernel costs where the network runs it. The float twin is the float layer alone
-    (a fused BatchNorm or activation costs float extra). Layers of a PT2E graph (no modules) or whose names the
-    conversion changed otherwise than the eager engine's wrapper does are not timed.
+    (a fused BatchNorm or activation costs float extra). ``prefix``: what the int8 network puts before the float
+    network's names (the eager engine's wrapper: ``"module."``). Layers of a PT2E graph (no modules) or whose names
+    the conversion changed otherwise are not timed.
     """
     float_modules = dict(float_network.named_modules())
     pairs = {}
     for name, module in int8.named_modules():
         if not (ao.is_quantized_module(module) and hasattr(module, "weight")):
             continue
-        if name not in float_modules:  # the eager engine's wrapper: "module.<name>"
-            name = name.partition(".")[2]
+        name = name.removeprefix(prefix)
         if name in float_modules:
             pairs[name] = (module, float_modules[name])
     seen: dict[tuple[str, bool], Any] = {}

@@ -79,8 +79,9 @@ class Engine(ABC):
     Class attributes describe the engine for the layers above: ``formats`` (the artifact formats it writes, the
     default first), ``backends`` (the targets it quantizes for), ``searchable`` (the accuracy-budget search can keep
     its layers float: a graph it can convert with nodes left float), ``dynamic`` (it has dynamic int8 activations),
-    ``layer_modules`` (its QAT layers are modules whose per-layer SQNR can be measured) and ``compiled`` (its artifact
-    is compiled or lowered ahead of time, not traced).
+    ``layer_modules`` (its QAT layers are modules whose per-layer SQNR can be measured), ``compiled`` (its artifact
+    is compiled or lowered ahead of time, not traced) and ``prefix`` (what its networks put before the user's layer
+    names).
     """
 
     name: ClassVar[str]
@@ -91,6 +92,7 @@ class Engine(ABC):
     dynamic: ClassVar[bool] = True
     layer_modules: ClassVar[bool] = True
     compiled: ClassVar[bool] = False
+    prefix: ClassVar[str] = ""
     conversion_hint: ClassVar[str] = ""  # added to a failing int8 forward pass's error
 
     def check(self, backend: str) -> None:

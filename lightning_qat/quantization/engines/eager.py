@@ -166,6 +166,7 @@ class Eager(Engine):
 
     name = "eager"
     formats = ("torchscript", "onnx")
+    prefix = "module."  # EagerQATWrapper's
     conversion_hint = (
         " In eager mode every op between QuantStub and DeQuantStub must accept quantized tensors: replace `x + y` "
         "with torch.ao.nn.quantized.FloatFunctional, make the network symbolically traceable (FX mode places "

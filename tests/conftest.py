@@ -330,3 +330,33 @@ def with_structural_outlier(float_tiny, kind: str, factor: float = 300.0) -> Bor
         net.side[1].bias *= factor
         net.conv2.weight.copy_(torch.cat([net.conv2.weight[:, 1:], net.conv2.weight[:, :1] / factor], 1))
     return model
+
+
+class Depthwise(nn.Module):
+    """A 1x1 expansion, then a 3x3 depthwise conv with a channel of positive weights, one of negative, one pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(1, 8, 1)
+        self.depthwise = nn.Conv2d(8, 8, 3, groups=8)
+        self.head = nn.Linear(8 * 6 * 6, 10)
+        with torch.no_grad():
+            weight = self.depthwise.weight
+            weight[1], weight[2], weight[3] = weight[1].abs(), -weight[2].abs(), 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.depthwise(torch.relu(self.expand(x)))).flatten(1))
+
+
+ONE_SIGNED = [1, 2, 3]  # Depthwise's channels of one sign (3: all zero)
+
+
+def one_signed_qat(digits8, mode: str = "fx") -> tuple[nn.Module, torch.Tensor]:
+    """:class:`Depthwise` prepared in ``mode``, its observers fed real digits."""
+    torch.manual_seed(0)
+    x, _ = digits8.splits["val"].tensors
+    prepared = prepare_model(Depthwise(), "x86", mode, [], (x[:2],), kept={}).module  # int8 on any CPU
+    with torch.no_grad(), ao.quiet():
+        for batch in x[:256].split(64):
+            prepared(batch)
+    return prepared, x

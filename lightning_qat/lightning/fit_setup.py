@@ -65,8 +65,9 @@ def prepare_for_fit(qat: QATCallback, trainer: pl.Trainer, pl_module: pl.Lightni
     if qat.keep_slow_float and state.activations == "static":
         again = partial(_capture, qat, state.float_network, mode, dynamic=False)
         state.speed = speed.decide(
-            trainer, state.prepared, state.float_network, checked, again, qat.backend, state.example_inputs
-        )
+            trainer, state.prepared, state.float_network, checked.quantized, checked.scripted, again, qat.backend,
+            state.example_inputs,
+        )  # fmt: skip
         if state.speed.kept:
             prepare(copy.deepcopy(state.float_network), mode, False, kernels | state.speed.kept)
 

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -36,9 +36,6 @@ from lightning_qat.quantization import ao
 from lightning_qat.quantization.convert import cpu_eval_copy, to_int8
 from lightning_qat.quantization.engines import Prepared
 from lightning_qat.quantization.measure import layer_times, measure_latency
-
-if TYPE_CHECKING:
-    from lightning_qat.lightning.preflight import Checked
 
 # A set kept float is taken when the int8 network with it runs in this share of the time or less (timed whole,
 # interleaved): a smaller gain is within what two runs of the same network differ by on a busy 2-core machine.
@@ -156,7 +153,8 @@ def decide(
     trainer: pl.Trainer,
     prepared: Prepared,
     float_network: nn.Module,
-    checked: Checked,
+    quantized: nn.Module,
+    scripted: nn.Module | None,
     prepare: Prepare,
     backend: str,
     inputs: tuple[Any, ...],
@@ -169,8 +167,8 @@ def decide(
     speed = Speed()
     if trainer.is_global_zero and not prepared.engine.compiled:
         speed = choose(
-            float_network, checked.quantized, prepare, prepared.kernels, backend, inputs,
-            scripted=checked.scripted, prefix=prepared.engine.prefix,
+            float_network, quantized, prepare, prepared.kernels, backend, inputs,
+            scripted=scripted, prefix=prepared.engine.prefix,
         )  # fmt: skip
     if trainer.world_size > 1:
         speed = trainer.strategy.broadcast(speed, src=0)

@@ -141,6 +141,8 @@ def choose(
         if not tried:
             return Speed(ms)
         timed = measure_latency(networks, inputs, backend, repeats=repeats, warmup=1)  # all again, interleaved
+    if timed["int8"] <= timed["float"]:  # not slower when timed again (CI: a 1 ms network on a busy machine): noise
+        return Speed({"float": timed["float"], "int8": timed["int8"]})
     best = min(tried, key=lambda i: timed[str(i)])
     ms = {"float": timed["float"], "int8": timed["int8"], "kept": timed[str(best)]}
     if ms["kept"] > GAIN * ms["int8"]:

@@ -361,14 +361,33 @@ class Depthwise(nn.Module):
         return self.head(torch.relu(self.depthwise(torch.relu(self.expand(x)))).flatten(1))
 
 
+class DeadChannel(nn.Module):
+    """A conv whose channel 0 never opens its ReLU6, then a 3x3 depthwise conv whose BatchNorm saw that channel constant
+    (variance 0, as training leaves it): folded, channel 0's weight is 316x larger and its output is its bias alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4 * 8 * 8, 10)
+        with torch.no_grad():
+            self.conv[0].weight[0], self.conv[1].bias[0] = 0.0, -1.0
+            self.depthwise[0].weight[0] *= 30
+            self.depthwise[1].running_var[0], self.depthwise[1].bias[0] = 0.0, 2.0
+            self.head.weight[:, :64] *= 4  # the dead channel's constant moves every logit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.depthwise(self.conv(x))).flatten(1))
+
+
 ONE_SIGNED = [1, 2, 3]  # Depthwise's channels of one sign (3: all zero)
 
 
-def one_signed_qat(digits8, mode: str = "fx") -> tuple[nn.Module, torch.Tensor]:
-    """:class:`Depthwise` prepared in ``mode``, its observers fed real digits."""
+def one_signed_qat(digits8, mode: str = "fx", net_cls: type[nn.Module] = Depthwise) -> tuple[nn.Module, torch.Tensor]:
+    """``net_cls`` (:class:`Depthwise`) prepared in ``mode``, its observers fed real digits."""
     torch.manual_seed(0)
     x, _ = digits8.splits["val"].tensors
-    prepared = prepare_model(Depthwise(), "x86", mode, [], (x[:2],), kept={}).module  # int8 on any CPU
+    prepared = prepare_model(net_cls(), "x86", mode, [], (x[:2],), kept={}).module  # int8 on any CPU
     with torch.no_grad(), ao.quiet():
         for batch in x[:256].split(64):
             prepared(batch)

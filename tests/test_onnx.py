@@ -20,6 +20,7 @@ from torch import nn
 from lightning_qat import QATCallback, load_quantized
 from lightning_qat.exceptions import OnnxExtraMissing, PreflightError
 from lightning_qat.export.onnx import OnnxRuntimeNetwork, onnx_bytes, to_export_form
+from lightning_qat.export.qdq_graph import Graph
 from lightning_qat.quantization import ao
 from lightning_qat.quantization.prepare import prepare_model
 
@@ -61,23 +62,16 @@ def test_export_form_folds_bn_and_computes_what_the_qat_network_computes(float_t
 def test_weights_are_symmetric_in_the_qdq_graph_in_every_channel(tmp_path, digits8):
     """A depthwise channel of one sign had zero point -128 or 127 in the file: ONNX Runtime took its slow path for the
     layer (mobilenet_v2 at 224 px: 31 ms against 4.5 ms once symmetric) and OpenVINO ran it in float."""
-    from onnx import numpy_helper
-
     prepared, x = one_signed_qat(digits8)
     ao.freeze_bn_stats(prepared)
     ao.set_observers(prepared, False)
     model = onnx.load_from_string(onnx_bytes(prepared.eval(), (x[:2],)))
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:  # the exporter shares equal constants through Identity nodes
-        if node.op_type == "Constant":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        elif node.op_type == "Identity" and node.input[0] in constants:
-            constants[node.output[0]] = constants[node.input[0]]
+    graph = Graph(model)
     weights = {
         n.name.split("/")[1]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.name
     }
     assert sorted(weights) == ["depthwise", "expand", "head"]
-    zero_points = {name: constants[node.input[2]] for name, node in weights.items()}
+    zero_points = {name: graph.constant(node.input[2]) for name, node in weights.items()}
     assert zero_points["depthwise"].shape == (8,)  # per channel
     assert all(z.dtype == np.int8 and (z == 0).all() for z in zero_points.values())
     with torch.no_grad(), ao.quiet():

@@ -89,6 +89,28 @@ def test_an_int8_model_slower_than_float_is_said_first():
     assert slow.summary()[0].startswith("SLOWER THAN FLOAT: the int8 artifact runs at 0.67x")
 
 
+def test_an_onnx_artifact_computing_another_function_is_said_first_and_never_recommended():
+    """timm's mobilenetv2_100 trained on digits: the ONNX file scored 0.100 in ONNX Runtime against int8's 0.859, and
+    the report still said "int8-onnx (ONNX Runtime) is 3.00x faster than float"."""
+    onnx = {"latency_ms": {"float": 2.0, "int8": 4.0, "int8-onnx": 1.0}, "monitor": "val_acc"}
+    broken = _report(**MEASURED | onnx, metrics={"int8": {"val_acc": 0.859}, "int8-onnx": {"val_acc": 0.100}})
+    first = broken.summary()[0]
+    assert first.startswith("INT8-ONNX DISAGREES WITH INT8: val_acc 0.1 in ONNX Runtime against 0.859 for the int8")
+    assert broken.to_markdown().splitlines()[2].startswith("**INT8-ONNX DISAGREES")
+    assert broken.onnx_speedup is None
+    assert not any("deploy that one" in line or "int8-onnx (ONNX Runtime) is" in line for line in broken.summary())
+    assert broken.summary()[1].startswith("SLOWER THAN FLOAT: the int8 artifact runs at 0.50x")  # the TorchScript one
+    # the runtimes round differently: 0.848 against 0.859 (measured, after the float-bias fix) is agreement
+    close = _report(**MEASURED | onnx, metrics={"int8": {"val_acc": 0.859}, "int8-onnx": {"val_acc": 0.848}})
+    assert close.onnx_disagrees() is None
+    assert close.summary()[0].startswith("SLOWER THAN FLOAT in TorchScript: 0.50x")
+    # no monitor: the most different metric both rows have
+    loss = _report(
+        **MEASURED | onnx | {"monitor": None}, metrics={"int8": {"a": 1.0, "b": 2.0}, "int8-onnx": {"a": 1.0, "b": 3.0}}
+    )
+    assert loss.onnx_disagrees() == "b 3 in ONNX Runtime against 2 for the int8 model"
+
+
 def test_a_slower_int8_model_says_which_layers_are_slower_than_float_and_what_is_outside_them():
     layer_ms = {"conv1": [0.09, 0.11], "fc1": [0.03, 0.02], "fc2": [0.05, 0.01]}
     report = _report(**MEASURED | {"latency_ms": {"float": 2.0, "int8": 4.0}, "layer_ms": layer_ms})

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_qat.exceptions import OnnxExtraMissing
+from lightning_qat.export.qdq_graph import for_runtimes
 from lightning_qat.files import write_atomic
 from lightning_qat.quantization import ao, compat
 from lightning_qat.quantization.convert import cpu_eval_copy
@@ -226,7 +227,7 @@ def onnx_bytes(prepared: nn.Module, example_inputs: tuple[Any, ...]) -> bytes:
             opset_version=OPSET,
             **compat.torchscript_onnx_exporter(),
         )
-    return store_weights_as_int8(buffer.getvalue())
+    return for_runtimes(buffer.getvalue())
 
 
 def export_onnx(prepared: nn.Module, path: str | os.PathLike, example_inputs: tuple[Any, ...]) -> Path:
@@ -238,56 +239,6 @@ def export_onnx(prepared: nn.Module, path: str | os.PathLike, example_inputs: tu
     """
     data = onnx_bytes(prepared, example_inputs)
     return write_atomic(path, lambda tmp: tmp.write_bytes(data))
-
-
-def store_weights_as_int8(model_bytes: bytes) -> bytes:
-    """Replace each QuantizeLinear of a constant weight by the int8 weight it computes (4x smaller file).
-
-    The exporter writes ``QuantizeLinear(float weight) -> DequantizeLinear``; ONNX Runtime's quantization tools
-    (and every runtime) expect ``int8 weight -> DequantizeLinear``, which is also what the int8 model stores.
-    """
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load_from_string(model_bytes)
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    identities = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
-
-    def constant(name: str) -> Any:
-        while name in identities:  # the exporter shares equal constants through Identity nodes
-            name = identities[name]
-        return numpy_helper.to_array(initializers[name]) if name in initializers else None
-
-    folded: list[Any] = []
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear":
-            continue
-        x, scale, zero_point = (constant(name) for name in node.input)
-        if x is None or scale is None or zero_point is None:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and scale.size > 1:
-            shape = [1] * x.ndim
-            shape[axis] = -1
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-        info = np.iinfo(zero_point.dtype)
-        q = np.clip(np.rint(x / scale) + zero_point.astype(np.int32), info.min, info.max).astype(zero_point.dtype)
-        graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
-        folded.append(node)
-    for node in folded:
-        graph.node.remove(node)
-    while True:  # drop what only fed the folded nodes
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        dead = [node for node in graph.node if node.op_type == "Identity" and node.output[0] not in used]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    for init in [init for init in graph.initializer if init.name not in used]:
-        graph.initializer.remove(init)
-    return model.SerializeToString()
 
 
 class OnnxRuntimeNetwork(nn.Module):

@@ -93,10 +93,11 @@ def retarget_pruning(
             kept.append((found, name))
         pruning._parameters_to_prune = kept
         pruning.setup(trainer, pl_module, "fit")  # again where it ran before this callback: copies of the QAT layers
-        if dropped:
+        if dropped:  # a network's every BatchNorm: a count and the first few, not a wall of names
+            shown = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
             rank_zero_info(
-                f"QAT: ModelPruning does not prune {dropped}: BatchNorms fused into their convolutions (their scale "
-                "folds into the convolution's weights, which are pruned)."
+                f"QAT: ModelPruning does not prune {len(dropped)} parameters ({shown}): BatchNorms fused into their "
+                "convolutions (their scale folds into the convolution's weights, which are pruned)."
             )
     rank_zero_info(f"QAT: ModelPruning prunes the QAT layers ({sum(len(p._parameters_to_prune) for p in prunings)}).")
 

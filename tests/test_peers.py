@@ -47,7 +47,8 @@ def test_pruning_beside_qat_prunes_the_qat_layers_and_the_int8_weights_keep_the_
     # timm's mobilenetv2_100 listed all 104 names of its fused BatchNorms' parameters here
     line = next(line for line in said if " does not prune " in line)
     assert line.startswith("QAT: ModelPruning does not prune 4 parameters (net.")
-    assert line.count("net.") == 3 and ", ...): BatchNorms fused" in line
+    assert line.count("net.") == 3
+    assert ", ...): BatchNorms fused" in line
     print(f"{order}: {zeros:.1%} zero, int8 val_acc {qat.report.metrics['int8']['val_acc']:.4f}")
 
 

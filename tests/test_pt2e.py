@@ -5,11 +5,11 @@ import inspect
 
 import pytest
 import torch
-from conftest import TinyNet, UntraceableNet
+from conftest import ONE_SIGNED, Depthwise, TinyNet, UntraceableNet
 from torch import nn
 
 from lightning_qat import PT2EUnavailable
-from lightning_qat.quantization import ao, pt2e
+from lightning_qat.quantization import ao, pt2e, xnnpack
 from lightning_qat.quantization.prepare import freeze_batch_norm, prepare_model
 
 pytestmark = pytest.mark.skipif(pt2e.missing() is not None, reason=f"PT2E engine: {pt2e.missing()}")
@@ -153,6 +153,43 @@ def test_convert_matches_the_qat_network_and_folds_batch_norm():
     assert not any("batch_norm" in t for t in targets)
     assert pt2e.int8_layers(quantized) == 2
     assert prepared.exported.graph is not quantized.exported.graph  # a copy was converted
+
+
+def _weights(graph_module: torch.fx.GraphModule, op: str) -> list:
+    """The argument after each ``op`` call's input (a weight's fake-quant call, or its dequantize's scale), in order."""
+    return [node.args[1] for node in graph_module.graph.nodes if op in str(node.target)]
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["x86", pytest.param("xnnpack", marks=pytest.mark.skipif(xnnpack.missing() is not None, reason="no executorch"))],
+)
+def test_weights_train_and_convert_on_one_symmetric_grid(digits8, backend):
+    """torchao's fused weight fake-quant (torch's kernel) trained a depthwise channel of one sign on an affine grid of
+    half the scale (zero point -128 or 127, as ao's did), and convert_pt2e shipped the observer's symmetric one: QAT
+    and the artifact had other weights. And every channel converted on ``max|w| / 127.5``, trained on ``/ 127``."""
+    torch.manual_seed(0)
+    x = digits8.splits["val"].tensors[0]
+    prepared = pt2e.prepare(Depthwise(), (x[:2],), backend)
+    with torch.no_grad():
+        for batch in x[:256].split(64):
+            prepared(batch)
+    graph_module = prepared.exported
+    call = _weights(graph_module, "conv2d")[1]  # depthwise's weight, through its fake-quant
+    fake_quant = graph_module.get_submodule(str(call.target))
+    weight = graph_module.get_parameter(str(call.args[0].target))
+    assert torch.equal(fake_quant.zero_point, torch.zeros(8, dtype=torch.int32))
+    peak = weight.detach().abs().amax(dim=(1, 2, 3)).double()
+    widened = 255 / 254 if backend == "xnnpack" else 1.0  # [-127, 127]: torch's kernel spreads 255 steps over 254
+    for channel in ONE_SIGNED[:2]:  # the scale a two-signed channel of the same range gets
+        assert float(fake_quant.scale[channel]) in (
+            pytest.approx(float(peak[channel]) / 127 * widened),
+            pytest.approx(float(peak[channel]) / 128 * widened),
+        )
+    prepared.eval()
+    quantized = pt2e.convert(prepared)
+    scale = _weights(quantized.exported, "dequantize_per_channel")[1]
+    assert torch.equal(quantized.exported.get_buffer(str(scale.target)), fake_quant.scale)  # what QAT trained with
 
 
 def test_the_conversion_cache_wraps_torchao_s_private_for_the_conversion_only():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -28,6 +29,7 @@ from lightning_qat.exceptions import NotTraceable, PT2EUnavailable, first_line
 from lightning_qat.quantization import xnnpack
 from lightning_qat.quantization.exported import BATCH_NORM, LAYER_CALLS, ExportedQAT
 from lightning_qat.quantization.fallback import dropped_quantizers
+from lightning_qat.quantization.symmetric import SymmetricWeights
 
 INSTALL_HINT = "pip install 'lightning-qat[pt2e]'  (torchao >= 0.18)"
 MIN_TORCH = (2, 11)  # torchao 0.18's own lower bound
@@ -137,7 +139,7 @@ def outside(skip: Sequence[str]) -> Callable[[torch.fx.Node], bool]:
 
 
 class _Quantizer:
-    """torchao's x86 quantizer, with three corrections to what it annotates.
+    """torchao's x86 quantizer (or ExecuTorch's XNNPACK one), with four corrections to what it annotates.
 
     - **Every linear call is a linear.** It finds linears by the source ``torch.export`` records for each call, and
       the capture records the ``F.linear`` calls inside ``nn.MultiheadAttention`` (torchvision's ViT, the zoo's text
@@ -150,6 +152,9 @@ class _Quantizer:
     - **A skipped convolution carries no annotation.** ``skip=`` leaves it an empty one, and torchao's QAT Conv-BN
       fusion reads the first input spec of every annotated convolution: ``IndexError`` in ``prepare``, so
       ``skip=["conv1"]`` refused every network whose conv1 has a BatchNorm.
+    - **Weights train on the grid they ship on.** torchao's fused weight fake-quant has torch's faults (a channel of
+      one sign trained on an affine grid of half the scale, every channel converted on a finer one than trained):
+      its weight specs take :func:`weight_fake_quant` instead.
     """
 
     def __init__(self, quantizer: Any) -> None:
@@ -176,9 +181,37 @@ class _Quantizer:
                 continue
             for source in [source for source in annotation.input_qspec_map if not _is_float(source)]:
                 del annotation.input_qspec_map[source]
+            for source, spec in annotation.input_qspec_map.items():
+                annotation.input_qspec_map[source] = _symmetric(spec)
             if not _is_float(node):
                 annotation.output_qspec = None
         return model
+
+
+def _symmetric(spec: Any) -> Any:
+    """``spec`` with :func:`weight_fake_quant` if it makes torchao's fused fake-quant for symmetric weights."""
+    from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
+
+    partial = getattr(getattr(spec, "observer_or_fake_quant_ctr", None), "p", None)  # torchao's `with_args` wrapper
+    symmetric = getattr(spec, "qscheme", None) in (torch.per_channel_symmetric, torch.per_tensor_symmetric)
+    if not symmetric or not isinstance(partial, functools.partial) or partial.func is not FusedMovingAvgObsFakeQuantize:
+        return spec
+    make = weight_fake_quant().with_args(*partial.args, **partial.keywords)  # type: ignore[attr-defined]
+    return dataclasses.replace(spec, observer_or_fake_quant_ctr=make)
+
+
+@functools.cache
+def weight_fake_quant() -> type[nn.Module]:
+    """Torchao's fused fake-quant with :class:`~lightning_qat.quantization.symmetric.SymmetricWeights`' forward.
+
+    Made on first use: torchao is imported only when the PT2E engine runs.
+    """
+    from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
+
+    class WeightFakeQuantize(SymmetricWeights, FusedMovingAvgObsFakeQuantize):
+        """torchao's fused weight fake-quant, symmetric in every channel, converted with the scale it trained with."""
+
+    return WeightFakeQuantize
 
 
 def _is_float(node: Any) -> bool:

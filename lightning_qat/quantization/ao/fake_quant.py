@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from lightning_qat.quantization.ao.api import FusedMovingAvgObsFakeQuantize, QConfig
+from lightning_qat.quantization.symmetric import SymmetricWeights
 
 
 class Int8RangeFakeQuantize(FusedMovingAvgObsFakeQuantize):
@@ -43,74 +44,13 @@ class Int8RangeFakeQuantize(FusedMovingAvgObsFakeQuantize):
 _FULL_RANGE = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
 
 
-class WeightFakeQuantize(FusedMovingAvgObsFakeQuantize):
+class WeightFakeQuantize(SymmetricWeights, FusedMovingAvgObsFakeQuantize):
     """torch's fused weight fake-quant, symmetric in every channel, converted to int8 with the scale QAT trained with.
 
-    Two faults of torch's, mended here:
-
-    - Its fused kernel keeps a per-channel *symmetric* scale symmetric only for a channel with weights of both signs.
-      A channel of one sign (one in a few hundred 3x3 depthwise kernels; a pruned, all-zero one) gets an affine grid
-      with zero point -128 or 127: QAT trains on it, and the ONNX QDQ graph carries it. ONNX Runtime then takes its
-      slow depthwise path and OpenVINO runs such a convolution in float (mobilenet_v2: 9 of its 17 depthwise
-      convolutions; ONNX Runtime at 1.4x the float time, docs/performance.md). Such a channel is given the scale a
-      two-signed one gets from the same range, with zero point 0, before the weights are fake-quantized.
-    - Its fused kernel picks a symmetric scale as ``max|w| / 127`` (torch's C++ qparams, which preserve sparsity),
-      while the observer's ``calculate_qparams``, which torch's int8 conversion reads, gives ``max|w| / 127.5``. So
-      torch would convert every weight onto a slightly finer grid than the one QAT trained on, up to a step off per
-      weight, which the layers after compound (docs/what-stays-float.md has what it cost in the zoo). Here
-      ``calculate_qparams`` returns the scale and zero point the forward uses (and checkpoints hold), once the
-      observer has seen weights.
+    Two faults of torch's fused kernel mended (:mod:`lightning_qat.quantization.symmetric`): a channel of one sign got
+    an affine grid (zero point -128 or 127), and the conversion read a finer scale (``max|w| / 127.5``) than the
+    forward trained with (``max|w| / 127``).
     """
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        """Observe (the fused kernel's moving range), pick symmetric qparams, fake-quantize with them.
-
-        The fused kernel computes its qparams again from the range whenever it fake-quantizes, observer on or off, so
-        it only observes here.
-        """
-        observing = bool(self.observer_enabled[0])
-        if not self.is_symmetric_quant or not (observing or self._observed()):  # nothing stored: torch's own
-            return super().forward(X)
-        observer = self.activation_post_process
-        if observing:
-            torch.fused_moving_avg_obs_fake_quant(
-                X.detach(), self.observer_enabled, torch.zeros_like(self.fake_quant_enabled), observer.min_val,
-                observer.max_val, self.scale, self.zero_point, observer.averaging_constant, observer.quant_min,
-                observer.quant_max, self.ch_axis, self.is_per_channel, self.is_symmetric_quant,
-            )  # fmt: skip
-            scale = symmetric_scale(observer.min_val, observer.max_val, self.quant_max - self.quant_min)
-            self.scale.resize_(scale.shape).copy_(scale)
-            self.zero_point.resize_(scale.shape).zero_()
-        if not bool(self.fake_quant_enabled[0]):
-            return X
-        if self.is_per_channel:
-            return torch.fake_quantize_per_channel_affine(
-                X, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
-            )
-        return torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, self.quant_min, self.quant_max)
-
-    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        """The scale and zero point of the last forward pass: what QAT trained with."""
-        if not self._observed():  # torch's own
-            return super().calculate_qparams()
-        return self.scale.clone(), self.zero_point.clone()
-
-    def _observed(self) -> bool:
-        """Whether the observer has seen weights (and the scale and zero point are theirs)."""
-        low = self.activation_post_process.min_val
-        assert isinstance(low, torch.Tensor)
-        return low.numel() > 0 and bool(torch.isfinite(low).all())
-
-
-def symmetric_scale(low: torch.Tensor, high: torch.Tensor, levels: int) -> torch.Tensor:
-    """The scale torch's fused kernel gives a range holding 0 on its symmetric grid ``[-(half + 1), half]``.
-
-    ``half = levels // 2`` (qint8: 255 levels, [-128, 127]): ``max(-low / (half + 1), high / half)``, computed in
-    float64 as the kernel does, and never 0 (an all-zero channel: any scale quantizes it exactly).
-    """
-    half = levels // 2
-    scale = torch.maximum(-low.double().clamp(max=0) / (half + 1), high.double().clamp(min=0) / half).float()
-    return scale.clamp(min=torch.finfo(torch.float32).eps)
 
 
 def _int8_range(config: QConfig | None) -> QConfig | None:

@@ -72,7 +72,7 @@ class Graph:
 
 
 def bias_misses(graph: Graph, node: Any) -> bool:
-    """Whether the int32 bias a runtime makes of ``node``'s float bias misses the int8 output by a step or more."""
+    """Whether the int32 bias a runtime makes of ``node``'s bias misses its output by over :data:`MISS` steps."""
     if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
         return False
     x_scale = graph.scale(node.input[0], "DequantizeLinear")

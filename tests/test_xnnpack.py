@@ -1,5 +1,6 @@
 """The phone engine: ``backend="xnnpack"`` trains with ExecuTorch's XNNPACK quantizer and ships a ``.pte`` program."""
 
+import copy
 import subprocess
 import sys
 
@@ -200,3 +201,31 @@ def test_skip_keeps_a_layer_float_under_the_xnnpack_quantizer(digits8):
     quantized = to_int8(prepared.module.eval(), prepared.engine, "xnnpack", (x,))
     assert pt2e.int8_layers(quantized) == 3  # conv1, conv2, fc1
     assert pt2e.float_parameters(quantized) == {"linear": 256 * 10}  # fc2's weight
+
+
+@needs_executorch
+def test_a_bias_the_int32_grid_cannot_hold_runs_float_in_the_pte(digits8, tmp_path):
+    """XNNPACK, like ONNX Runtime, adds an int8 conv's bias as an int32 on the grid of input x weight scale; a channel
+    whose input never opened (``DeadChannel``, a folded weight scale of tens) had its bias missed by many output steps,
+    and the program computed 12% away from the int8 graph. That layer now runs in float inside the delegate."""
+    from conftest import DeadChannel
+
+    from lightning_qat.export.pt2e_graph import float_bias_where_int32_misses
+    from lightning_qat.export.pte import load_pte, save_pte
+    from lightning_qat.quantization.convert import to_int8
+    from lightning_qat.quantization.prepare import prepare_model
+
+    torch.manual_seed(0)
+    x = digits8.splits["val"].tensors[0]
+    prepared = prepare_model(DeadChannel(), "xnnpack", "auto", [], (x[:2],))
+    with torch.no_grad():
+        for batch in x[:256].split(64):
+            prepared.module(batch)
+    quantized = to_int8(prepared.module.eval(), prepared.engine, "xnnpack", (x[:2],))
+    assert len(float_bias_where_int32_misses(copy.deepcopy(quantized.exported))) == 1  # the depthwise conv, no other
+    program = save_pte(quantized, tmp_path / "dead.pte", (x[:8],))
+    assert not program.outside  # the float layer still runs inside the XNNPACK delegate
+    with torch.no_grad():
+        expected, out = quantized(x[:256]), load_pte(program.path)(x[:256])
+    assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.99
+    assert (out - expected).abs().mean() <= 0.01 * expected.abs().mean()

@@ -33,6 +33,7 @@ from torch import nn
 
 from lightning_qat.exceptions import ArtifactError, ConversionError, first_line
 from lightning_qat.export.aoti import Shapes, fits, output_error, program_shapes, shapes_of, show
+from lightning_qat.export.pt2e_graph import float_bias_where_int32_misses
 from lightning_qat.files import write_atomic
 from lightning_qat.quantization import pt2e, xnnpack
 from lightning_qat.quantization.exported import inference_only
@@ -181,6 +182,7 @@ def save_pte(
     graph = copy.deepcopy(quantized.exported if pt2e.is_exported(quantized) else quantized)
     if isinstance(graph, torch.fx.GraphModule):
         inference_only(graph)
+        float_bias_where_int32_misses(graph)
     upper = max(max_batch, batch_size(inputs), 2)
     written: list[Program] = []
 

@@ -80,8 +80,16 @@ def bias_misses(graph: Graph, node: Any) -> bool:
     bias, out_scale = graph.constant(node.input[2]), graph.output_scale(node.output[0])
     if x_scale is None or w_scale is None or bias is None or out_scale is None:
         return False
+    return misses(bias, x_scale, w_scale, out_scale)
+
+
+def misses(bias: Any, x_scale: Any, w_scale: Any, out_scale: Any) -> bool:
+    """Whether ``bias`` on the int32 grid of ``x_scale x w_scale`` misses by over :data:`MISS` steps of ``out_scale``.
+
+    Or leaves int32. That grid's value is what a runtime's int8 kernel adds instead of the bias (per channel).
+    """
     step = np.float64(x_scale) * np.asarray(w_scale, np.float64)
-    q = np.rint(bias / step)
+    q = np.rint(np.asarray(bias, np.float64) / step)
     missed = np.abs(bias - q * step).max() / float(out_scale)
     return bool(missed > MISS or q.max() > INT32.max or q.min() < INT32.min)
 

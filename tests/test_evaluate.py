@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_qat import FinishPipeline, QATCallback, QATReport, load_quantized
-from lightning_qat.export.torchscript import save_torchscript
+from lightning_qat.export.torchscript import PerShape, save_torchscript
 from lightning_qat.lightning.evaluate import EvalData
 from lightning_qat.lightning.settings import FinishSettings
 from lightning_qat.quantization import ao
@@ -80,7 +80,8 @@ def test_report_times_the_artifact_as_loaded_next_to_float(finished, monkeypatch
     monkeypatch.setattr("lightning_qat.lightning.finish.measure_latency", spy)
     again = QATReport.from_dict(report.to_dict())
     qat.finished.measure_networks(again)
-    assert isinstance(timed["int8"], torch.jit.ScriptModule)
+    assert isinstance(timed["int8"], PerShape)
+    assert isinstance(timed["int8"].module, torch.jit.ScriptModule)
     assert timed["int8"] is not qat.quantized_model
     # a direct timing of the loaded artifact in this process gives the same float/int8 ratio, within noise
     loaded = load_quantized(qat.artifact_path)

@@ -92,3 +92,19 @@ def test_loading_leaves_the_process_quantized_engine_as_it_was(artifact):
             assert torch.equal(model(x), int8(x))  # the weights were packed for x86 at load and keep it
     finally:
         torch.backends.quantized.engine = previous
+
+
+def test_an_x86_artifact_runs_each_input_shape_on_a_copy_of_its_own(artifact):
+    """oneDNN's int8 convolutions keep the kernel of their first call's shape, per packed weight: one loaded copy ran
+    batch 1 at 0.42x float after batch 8 came first (ghostnet_100). So each shape gets its own copy, same outputs."""
+    path, _, x = artifact
+    loaded, once = load_quantized(path, copies=2), load_quantized(path, copies=1)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for rows in (8, 1, 8, 16, 1):
+            torch.testing.assert_close(loaded(x[:rows]), once(x[:rows]), rtol=0, atol=0)
+    assert loaded.shapes == [((8, 1, 8, 8), threads), ((1, 1, 8, 8), threads)]  # 16 rows: over 2 copies, the first's
+    assert isinstance(once, torch.jit.ScriptModule)
+    assert loaded.state_dict().keys() == {f"module.{key}" for key in once.state_dict()}
+    with pytest.raises(ValueError, match=r"copies=0: an artifact is loaded at least once"):
+        load_quantized(path, copies=0)

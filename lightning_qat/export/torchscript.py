@@ -24,6 +24,13 @@ from lightning_qat.quantization.inputs import cpu_inputs
 
 ARTIFACT_META = "lightning_qat.json"
 ARTIFACT_VERSION = 1
+# The x86 engine's int8 convolutions (oneDNN) keep the kernel they build for the input shape (and thread count) of
+# their first call, one per packed weight (torch's PrimitiveCache); any other shape builds its kernel anew on every
+# call. A loaded copy is fastest at the shape of its first calls: timm's ghostnet_100 at 64 px ran batch 1 at 2.57x
+# float when batch 1 came first, at 0.42x after batch 8 (docs/performance.md). So an x86 artifact is loaded once
+# per input shape it meets, up to this many copies (each holds its int8 weights); later shapes share the first.
+COPIES = 8
+_CACHED = ("x86", "onednn")  # the engines whose packed weights cache one shape's kernel
 
 
 def to_torchscript(quantized: nn.Module, backend: str, example_inputs: tuple[Any, ...]) -> torch.jit.ScriptModule:
@@ -126,7 +133,7 @@ def verify_artifact(path: str | os.PathLike, data: bytes | None = None) -> dict[
     return info
 
 
-def load_quantized(path: str | os.PathLike) -> nn.Module:
+def load_quantized(path: str | os.PathLike, copies: int = COPIES) -> nn.Module:
     """Load an int8 artifact written by :class:`~lightning_qat.QATCallback`, ready to run on the CPU.
 
     A ``.pt2`` file is the PT2E engine's AOTInductor package (:func:`~lightning_qat.export.aoti.load_pt2`: torch alone
@@ -135,13 +142,18 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
 
     Loads with ``torch.backends.quantized.engine`` set to the backend the model was converted for: the int8 weights
     are packed for the engine active at load time (packed for another engine, they run slowly and give different
-    outputs). The packed weights keep their engine, so the process's setting is restored afterwards.
+    outputs). The packed weights keep their engine, so the process's setting is restored afterwards. An x86 artifact
+    is loaded again for each input shape it meets, up to ``copies`` (:class:`PerShape`: its kernels are fast at one
+    shape per copy); ``copies=1`` loads it once.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         ArtifactError: if the file is not a lightning-qat artifact, is corrupted (sha256), or its backend cannot run
             here.
+        ValueError: if ``copies`` is below 1.
     """
+    if copies < 1:
+        raise ValueError(f"copies={copies}: an artifact is loaded at least once (1: one copy for every shape).")
     path = Path(path)
     if path.suffix == ".pt2":
         return load_pt2(path)
@@ -156,8 +168,48 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     except ValueError as err:
         raise ArtifactError(f"Cannot run the artifact {str(path)!r} here: {err}") from err
     try:
-        with ao.engine(backend), ao.quiet():
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        module = _load(data, backend)
     except Exception as err:
         raise ArtifactError(f"{str(path)!r} is not a readable TorchScript int8 artifact: {err}") from err
-    return module.eval()
+    if backend in _CACHED and copies > 1:
+        return PerShape(module, data, backend, copies).eval()
+    return module
+
+
+def _load(data: bytes, backend: str) -> torch.jit.ScriptModule:
+    with ao.engine(backend), ao.quiet():
+        return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+
+
+class PerShape(nn.Module):
+    """A TorchScript artifact loaded once per input shape it runs (see :data:`COPIES`), from the same bytes.
+
+    ``module``: the first copy, also the one every shape beyond ``copies`` shares; it is the module's only child, so
+    ``state_dict()`` and ``module.code`` are the artifact's. ``shapes``: the shapes that have their own copy.
+    """
+
+    def __init__(self, module: torch.jit.ScriptModule, data: bytes, backend: str, copies: int = COPIES) -> None:
+        super().__init__()
+        self.module = module
+        self._data, self._backend, self._copies = data, backend, copies
+        self._loaded: dict[tuple[Any, ...], torch.jit.ScriptModule] = {}
+
+    @property
+    def shapes(self) -> list[tuple[Any, ...]]:
+        """The input shapes (with the thread count) that have a copy of their own, in the order they came."""
+        return list(self._loaded)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The artifact on the inputs, run by the copy of their shape (loaded on its first call)."""
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        key = (*(tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)), torch.get_num_threads())
+        module = self._loaded.get(key)
+        if module is None:
+            if not self._loaded:
+                module = self.module
+            elif len(self._loaded) < self._copies:
+                module = _load(self._data, self._backend)
+            else:
+                return self.module(*args, **kwargs)
+            self._loaded[key] = module
+        return module(*args, **kwargs)

@@ -1,6 +1,5 @@
 """The phone engine: ``backend="xnnpack"`` trains with ExecuTorch's XNNPACK quantizer and ships a ``.pte`` program."""
 
-import copy
 import subprocess
 import sys
 
@@ -210,7 +209,6 @@ def test_a_bias_the_int32_grid_cannot_hold_runs_float_in_the_pte(digits8, tmp_pa
     and the program computed 12% away from the int8 graph. That layer now runs in float inside the delegate."""
     from conftest import DeadChannel
 
-    from lightning_qat.export.pt2e_graph import float_bias_where_int32_misses
     from lightning_qat.export.pte import load_pte, save_pte
     from lightning_qat.quantization.convert import to_int8
     from lightning_qat.quantization.prepare import prepare_model
@@ -222,8 +220,8 @@ def test_a_bias_the_int32_grid_cannot_hold_runs_float_in_the_pte(digits8, tmp_pa
         for batch in x[:256].split(64):
             prepared.module(batch)
     quantized = to_int8(prepared.module.eval(), prepared.engine, "xnnpack", (x[:2],))
-    assert len(float_bias_where_int32_misses(copy.deepcopy(quantized.exported))) == 1  # the depthwise conv, no other
     program = save_pte(quantized, tmp_path / "dead.pte", (x[:8],))
+    assert program.float_bias == ["depthwise.0"]  # the one layer, no other
     assert not program.outside  # the float layer still runs inside the XNNPACK delegate
     with torch.no_grad():
         expected, out = quantized(x[:256]), load_pte(program.path)(x[:256])

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from lightning_qat.export.qdq_graph import misses
+from lightning_qat.quantization.fallback import module_name
 
 
 def float_bias_where_int32_misses(graph_module: torch.fx.GraphModule) -> list[str]:
-    """Run in float each int8 conv / linear whose int32 bias would miss (:func:`~.qdq_graph.misses`); their names.
+    """Run in float each int8 conv / linear whose int32 bias would miss (:func:`~.qdq_graph.misses`); their modules.
 
     The layer's weight becomes its dequantized float constant and its bias a float ``add`` after it: ExecuTorch's
     XNNPACK partitioner then lowers it as a float operator between XNNPACK's quantize and dequantize, inside the
@@ -45,7 +46,7 @@ def float_bias_where_int32_misses(graph_module: torch.fx.GraphModule) -> list[st
         node.replace_all_uses_with(add)  # the add's own input too: set again below
         add.args = (node, constant)
         node.args = (node.args[0], weight, None, *node.args[3:])
-        moved.append(node.name)
+        moved.append(module_name(node) or node.name)
     if moved:
         graph_module.graph.eliminate_dead_code()
         graph_module.recompile()

@@ -65,7 +65,7 @@ class Program:
     ``delegated``: operators inside the XNNPACK delegate; ``outside``: the others, by name (ExecuTorch's portable
     kernels, float), reshapes and memory-format copies (``_LAYOUT``) apart in ``layout``; ``shapes``: the input
     shapes, ``None`` for the dynamic batch dimension (up to ``max_batch``); ``static``: why it takes the example's
-    batch only.
+    batch only; ``float_bias``: the layers lowered in float because XNNPACK's int32 bias would miss theirs.
     """
 
     path: Path
@@ -76,6 +76,7 @@ class Program:
     layout: int = 0
     static: str = ""
     out_spec: Any = field(default=None, repr=False)
+    float_bias: list[str] = field(default_factory=list)
 
     @property
     def share(self) -> float:
@@ -180,9 +181,10 @@ def save_pte(
     xnnpack.require("a .pte artifact")
     inputs = cpu_inputs(example_inputs)
     graph = copy.deepcopy(quantized.exported if pt2e.is_exported(quantized) else quantized)
+    moved = []
     if isinstance(graph, torch.fx.GraphModule):
         inference_only(graph)
-        float_bias_where_int32_misses(graph)
+        moved = float_bias_where_int32_misses(graph)
     upper = max(max_batch, batch_size(inputs), 2)
     written: list[Program] = []
 
@@ -203,7 +205,7 @@ def save_pte(
             return
 
     final = write_atomic(path, lower_into)
-    written[-1].path = final
+    written[-1].path, written[-1].float_bias = final, moved
     return written[-1]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_qat.export.aoti import save_pt2, show
@@ -94,6 +94,13 @@ class Artifacts:
             f" (batch up to {program.max_batch})" if program.max_batch else f" only ({program.static})"
         )
         report.delegated = {"xnnpack": program.delegated, "layout": program.layout, **program.outside}
+        if program.float_bias:
+            count, names = len(program.float_bias), ", ".join(program.float_bias[:3])
+            rank_zero_info(
+                f"QAT: the .pte runs {count} layer{'s' if count > 1 else ''} in float ({names}"
+                f"{', ...' if count > 3 else ''}): XNNPACK's int32 bias would miss the bias QAT trained (a channel "
+                "whose input never opened folds a large weight scale; docs/deployment.md)."
+            )
         if program.outside:
             rank_zero_warn(
                 f"QAT: {sum(program.outside.values())} operators of the .pte run outside the XNNPACK delegate, in "

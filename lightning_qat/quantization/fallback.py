@@ -67,7 +67,7 @@ def _is_layer_call(modules: dict[str, nn.Module], node: torch.fx.Node) -> bool:
     return str(node.target) in LAYER_CALLS and isinstance(weight, torch.fx.Node) and _is_fake_quant(modules, weight)
 
 
-def _module_name(node: torch.fx.Node) -> str:
+def module_name(node: torch.fx.Node) -> str:
     """The qualified name of the module whose forward made this call in a captured graph ("" at the top)."""
     stack = node.meta.get("nn_module_stack")
     return str(list(stack.values())[-1][0]) if stack else ""
@@ -79,7 +79,7 @@ def _name(node: torch.fx.Node) -> str | None:
         return str(node.target)
     if _rewritten(node) or node.op == "get_attr":  # a constant goes with the op reading it
         return None
-    return _module_name(node) or node.name
+    return module_name(node) or node.name
 
 
 def _rewritten(node: torch.fx.Node) -> bool:
@@ -100,7 +100,7 @@ def _layer_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dic
         if node.op == "call_module" and ao.weight_fake_quant(modules[str(node.target)]) is not None:
             found.setdefault(str(node.target), node)
         elif _is_layer_call(modules, node):  # a second call in one module (attention's projections): its node name
-            name = _module_name(node) or node.name
+            name = module_name(node) or node.name
             found[name if name not in found else node.name] = node
     return found
 

@@ -219,3 +219,13 @@ def test_the_terminal_prints_brackets_as_they_are(capsys):
     terminal = capsys.readouterr().out
     assert "the compiled package takes inputs of shapes [[any, 65]]" in terminal
     assert "[odd] name" in terminal
+
+
+def test_the_pte_line_names_the_layers_run_in_float_for_their_bias():
+    """A .pte layer whose bias XNNPACK's int32 cannot hold runs in float inside the delegate: the report says which."""
+    report = _report(delegated={"xnnpack": 20, "layout": 2}, float_bias=["depthwise.0"])
+    line = report.delegation()
+    assert line.startswith("XNNPACK delegate: 20 of 20 operators (100%)")
+    assert "in float inside it (XNNPACK's int32 bias would miss theirs): depthwise.0" in line
+    assert QATReport.from_dict(json.loads(json.dumps(report.to_dict()))).float_bias == ["depthwise.0"]
+    assert "in float" not in _report(delegated={"xnnpack": 20}).delegation()

@@ -94,6 +94,7 @@ class Artifacts:
             f" (batch up to {program.max_batch})" if program.max_batch else f" only ({program.static})"
         )
         report.delegated = {"xnnpack": program.delegated, "layout": program.layout, **program.outside}
+        report.float_bias = program.float_bias
         if program.float_bias:
             count, names = len(program.float_bias), ", ".join(program.float_bias[:3])
             rank_zero_info(

@@ -83,6 +83,8 @@ class QATReport:
     # the .pte's operators: "xnnpack" inside the XNNPACK delegate, "layout" reshapes outside it, then each other
     # operator run by ExecuTorch's portable (float) kernels, by name
     delegated: dict[str, int] = field(default_factory=dict)
+    # layers the .pte runs in float, inside the delegate: XNNPACK's int32 bias would miss theirs (export.pt2e_graph)
+    float_bias: list[str] = field(default_factory=list)
     freezing: dict[str, str] = field(default_factory=dict)  # "bn" / "observers" -> where the fit froze them
     zero_weights: float | None = None  # share of the int8 weights that are exactly zero (sparsity, e.g. pruning)
 
@@ -94,6 +96,8 @@ class QATReport:
         line = f"XNNPACK delegate: {inside} of {total} operators ({inside / max(total, 1):.0%})"
         if outside:
             line += f"; in ExecuTorch's portable float kernels: {', '.join(f'{k} x{n}' for k, n in outside.items())}"
+        if self.float_bias:  # say why these run in float
+            line += f"; in float inside it (XNNPACK's int32 bias would miss theirs): {', '.join(self.float_bias)}"
         return line + (f"; {layout} reshapes outside it (no arithmetic)" if layout else "")
 
     def fusion(self) -> str | None:

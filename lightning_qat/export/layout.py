@@ -58,7 +58,7 @@ def pad_single_channel(graph_module: torch.fx.GraphModule) -> int:
         constant = weight.args[0]
         if not isinstance(constant, torch.fx.Node) or constant.op != "get_attr" or len(constant.users) != 1:
             continue
-        module, name = _owner(graph_module, constant)
+        module, name = owner(graph_module, constant)
         int8_weight = getattr(module, name)
         if groups != 1 or int8_weight.shape[1] != 1 or not _zero(graph_module, weight.args[2]):
             continue
@@ -108,13 +108,13 @@ def contiguous_linear_inputs(graph_module: torch.fx.GraphModule) -> int:
 def _zero(graph_module: torch.fx.GraphModule, zero_points: object) -> bool:
     """Whether ``zero_points`` (a number, or a constant of the graph) is 0 everywhere."""
     if isinstance(zero_points, torch.fx.Node) and zero_points.op == "get_attr":
-        zero_points = getattr(*_owner(graph_module, zero_points))
+        zero_points = getattr(*owner(graph_module, zero_points))
     if isinstance(zero_points, torch.Tensor):
         return not bool(zero_points.any())
     return zero_points == 0
 
 
-def _owner(graph_module: torch.fx.GraphModule, constant: torch.fx.Node) -> tuple[torch.nn.Module, str]:
+def owner(graph_module: torch.fx.GraphModule, constant: torch.fx.Node) -> tuple[torch.nn.Module, str]:
     """The module holding a ``get_attr`` node's constant, and the constant's name there."""
     owner, _, name = str(constant.target).rpartition(".")
     return graph_module.get_submodule(owner), name

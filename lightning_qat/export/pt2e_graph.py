@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_qat.export.layout import owner
 from lightning_qat.export.qdq_graph import misses
 from lightning_qat.quantization.fallback import module_name
 
@@ -74,7 +75,7 @@ def _constant(graph_module: torch.fx.GraphModule, arg: Any) -> Any:
     if isinstance(arg, float):
         return arg
     if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-        return _attr(graph_module, str(arg.target)).detach()
+        return getattr(*owner(graph_module, arg)).detach()
     return None
 
 
@@ -98,9 +99,3 @@ def _output_scale(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> fl
         if str(node.target) not in _ACTIVATIONS:
             return None
     return None
-
-
-def _attr(graph_module: torch.fx.GraphModule, target: str) -> torch.Tensor:
-    """The tensor a ``get_attr`` node reads (a parameter, buffer or constant, maybe of a submodule)."""
-    module, _, name = target.rpartition(".")
-    return getattr(graph_module.get_submodule(module) if module else graph_module, name)
